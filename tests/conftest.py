@@ -1,0 +1,67 @@
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from wde.core.config import DEFAULT_MODEL_FILE, default_model_path
+from tests.tiny_models import write_tiny_model
+
+logging.getLogger("wde").setLevel(logging.INFO)
+
+
+def smollm2_folder() -> str:
+    return str(Path(default_model_path()).parent)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own model and tokenizer from the same .gguf file: the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=DEFAULT_MODEL_FILE)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=DEFAULT_MODEL_FILE,
+                                                 dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir("qwen3", **config_overrides) -> folder of a random checkpoint (made once per variant)."""
+    made = {}
+
+    def make(shape: str, **overrides) -> str:
+        key = (shape, tuple(sorted(overrides.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{shape}-")
+            made[key] = str(write_tiny_model(folder, shape, **overrides))
+        return made[key]
+    return make
+
+
+def assert_all_blocks_free(engine) -> None:
+    manager = engine.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_blocks, \
+        f"{manager.num_blocks - manager.num_free_blocks} KV blocks still held"
+    assert not engine.has_unfinished_requests()
+
+
+def run_to_completion(engine) -> dict:
+    """Step until idle; return request_id -> final RequestOutput (and check the cache is empty again)."""
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                assert output.request_id not in finished, "a request finished twice"
+                finished[output.request_id] = output
+    assert_all_blocks_free(engine)
+    return finished
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None

@@ -1,0 +1,149 @@
+"""Bad models and bad requests get clear errors, and a bad request never stops the others."""
+import json
+import shutil
+
+import pytest
+from pydantic import ValidationError
+
+from tests.conftest import assert_all_blocks_free, run_to_completion
+from wde import LLM, LLMEngine, SamplingParams
+from wde.core import registry
+
+GOOD = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    return LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=32, max_model_len=64)
+
+
+def copy_model(tiny_model_dir, tmp_path, shape="qwen3"):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(shape), folder)
+    return folder
+
+
+def test_unknown_architecture(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["MysteryForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'MysteryForCausalLM' is not supported; supported: .*Qwen3ForCausalLM"):
+        LLMEngine.from_engine_args(model=str(folder))
+
+
+def test_missing_model_folder():
+    with pytest.raises(FileNotFoundError, match="does-not-exist.*does not exist"):
+        LLMEngine.from_engine_args(model="/tmp/does-not-exist")
+
+
+def test_folder_without_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLMEngine.from_engine_args(model=str(tmp_path))
+
+
+def test_corrupt_safetensors_file(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 100)
+    with pytest.raises(ValueError, match="could not read weights from .*model.safetensors"):
+        LLMEngine.from_engine_args(model=str(folder), num_kv_blocks=8)
+
+
+def test_checkpoint_missing_a_tensor(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = copy_model(tiny_model_dir, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks weights .*layers.1.mlp.gate_up_proj"):
+        LLMEngine.from_engine_args(model=str(folder), num_kv_blocks=8)
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ValueError, match="broken.gguf"):
+        LLMEngine.from_engine_args(model=str(bad))
+
+
+@pytest.mark.parametrize("prompt,error,match", [
+    ("", ValueError, "the prompt is empty"),
+    ([], ValueError, "the prompt is empty"),
+    ([3, -1], ValueError, "prompt token 1 is -1, outside the vocabulary"),
+    ([3, 512], ValueError, "prompt token 1 is 512, outside the vocabulary"),
+    ([3, "x"], TypeError, "prompt token 1 is 'x', not an int"),
+    (3.5, TypeError, "a prompt must be a str or a list of token ids"),
+    ({"text": "w5"}, ValueError, "exactly one key"),
+    (list(range(2, 70)), ValueError, "68 tokens; it must be shorter than max_model_len=64"),
+])
+def test_bad_prompt_is_refused_and_the_engine_keeps_serving(engine, prompt, error, match):
+    engine.add_request("good-1", [5, 6, 7], GOOD)
+    with pytest.raises(error, match=match):
+        engine.add_request("bad", prompt, GOOD)
+    engine.add_request("good-2", "w8 w9", GOOD)
+    outputs = run_to_completion(engine)
+    assert sorted(outputs) == ["good-1", "good-2"]
+    assert all(len(o.outputs[0].token_ids) == 5 for o in outputs.values())
+
+
+def test_text_prompt_too_long_fails_alone_once_tokenized(engine):
+    engine.add_request("good", "w5 w6", GOOD)
+    engine.add_request("long", " ".join(f"w{i}" for i in range(2, 80)), GOOD)
+    engine.add_request("good-2", [9, 10, 11], GOOD)
+    outputs = run_to_completion(engine)
+    assert outputs["long"].outputs[0].finish_reason == "error"
+    assert "78 tokens; it must be shorter than max_model_len=64" in outputs["long"].error
+    assert outputs["good"].error is None and len(outputs["good-2"].outputs[0].token_ids) == 5
+
+
+def test_prompt_larger_than_the_kv_cache_fails_alone(tiny_model_dir):
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=2, block_size=16)
+    engine.add_request("huge", list(range(2, 40)), GOOD)
+    engine.add_request("small", [4, 5], GOOD)
+    outputs = run_to_completion(engine)
+    assert "KV cache holds only 32 tokens" in outputs["huge"].error
+    assert len(outputs["small"].outputs[0].token_ids) == 5
+
+
+def test_duplicate_request_id(engine):
+    engine.add_request("same", [5], GOOD)
+    with pytest.raises(ValueError, match="'same' is already in use"):
+        engine.add_request("same", [6], GOOD)
+    run_to_completion(engine)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("max_tokens", 0), ("n", 0), ("logprobs", 21),
+                                         ("stop_token_ids", "x"), ("top_kk", 3)])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValidationError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_wrong_params_type(engine):
+    with pytest.raises(TypeError, match="params must be SamplingParams"):
+        engine.add_request("x", [5], object())
+
+
+def test_invalid_engine_args_name_the_field():
+    with pytest.raises(ValidationError, match="block_size"):
+        LLMEngine.from_engine_args(block_size=0)
+    with pytest.raises(ValidationError, match="not_an_arg"):
+        LLMEngine.from_engine_args(not_an_arg=1)
+
+
+def test_max_model_len_beyond_the_model(tiny_model_dir):
+    with pytest.raises(ValueError, match="max_model_len=4096 is longer than the model's max_position_embeddings"):
+        LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), max_model_len=4096)
+
+
+def test_llm_generate_refuses_a_batch_with_a_bad_prompt_and_leaves_nothing_queued(tiny_model_dir):
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=16)
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
+        llm.generate([[5, 6], "", [7]], GOOD)
+    assert_all_blocks_free(llm.engine)
+    assert len(llm.generate([[5, 6]], GOOD)[0].outputs[0].token_ids) == 5
+
+
+def test_registering_an_existing_architecture_needs_override():
+    with pytest.raises(ValueError, match="already registered.*override=True"):
+        registry.register_model("LlamaForCausalLM", model="x:Y", workflow="x:Z")

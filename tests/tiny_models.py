@@ -1,0 +1,60 @@
+"""Small random-weight checkpoints of the Llama / Qwen2 / Qwen3 shapes in ../shared/models, for parity tests.
+
+Each folder holds config.json, model.safetensors (written by transformers) and a word-level tokenizer, so the
+engine loads it exactly as it loads a real Hugging Face model.
+"""
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
+
+VOCAB_SIZE = 512
+EOS_ID = 1
+
+# the features of the real shapes (GQA ratio, biases, tied heads, RoPE scaling), at a size CI can run; llama3's
+# original window is shrunk to 512 so that, at head_dim 16, its three frequency bands (kept, smoothed, scaled)
+# all occur
+SHAPES = {
+    "qwen3": lambda: Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                 tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                 rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                                 rope_theta=500000.0, rms_norm_eps=1e-5,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 512}),
+}
+
+
+def write_tokenizer(folder: Path) -> None:
+    vocab = {f"w{i}": i for i in range(VOCAB_SIZE)}
+    vocab["<unk>"], vocab["</s>"] = 0, EOS_ID
+    del vocab["w0"], vocab["w1"]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+
+
+def write_tiny_model(folder: Path, shape: str, seed: int = 0, **overrides) -> Path:
+    """A random model of `shape` in `folder`.
+
+    Weights are drawn wider than transformers' default (0.02), and an untied LM head wider still, so the
+    model's greedy picks vary from token to token and win by clear margins (not by float rounding).
+    """
+    config = SHAPES[shape]()
+    config.update({"vocab_size": VOCAB_SIZE, "max_position_embeddings": 1024, "eos_token_id": EOS_ID,
+                   "bos_token_id": None, "initializer_range": 0.2, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if not config.tie_word_embeddings:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.normal_(0, 0.4)
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder

@@ -1,0 +1,29 @@
+"""The attention layer models use: multi-head (GQA) attention over the paged KV cache."""
+import torch
+from torch import nn
+
+from wde.core.forward_context import get_attn_metadata
+from wde.core.interfaces import AttentionBackend
+
+
+class Attention(nn.Module):
+    """q, k, v come in as [num_tokens, heads * head_dim]; the bound AttentionBackend does the work.
+
+    The Worker binds `backend` and this layer's slice of the KV cache (`kv_cache`, shaped
+    [2, num_blocks, block_size, num_kv_heads, head_dim]) before the first step.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} attention heads cannot be grouped over {num_kv_heads} KV heads")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.backend: AttentionBackend | None = None
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        out = self.backend.forward(self, q.view(num_tokens, self.num_heads, self.head_dim),
+                                   k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                                   v.view(num_tokens, self.num_kv_heads, self.head_dim), get_attn_metadata())
+        return out.view(num_tokens, self.num_heads * self.head_dim)

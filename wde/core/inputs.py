@@ -1,0 +1,33 @@
+"""Checks on what users submit as a prompt, shared by every workflow's InputProcessor."""
+from typing import Any, Union
+
+# a text, a list of token ids, or vLLM's dict forms {"prompt": text} / {"prompt_token_ids": ids}
+PromptType = Union[str, list[int], dict]
+
+
+def parse_prompt(prompt: Any, vocab_size: int) -> tuple[str | None, list[int] | None]:
+    """Return (text, None) or (None, token ids); raise ValueError saying what is wrong with the prompt."""
+    if isinstance(prompt, dict):
+        unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+        if unknown or len(prompt) != 1:
+            raise ValueError("a prompt dict must have exactly one key, 'prompt' or 'prompt_token_ids'; "
+                             f"got {sorted(prompt)}")
+        prompt = next(iter(prompt.values()))
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        return prompt, None
+    if isinstance(prompt, (list, tuple)):
+        return None, check_token_ids(list(prompt), vocab_size)
+    raise TypeError(f"a prompt must be a str or a list of token ids, not {type(prompt).__name__}")
+
+
+def check_token_ids(token_ids: list, vocab_size: int) -> list[int]:
+    if not token_ids:
+        raise ValueError("the prompt is empty (no token ids)")
+    for i, token in enumerate(token_ids):
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise TypeError(f"prompt token {i} is {token!r}, not an int")
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"prompt token {i} is {token}, outside the vocabulary [0, {vocab_size})")
+    return token_ids

@@ -1,0 +1,114 @@
+"""The kinds of component a Workflow slot can name, and what each one must do.
+
+The engine builds the engine-side components with `Kind.from_engine(engine)`, so a replacement can take
+whatever it needs from the engine (its config, tokenizer, KV cache manager, other components). The Worker and
+the AttentionBackend live where the model runs (one process per GPU under tensor parallelism), so they are
+built from the engine config alone.
+"""
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from wde.core.config import EngineConfig
+    from wde.core.llm_engine import LLMEngine
+    from wde.core.request import Request
+
+
+class Component(ABC):
+    """A piece of the pipeline that the engine builds from a Workflow slot."""
+
+    @classmethod
+    def from_engine(cls, engine: "LLMEngine") -> "Component":
+        return cls(engine.config)
+
+    def __init__(self, config: "EngineConfig"):
+        self.config = config
+
+
+class Tokenizer(Component):
+    """Text <-> token ids, and the model's chat template."""
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class InputProcessor(Component):
+    """Validates and wraps what the user passed to add_request. Never tokenizes: bulk submission stays fast."""
+
+    @abstractmethod
+    def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> "Request": ...
+
+
+class RequestProcessor(Component):
+    """Turns a queued Request into the state the scheduler runs (tokenizes, truncates), lazily at schedule time."""
+
+    @abstractmethod
+    def __call__(self, request: "Request") -> Any: ...
+
+
+class KVCacheManager(Component):
+    """Owns the KV-cache block bookkeeping (which block holds which tokens of which sequence)."""
+
+
+class Scheduler(Component):
+    """Decides what runs at each step within the token, sequence and KV-block budgets."""
+
+    @abstractmethod
+    def add_request(self, request: "Request") -> None: ...
+
+    @abstractmethod
+    def abort_request(self, request_id: str) -> bool: ...
+
+    @abstractmethod
+    def has_unfinished_requests(self) -> bool: ...
+
+    @abstractmethod
+    def schedule(self) -> Any: ...
+
+
+class ModelPreProcessor(Component):
+    """Scheduler output -> the flat tensors a model step needs (token ids, positions, slots, block tables)."""
+
+    @abstractmethod
+    def __call__(self, scheduler_output: Any) -> Any: ...
+
+
+class Executor(Component):
+    """Runs model steps on one or more Workers."""
+
+    @abstractmethod
+    def execute_model(self, model_input: Any) -> Any: ...
+
+
+class Worker(ABC):
+    """Owns one device: loads the model, allocates the KV cache and runs the forward pass.
+
+    Built from the engine config and the workflow's resolved components (slot name -> class).
+    """
+
+    def __init__(self, config: "EngineConfig", components: dict[str, type] | None = None):
+        self.config = config
+
+    @abstractmethod
+    def execute_model(self, model_input: Any) -> Any: ...
+
+
+class OutputProcessor(Component):
+    """Model results -> RequestOutputs (appends tokens, detokenizes, decides what finished)."""
+
+    @abstractmethod
+    def __call__(self, scheduler_output: Any, model_output: Any) -> Any: ...
+
+
+class AttentionBackend(ABC):
+    """Computes attention for one layer; models never depend on which backend runs."""
+
+    def __init__(self, config: "EngineConfig"):
+        self.config = config
+
+    @abstractmethod
+    def forward(self, layer: Any, q: Any, k: Any, v: Any, attn_metadata: Any) -> Any:
+        """q: [tokens, heads, head_dim], k and v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim]."""

@@ -1,0 +1,46 @@
+"""Rotary position embedding (RoPE), with the scaling types of Hugging Face configs."""
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def rope_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [head_dim / 2], attention scaling) for the config's rope_parameters.
+
+    Scaled variants (llama3, yarn, linear, longrope) come from transformers' own tables, so wde's positions
+    match the reference exactly; only 'default' is computed here.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim), 1.0
+    if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (it depends on the sequence length at run "
+                         "time)" if rope_type == "dynamic" else f"unknown rope_type {rope_type!r}")
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(attention_scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k by their positions, in the rotate-half (GPT-NeoX) layout that HF Llama/Qwen use."""
+
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int):
+        super().__init__()
+        inv_freq, scaling = rope_frequencies(config, head_dim)
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.to(positions.device))
+        # float32 cache, [max_positions, head_dim]: cos in the first half of each row, sin in the second
+        self.register_buffer("cos_sin", torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1),
+                             persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """positions [tokens]; q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim]."""
+        cos, sin = self.cos_sin[positions].to(q.dtype)[:, None].chunk(2, dim=-1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

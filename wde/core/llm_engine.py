@@ -1,0 +1,68 @@
+"""LLMEngine: builds a Workflow's components and drives them one step at a time."""
+import logging
+import time
+from typing import Any
+
+from wde.core.config import EngineArgs, EngineConfig
+from wde.core.dotted_path import import_object
+from wde.core.outputs import RequestOutput
+from wde.core.registry import resolve_model_class, resolve_workflow
+from wde.core.workflow import Workflow
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, workflow: type[Workflow], config: EngineConfig):
+        self.workflow = workflow
+        self.components = workflow.resolve()  # every slot imported and checked before any weight is read
+        self.config = config
+        resolve_model_class(config.model.architecture)
+        logger.info("workflow %s for %s on %s", workflow.__qualname__, config.model.architecture, config.device)
+        build = lambda slot: self.components[slot].from_engine(self)  # noqa: E731
+        self.tokenizer = build("Tokenizer")
+        self.executor = build("Executor")  # loads the model and allocates the KV cache
+        self.kv_cache_manager = build("KVCacheManager")
+        self.request_processor = build("RequestProcessor")
+        self.scheduler = build("Scheduler")
+        self.input_processor = build("InputProcessor")
+        self.model_pre_processor = build("ModelPreProcessor")
+        self.output_processor = build("OutputProcessor")
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
+        """An engine for the model's architecture, with the Workflow the registry names for it."""
+        args = engine_args.model_copy(update=kwargs) if engine_args else EngineArgs(**kwargs)
+        config = EngineConfig.from_args(EngineArgs.model_validate(args.model_dump()))
+        return cls(resolve_workflow(config.model.architecture), config)
+
+    @classmethod
+    def from_workflow(cls, workflow: type[Workflow] | str, **kwargs: Any) -> "LLMEngine":
+        """An engine that runs `workflow` (a Workflow class or its "package.module:Name" path)."""
+        if isinstance(workflow, str):
+            workflow = import_object(workflow)
+        if not (isinstance(workflow, type) and issubclass(workflow, Workflow)):
+            raise TypeError(f"{workflow!r} is not a Workflow subclass")
+        workflow.resolve()  # fail on a bad slot before reading the model
+        return cls(workflow, EngineConfig.from_args(EngineArgs(**kwargs)))
+
+    def add_request(self, request_id: str, prompt: Any, params: Any = None) -> None:
+        """Queue a request; raises ValueError / TypeError at once for a bad prompt or params."""
+        request = self.input_processor(str(request_id), prompt, params, time.time())
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request in whatever state it is and free its KV blocks; False if it was not found."""
+        return self.scheduler.abort_request(str(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        model_output = None
+        if scheduler_output.scheduled:
+            model_output = self.executor.execute_model(self.model_pre_processor(scheduler_output))
+        outputs = self.output_processor(scheduler_output, model_output)
+        self.scheduler.free_finished(scheduler_output)
+        return outputs

@@ -1,0 +1,75 @@
+"""Build a model for a ModelConfig and fill its parameters from the checkpoint."""
+import logging
+import time
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from wde.core.config import ModelConfig
+from wde.core.layers.linear import default_weight_loader
+from wde.core.loader.gguf_weights import iterate_gguf
+from wde.core.loader.safetensors_weights import iterate_safetensors
+from wde.core.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+
+def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    if model_config.gguf_file:
+        return iterate_gguf(model_config.weights_path, model_config.hf_config)
+    return iterate_safetensors(model_config.path)
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    start = time.perf_counter()
+    model_class = resolve_model_class(model_config.architecture)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(model_config.dtype)
+    try:
+        with torch.device(device):
+            model = model_class(model_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.load_weights(iterate_weights(model_config))
+    model.eval()
+    logger.info("loaded %s (%s, %.0fM parameters, %s) on %s in %.1f s", model_config.architecture,
+                model_config.weights_path, sum(p.numel() for p in model.parameters()) / 1e6,
+                str(model_config.dtype).removeprefix("torch."), device, time.perf_counter() - start)
+    return model
+
+
+def load_params(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                stacked: Iterable[tuple[str, str, str]] = (),
+                skip: Callable[[str], bool] = lambda name: False) -> None:
+    """Copy checkpoint tensors into `module`'s parameters, then check that every parameter got its data.
+
+    `stacked` lists (merged parameter part, checkpoint part, shard id), e.g. ("qkv_proj", "q_proj", "q"): a
+    checkpoint tensor whose name holds ".q_proj." loads as shard "q" of the parameter named with ".qkv_proj.".
+    """
+    params = dict(module.named_parameters())
+    loaded: dict[str, set] = {}
+    for name, tensor in weights:
+        if skip(name):
+            continue
+        target, shard = name, None
+        for merged, part, shard_id in stacked:
+            if f".{part}." in name:
+                target, shard = name.replace(f".{part}.", f".{merged}."), shard_id
+                break
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(module).__name__}")
+        param = params[target]
+        loader = getattr(param, "weight_loader", None)
+        try:
+            if shard is None:
+                (loader or default_weight_loader)(param, tensor)
+            else:
+                loader(param, tensor, shard)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot load checkpoint tensor {name!r} into {target!r}: {e}") from e
+        loaded.setdefault(target, set()).add(shard)
+    missing = [name for name, param in params.items()
+               if name not in loaded or set(getattr(param, "shard_ids", (None,))) - loaded[name]]
+    if missing:
+        raise ValueError(f"the checkpoint lacks weights for {len(missing)} parameters, e.g. {missing[:5]}")

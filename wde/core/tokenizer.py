@@ -1,0 +1,59 @@
+"""The default Tokenizer component: a Hugging Face fast tokenizer, read from the model folder or .gguf file."""
+import logging
+import time
+
+from tokenizers.decoders import DecodeStream
+from transformers import AutoTokenizer
+
+from wde.core import interfaces
+from wde.core.config import EngineConfig, split_model_path
+
+logger = logging.getLogger(__name__)
+
+
+class HFTokenizer(interfaces.Tokenizer):
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        if config.args.tokenizer:
+            folder, gguf_file = split_model_path(config.args.tokenizer)
+        else:
+            folder, gguf_file = config.model.path, config.model.gguf_file
+        start = time.perf_counter()
+        self.hf = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        if not self.hf.is_fast:
+            raise ValueError(f"the tokenizer in {folder} has no fast (Rust) version, which wde needs")
+        logger.info("tokenizer loaded from %s in %.1f s", gguf_file or folder, time.perf_counter() - start)
+        self.eos_token_id: int | None = self.hf.eos_token_id
+        self.special_ids = frozenset(self.hf.all_special_ids)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.hf.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class IncrementalDecoder:
+    """Text of a growing token sequence, one token at a time.
+
+    The tokenizers library's DecodeStream holds back the bytes of an unfinished multi-byte character, so the
+    text never shows a broken character and decoding stays O(1) per token.
+    """
+
+    def __init__(self, tokenizer: HFTokenizer, skip_special_tokens: bool):
+        self._backend = tokenizer.hf.backend_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""

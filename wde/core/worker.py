@@ -1,0 +1,87 @@
+"""The part of a Worker every workflow shares: the model on its device, the attention backend, the KV cache."""
+import logging
+from abc import abstractmethod
+
+import torch
+
+from wde.core import interfaces
+from wde.core.attention.layer import Attention
+from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from wde.core.loader.model_loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+class ModelWorker(interfaces.Worker):
+    def __init__(self, config: EngineConfig, components: dict[str, type]):
+        super().__init__(config)
+        self.device = config.device
+        torch.manual_seed(config.args.seed)
+        self.model = load_model(config.model, self.device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        backend = components["AttentionBackend"](config)
+        for layer in self.attn_layers:
+            layer.backend = backend
+        logger.info("attention backend: %s", type(backend).__name__)
+        self.kv_cache: torch.Tensor | None = None
+
+    def kv_block_bytes(self) -> int:
+        model, args = self.config.model, self.config.args
+        elements = 2 * model.num_layers * args.block_size * model.num_kv_heads * model.head_dim
+        return elements * model.dtype.itemsize
+
+    def determine_num_kv_blocks(self) -> int:
+        """The explicit num_kv_blocks, else as many blocks as the memory budget holds (and the engine can use)."""
+        args, model = self.config.args, self.config.model
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        if args.kv_cache_memory_bytes is not None:
+            budget = args.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self.free_memory_after_profiling()
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = budget // self.kv_block_bytes()
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB): lower "
+                               "max_num_seqs / max_num_batched_tokens, or raise gpu_memory_utilization")
+        most_usable = args.max_num_seqs * -(-model.max_model_len // args.block_size)
+        return min(num_blocks, most_usable)
+
+    def free_memory_after_profiling(self) -> int:
+        """GPU bytes left for the KV cache once the model and the activations of the largest step are in."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        not_torch = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
+        budget = int(total * self.config.args.gpu_memory_utilization) - peak - not_torch
+        logger.info("memory profile: %.2f GiB total, %.2f GiB peak in torch, %.2f GiB outside torch, "
+                    "%.2f GiB for the KV cache", total / 2**30, peak / 2**30, not_torch / 2**30, budget / 2**30)
+        torch.cuda.empty_cache()
+        return budget
+
+    @abstractmethod
+    def profile_run(self) -> None:
+        """Run one step as large as the scheduler can form, to measure its peak memory."""
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        model, args = self.config.model, self.config.args
+        self.kv_cache = self.allocate_kv_cache(num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s", num_blocks, args.block_size,
+                    num_blocks * args.block_size, self.kv_cache.numel() * model.dtype.itemsize / 2**30,
+                    self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        """One tensor [layers, 2, blocks, block_size, kv_heads, head_dim]; each attention layer gets its slice.
+
+        Zeroed: padding rows that a backend reads but masks out must hold finite numbers.
+        """
+        model, args = self.config.model, self.config.args
+        cache = torch.zeros(len(self.attn_layers), 2, num_blocks, args.block_size, model.num_kv_heads,
+                            model.head_dim, dtype=model.dtype, device=self.device)
+        for layer, layer_cache in zip(self.attn_layers, cache):
+            layer.kv_cache = layer_cache
+        return cache

@@ -1,0 +1,121 @@
+"""The `wde` command: generate text or chat with a model (the embedded SmolLM2 unless --model says otherwise)."""
+import argparse
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from wde.core.config import EngineArgs
+
+logger = logging.getLogger("wde")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per EngineArgs field, so the CLI never falls behind the engine's arguments."""
+    group = parser.add_argument_group("engine arguments")
+    group.add_argument("--config", metavar="FILE", help="YAML or JSON file of engine arguments "
+                                                        "(flags given here override it)")
+    for name, field in EngineArgs.model_fields.items():
+        flag, annotation = "--" + name.replace("_", "-"), field.annotation
+        scalar = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+        if annotation is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        elif typing.get_origin(annotation) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(annotation), default=None, help=field.description)
+        else:
+            group.add_argument(flag, type=scalar[0], default=None, help=field.description)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # PyYAML comes with transformers
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of engine arguments")
+    return values
+
+
+def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:
+    values = read_config_file(namespace.config) if namespace.config else {}
+    values.update({name: getattr(namespace, name) for name in EngineArgs.model_fields
+                   if getattr(namespace, name) is not None})
+    return EngineArgs(**values)
+
+
+def sampling_params_from(namespace: argparse.Namespace):
+    from wde.core.sampling_params import SamplingParams
+    return SamplingParams(temperature=namespace.temperature, max_tokens=namespace.max_tokens)
+
+
+def run_generate(namespace: argparse.Namespace) -> None:
+    from wde.entrypoints.llm import LLM
+    llm = LLM(**engine_args_from(namespace).model_dump())
+    outputs = llm.generate(namespace.prompts, sampling_params_from(namespace), use_tqdm=False)
+    for output in outputs:
+        if output.error:
+            print(f"error: {output.error}", file=sys.stderr)
+        else:
+            print(output.prompt + output.outputs[0].text)
+
+
+def run_chat(namespace: argparse.Namespace) -> None:
+    from wde.entrypoints.llm import LLM
+    llm = LLM(**engine_args_from(namespace).model_dump())
+    params = sampling_params_from(namespace)
+    messages = [{"role": "system", "content": namespace.system}] if namespace.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wde", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete one or more prompts")
+    generate.add_argument("prompts", nargs="+", help="prompt text")
+    generate.set_defaults(run=run_generate, temperature=0.0, max_tokens=32)
+
+    chat = commands.add_parser("chat", help="chat on stdin, one message per line (/exit to stop)")
+    chat.add_argument("--system", help="system message")
+    chat.set_defaults(run=run_chat, temperature=0.7, max_tokens=256)
+
+    for sub in (generate, chat):
+        sub.add_argument("--max-tokens", type=int, help="most tokens to generate per answer")
+        sub.add_argument("--temperature", type=float, help="0 for greedy")
+        add_engine_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    namespace = build_parser().parse_args(argv)
+    logging.basicConfig(level=namespace.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        namespace.run(namespace)
+    except (ValidationError, ValueError, TypeError, FileNotFoundError) as e:
+        print(f"wde {namespace.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""LLM: the offline API vLLM users know, over an LLMEngine."""
+import itertools
+import logging
+import time
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from wde.core.llm_engine import LLMEngine
+from wde.core.outputs import RequestOutput
+from wde.core.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """LLM(model=..., **engine_args): `model` is an HF folder or a .gguf file (default: SmolLM2-135M-Instruct)."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        self.engine = LLMEngine.from_engine_args(model=model, **engine_args)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt (a str, a list of token ids, or a list of either); outputs in input order.
+
+        A prompt the engine refuses once tokenized (too long) comes back with finish_reason "error" and its
+        `error` set, and the other prompts still complete.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = _params_per_prompt(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or several, with the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        # the template already holds the special tokens: tokenizing must not add a second BOS
+        prompts = [tokenizer.encode(tokenizer.apply_chat_template(conv), add_special_tokens=False)
+                   for conv in conversations]
+        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts)), use_tqdm)
+
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        request_ids = []
+        try:
+            for prompt, prompt_params in zip(prompts, params):
+                request_id = str(next(self._request_counter))
+                final_only = prompt_params.model_copy(update={"output_kind": RequestOutputKind.FINAL_ONLY})
+                self.engine.add_request(request_id, prompt, final_only)
+                request_ids.append(request_id)
+        except (ValueError, TypeError) as e:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise type(e)(f"prompt {len(request_ids)}: {e}") from e
+        finished = self._run_engine(len(request_ids), use_tqdm)
+        return [finished[request_id] for request_id in request_ids]
+
+    def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start, prompt_tokens, output_tokens = time.perf_counter(), 0, 0
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if not output.finished:
+                    continue
+                finished[output.request_id] = output
+                if output.error:
+                    logger.warning("request %s failed: %s", output.request_id, output.error)
+                prompt_tokens += len(output.prompt_token_ids)
+                output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.0f} tok/s, "
+                                    f"output: {output_tokens / elapsed:.0f} tok/s", refresh=False)
+                bar.update(1)
+        bar.close()
+        return finished
+
+
+def _as_prompt_list(prompts: Any) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int):
+        return [list(prompts)]  # one prompt given as token ids
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; not {type(prompts).__name__}")
+
+
+def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int
+                       ) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"{len(params)} SamplingParams for {count} prompts")
+    return params

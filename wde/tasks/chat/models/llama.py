@@ -1,0 +1,127 @@
+"""The Llama decoder, which Qwen2 and Qwen3 extend with a few switches (see qwen2.py, qwen3.py)."""
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from wde.core.attention.layer import Attention
+from wde.core.config import ModelConfig
+from wde.core.layers.activation import SiluAndMul
+from wde.core.layers.embedding import VocabEmbedding
+from wde.core.layers.linear import Linear, MergedLinear
+from wde.core.layers.norm import RMSNorm
+from wde.core.layers.rotary import RotaryEmbedding
+from wde.core.loader.model_loader import load_params
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool):
+        super().__init__()
+        config = model_config.hf_config
+        heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
+        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+                                     bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        # Qwen3 normalizes each head of q and k before the rotation
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(heads, kv_heads, head_dim, scale=head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.unflatten(-1, (-1, self.attn.head_dim))
+        k = k.unflatten(-1, (-1, self.attn.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q.flatten(-2), k.flatten(-2), v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, bias: bool):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
+        self.act = SiluAndMul()
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, attention: dict):
+        super().__init__()
+        config = model_config.hf_config
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(model_config, rotary_emb, **attention)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, model_config: ModelConfig, attention: dict):
+        super().__init__()
+        config = model_config.hf_config
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # one table of rotations for all layers: it holds max_model_len rows
+        rotary_emb = RotaryEmbedding(config, model_config.head_dim, model_config.max_model_len)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(model_config, rotary_emb, attention)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return self.norm(hidden, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint parts that load into one merged parameter: (merged, part, shard id)
+    stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+                      ("gate_up_proj", "gate_proj", "gate"), ("gate_up_proj", "up_proj", "up"))
+
+    def __init__(self, model_config: ModelConfig):
+        super().__init__()
+        config = model_config.hf_config
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported")
+        self.model = LlamaModel(model_config, self.attention_options(config))
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    @staticmethod
+    def attention_options(config: PretrainedConfig) -> dict:
+        bias = getattr(config, "attention_bias", False)
+        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat batch of tokens -> final hidden states [num_tokens, hidden_size]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head.weight.T
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def skip(name: str) -> bool:
+            return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")
+        load_params(self, weights, self.stacked_params, skip)

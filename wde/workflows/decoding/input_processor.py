@@ -1,0 +1,27 @@
+"""Checks a decoding request when it is submitted; tokenization waits for the scheduler."""
+from typing import Any
+
+from wde.core import interfaces
+from wde.core.inputs import parse_prompt
+from wde.core.request import Request
+from wde.core.sampling_params import SamplingParams
+
+
+class DecodingInputProcessor(interfaces.InputProcessor):
+    def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams(**params)
+        elif not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
+        text, token_ids = parse_prompt(prompt, self.config.model.vocab_size)
+        max_model_len = self.config.model.max_model_len
+        if token_ids is not None and len(token_ids) >= max_model_len:
+            raise ValueError(too_long_message(len(token_ids), max_model_len))
+        return Request(request_id, text, token_ids, params, arrival_time)
+
+
+def too_long_message(prompt_len: int, max_model_len: int) -> str:
+    return (f"the prompt has {prompt_len} tokens; it must be shorter than max_model_len={max_model_len} "
+            "to leave room for output")

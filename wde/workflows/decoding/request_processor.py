@@ -1,0 +1,38 @@
+"""At schedule time: tokenize a request and build its sequences."""
+from wde.core import interfaces
+from wde.core.request import Request
+from wde.workflows.decoding.input_processor import too_long_message
+from wde.workflows.decoding.sequence import Sequence, SequenceGroup
+
+
+class DecodingRequestProcessor(interfaces.RequestProcessor):
+    @classmethod
+    def from_engine(cls, engine) -> "DecodingRequestProcessor":
+        return cls(engine.config, engine.tokenizer, engine.kv_cache_manager)
+
+    def __init__(self, config, tokenizer, kv_cache_manager):
+        super().__init__(config)
+        self.tokenizer = tokenizer
+        self.max_model_len = config.model.max_model_len
+        kv_capacity = kv_cache_manager.num_blocks * kv_cache_manager.block_size
+        # a sequence alone in the engine must always fit in the cache, or preemption could never make room
+        self.max_seq_len = min(self.max_model_len, kv_capacity)
+
+    def __call__(self, request: Request) -> SequenceGroup:
+        prompt_ids = request.prompt_token_ids
+        if prompt_ids is None:
+            prompt_ids = self.tokenizer.encode(request.prompt)
+            if not prompt_ids:
+                raise ValueError("the prompt is empty after tokenization")
+        prompt_len = len(prompt_ids)
+        if prompt_len >= self.max_model_len:
+            raise ValueError(too_long_message(prompt_len, self.max_model_len))
+        if prompt_len >= self.max_seq_len:
+            raise ValueError(f"the prompt has {prompt_len} tokens, and the KV cache holds only {self.max_seq_len} "
+                             "tokens of one sequence: raise num_kv_blocks or kv_cache_memory_bytes")
+        params = request.params
+        room = self.max_seq_len - prompt_len
+        max_output = room if params.max_tokens is None else min(params.max_tokens, room)
+        group = SequenceGroup(request, prompt_ids)
+        group.sequences = [Sequence(group, i, list(prompt_ids), prompt_len, max_output) for i in range(params.n)]
+        return group

@@ -1,0 +1,158 @@
+"""Continuous batching: at every step, running sequences continue and waiting ones join, within budgets.
+
+A step computes `num_tokens - num_computed_tokens` new tokens for each sequence it takes: one for a sequence
+that is decoding, the rest of the prompt (or as much as the token budget leaves) for one that is prefilling.
+So prefill and decode share a step, and a long prompt is prefilled in chunks across steps.
+"""
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from wde.core import interfaces
+from wde.core.request import Request
+from wde.workflows.decoding.sequence import Sequence, SequenceGroup, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    start: int  # tokens already in the KV cache before this step
+    num_tokens: int  # tokens computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """This step reaches the end of the sequence, so it yields the next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)  # refused at schedule time, and why
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class DecodingScheduler(interfaces.Scheduler):
+    @classmethod
+    def from_engine(cls, engine) -> "DecodingScheduler":
+        return cls(engine.config, engine.kv_cache_manager, engine.request_processor)
+
+    def __init__(self, config, kv_cache_manager, request_processor):
+        super().__init__(config)
+        self.kv_cache_manager = kv_cache_manager
+        self.request_processor = request_processor
+        self.max_num_seqs = config.args.max_num_seqs
+        self.max_num_batched_tokens = config.args.max_num_batched_tokens
+        self.new_requests: deque[Request] = deque()  # submitted, not yet tokenized
+        self.waiting: deque[Sequence] = deque()  # tokenized (or preempted), waiting for KV blocks
+        self.running: list[Sequence] = []  # in admission order
+        self.requests: dict[str, Request | SequenceGroup] = {}  # every unfinished request
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.new_requests.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def abort_request(self, request_id: str) -> bool:
+        entry = self.requests.pop(request_id, None)
+        if entry is None:
+            return False
+        if isinstance(entry, Request):
+            self.new_requests.remove(entry)
+            return True
+        for seq in entry.sequences:
+            if seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+            elif seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self.kv_cache_manager.free(seq)
+            else:
+                continue  # finished earlier
+            seq.finish("abort")
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        budget, preempted = self._schedule_running(output, budget)
+        if not preempted:  # when blocks ran short, admitting more would only preempt again
+            self._admit_waiting(output, budget)
+        for scheduled in output.scheduled:
+            scheduled.seq.num_computed_tokens += scheduled.num_tokens
+        return output
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        preempted, i = False, 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv_cache_manager.allocate_slots(seq, num_tokens):
+                preempted = True
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                if victim is seq:
+                    return budget, preempted
+            output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+            i += 1
+        return budget, preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it waits at the front and recomputes its tokens when readmitted."""
+        self.kv_cache_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.info("preempted request %s (sequence %d, %d tokens) to free KV blocks; %d free now",
+                    seq.group.request_id, seq.index, seq.num_tokens, self.kv_cache_manager.num_free_blocks)
+
+    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._next_waiting(output)
+            if seq is None:
+                return
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.kv_cache_manager.allocate_slots(seq, num_tokens):
+                return
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+
+    def _next_waiting(self, output: SchedulerOutput) -> Sequence | None:
+        """The first waiting sequence, tokenizing new requests (lazily, only now) when none is waiting."""
+        while not self.waiting and self.new_requests:
+            request = self.new_requests.popleft()
+            try:
+                group = self.request_processor(request)
+            except ValueError as e:
+                del self.requests[request.request_id]
+                output.failed.append((request, str(e)))
+                logger.warning("request %s refused: %s", request.request_id, e)
+                continue
+            self.requests[request.request_id] = group
+            self.waiting.extend(group.sequences)
+        return self.waiting[0] if self.waiting else None
+
+    def free_finished(self, output: SchedulerOutput) -> None:
+        """Release the blocks of sequences the OutputProcessor finished in this step."""
+        finished = [s.seq for s in output.scheduled if s.seq.is_finished]
+        if not finished:
+            return
+        for seq in finished:
+            self.kv_cache_manager.free(seq)
+            if seq.group.is_finished:
+                self.requests.pop(seq.group.request_id, None)
+        self.running = [seq for seq in self.running if not seq.is_finished]

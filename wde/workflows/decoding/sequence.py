@@ -1,0 +1,77 @@
+"""The state of a request while it decodes: one SequenceGroup per request, one Sequence per completion."""
+import enum
+from dataclasses import dataclass, field
+
+from wde.core.outputs import TokenLogprobs
+from wde.core.request import Request
+from wde.core.sampling_params import SamplingParams
+from wde.core.tokenizer import IncrementalDecoder
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    request: Request
+    prompt_token_ids: list[int]
+    sequences: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    group: SequenceGroup
+    index: int  # which of the request's n completions this is
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    max_output_tokens: int  # max_tokens, cut to what max_model_len and the KV cache allow
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    decoder: IncrementalDecoder | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    # how much of the output the last RequestOutput carried (for delta outputs)
+    num_emitted_tokens: int = 0
+    num_emitted_chars: int = 0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.group.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status, self.finish_reason, self.stop_reason = SequenceStatus.FINISHED, reason, stop_reason

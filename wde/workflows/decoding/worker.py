@@ -1,0 +1,42 @@
+"""The decoding Worker: a forward pass over the flat batch, then the next token of each finished row."""
+import itertools
+
+import torch
+
+from wde.core.forward_context import set_forward_context
+from wde.core.sampler import Sampler, SamplerOutput
+from wde.core.worker import ModelWorker
+from wde.workflows.decoding.model_pre_processor import ModelInput, build_model_input
+
+
+class DecodingWorker(ModelWorker):
+    def __init__(self, config, components):
+        super().__init__(config, components)
+        self.sampler = Sampler(self.device, config.args.seed)
+
+    @torch.inference_mode()
+    def execute_model(self, model_input: ModelInput) -> SamplerOutput:
+        model_input = model_input.to(self.device)
+        with set_forward_context(model_input.attn_metadata):
+            hidden = self.model(model_input.input_ids, model_input.positions)
+        logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        return self.sampler(logits, model_input.sampling)
+
+    def profile_run(self) -> None:
+        """The largest step: max_num_batched_tokens tokens over max_num_seqs sequences, each sampling."""
+        args = self.config.args
+        num_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * self.config.model.max_model_len)
+        num_seqs = min(args.max_num_seqs, num_tokens)
+        query_lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        longest = max(query_lens)
+        num_blocks = -(-longest // args.block_size)
+        self.allocate_kv_cache(num_blocks)  # a scratch cache all dummy sequences share; freed below
+        positions = [p for n in query_lens for p in range(n)]
+        ends = [end - 1 for end in itertools.accumulate(query_lens)]
+        dummy = build_model_input(token_ids=[0] * num_tokens, positions=positions, slots=positions,
+                                  query_lens=query_lens, seq_lens=query_lens,
+                                  block_tables=[list(range(num_blocks))] * num_seqs, logits_indices=ends,
+                                  temperatures=[1.0] * num_seqs, num_logprobs=None)
+        self.execute_model(dummy)
+        for layer in self.attn_layers:
+            layer.kv_cache = None

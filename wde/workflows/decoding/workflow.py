@@ -1,0 +1,24 @@
+from wde.core.workflow import Workflow
+
+
+class DecodingWorkflow(Workflow):
+    """Autoregressive generation with continuous batching over a paged KV cache.
+
+    add_request -> DecodingInputProcessor (checks the prompt and SamplingParams)
+    step:  DecodingScheduler (admits, prefills in chunks, decodes; tokenizes new requests through
+           DecodingRequestProcessor; KV blocks from KVCacheManager)
+        -> DecodingModelPreProcessor (one flat batch + paged-attention metadata)
+        -> LocalExecutor -> DecodingWorker (model forward with the AttentionBackend, then Sampler)
+        -> DecodingOutputProcessor (append tokens, stop checks, incremental text, RequestOutputs)
+    """
+
+    Tokenizer = "wde.core.tokenizer:HFTokenizer"
+    InputProcessor = "wde.workflows.decoding.input_processor:DecodingInputProcessor"
+    RequestProcessor = "wde.workflows.decoding.request_processor:DecodingRequestProcessor"
+    KVCacheManager = "wde.core.kv_cache_manager:KVCacheManager"
+    Scheduler = "wde.workflows.decoding.scheduler:DecodingScheduler"
+    ModelPreProcessor = "wde.workflows.decoding.model_pre_processor:DecodingModelPreProcessor"
+    Executor = "wde.core.executor:LocalExecutor"
+    Worker = "wde.workflows.decoding.worker:DecodingWorker"
+    OutputProcessor = "wde.workflows.decoding.output_processor:DecodingOutputProcessor"
+    AttentionBackend = "wde.core.attention.torch_backend:TorchAttentionBackend"
