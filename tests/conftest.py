@@ -1,12 +1,12 @@
-import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from wde.core.config import DEFAULT_MODEL_FILE, default_model_path
 from tests.tiny_models import write_tiny_model
+from wde.core.config import DEFAULT_MODEL_FILE, default_model_path
+from wde.core.llm_engine import LLMEngine
 
 logging.getLogger("wde").setLevel(logging.INFO)
 
@@ -36,12 +36,26 @@ def tiny_model_dir(tmp_path_factory):
     made = {}
 
     def make(shape: str, **overrides) -> str:
-        key = (shape, tuple(sorted(overrides.items())))
+        key = (shape, repr(sorted(overrides.items())))
         if key not in made:
             folder = tmp_path_factory.mktemp(f"{shape}-")
             made[key] = str(write_tiny_model(folder, shape, **overrides))
         return made[key]
     return make
+
+
+@pytest.fixture(autouse=True)
+def every_kv_block_is_free_after_each_test(monkeypatch):
+    """Every engine a test builds must end the test with no request left and every KV block free."""
+    engines, build = [], LLMEngine.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        engines.append(self)
+    monkeypatch.setattr(LLMEngine, "__init__", tracked_init)
+    yield
+    for engine in engines:
+        assert_all_blocks_free(engine)
 
 
 def assert_all_blocks_free(engine) -> None:
@@ -61,7 +75,3 @@ def run_to_completion(engine) -> dict:
                 finished[output.request_id] = output
     assert_all_blocks_free(engine)
     return finished
-
-
-def has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None

@@ -128,10 +128,28 @@ def split_model_path(model: str) -> tuple[str, str | None]:
 
 def load_hf_config(folder: str, gguf_file: str | None) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        if gguf_file:
+            apply_gguf_metadata(config, str(Path(folder) / gguf_file))
+        return config
     except Exception as e:  # transformers raises many kinds; the user needs to know which file was bad
         where = f"{folder}/{gguf_file}" if gguf_file else f"{folder}/config.json"
         raise ValueError(f"could not read the model config from {where}: {e}") from e
+
+
+def apply_gguf_metadata(config: PretrainedConfig, path: str) -> None:
+    """Two things transformers does not take from a .gguf file: attention.key_length (Qwen3's head_dim is not
+    hidden_size / heads) and the rope_freqs tensor, in which llama.cpp stores Llama 3.x RoPE scaling as one
+    divisor per frequency (kept on the config as `rope_freq_divisors` for RotaryEmbedding)."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    architecture = reader.fields["general.architecture"].contents()
+    key_length = reader.fields.get(f"{architecture}.attention.key_length")
+    if key_length is not None:
+        config.head_dim = int(key_length.contents())
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            config.rope_freq_divisors = [float(x) for x in tensor.data]
 
 
 def architecture_of(hf_config: PretrainedConfig) -> str:

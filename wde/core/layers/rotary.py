@@ -15,7 +15,9 @@ def rope_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Ten
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim), 1.0
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        divisors = getattr(config, "rope_freq_divisors", None)  # from a .gguf file's rope_freqs tensor
+        return (inv_freq if divisors is None else inv_freq / torch.tensor(divisors)), 1.0
     if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_type {rope_type!r} is not supported (it depends on the sequence length at run "
                          "time)" if rope_type == "dynamic" else f"unknown rope_type {rope_type!r}")

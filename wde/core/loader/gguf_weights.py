@@ -54,6 +54,8 @@ def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, 
     permuted = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
     is_llama = hf_config.model_type == "llama"  # llama.cpp permutes q/k only for Llama
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # RoPE scaling, read into the config (see config.py)
+            continue
         name = hf_name(tensor.name)
         weight = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
         proj = name.split(".")[-2]

@@ -1,0 +1,60 @@
+"""Write a tiny safetensors checkpoint as a .gguf file the way llama.cpp's converter lays it out (float32)."""
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from transformers import AutoConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from wde.core.loader.gguf_weights import _GLOBAL_NAMES, _LAYER_NAMES
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp stores Llama q/k rows with each head's two rotary halves interleaved."""
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_name(hf_name: str) -> str:
+    to_gguf = {hf: g for g, hf in {**_LAYER_NAMES, **_GLOBAL_NAMES}.items()}
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:-1])]}.{parts[-1]}"
+    return f"{to_gguf['.'.join(parts[:-1])]}.{parts[-1]}"
+
+
+def export_gguf(folder: Path, out: Path) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    arch = config["model_type"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(config["rope_theta"] if "rope_theta" in config else
+                              config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    rope = AutoConfig.from_pretrained(folder).rope_parameters
+    if rope.get("rope_type") == "llama3":  # llama.cpp keeps the scaled frequencies as divisors of the plain ones
+        plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(folder), "cpu")
+        writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = llama_cpp_permute(tensor, heads if "q_proj" in name else kv_heads)
+        writer.add_tensor(gguf_name(name), np.ascontiguousarray(tensor, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
