@@ -112,11 +112,32 @@ def test_duplicate_request_id(engine):
     run_to_completion(engine)
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("max_tokens", 0), ("n", 0), ("logprobs", 21),
-                                         ("stop_token_ids", "x"), ("top_kk", 3)])
+@pytest.mark.parametrize("field,value", [
+    ("n", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0), ("seed", "abc"),
+    ("stop", [""]), ("stop", 5), ("stop_token_ids", "x"), ("include_stop_str_in_output", "maybe"),
+    ("ignore_eos", "maybe"), ("max_tokens", 0), ("min_tokens", -1), ("logprobs", 21), ("logprobs", -1),
+    ("prompt_logprobs", 21), ("skip_special_tokens", "maybe"), ("detokenize", "maybe"), ("output_kind", "all"),
+    ("top_kk", 3),
+])
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValidationError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens=5 is more than max_tokens=2"),
+    ({"stop": ["x"], "detokenize": False}, "stop strings need detokenize=True"),
+])
+def test_inconsistent_sampling_params(values, match):
+    with pytest.raises(ValidationError, match=match):
+        SamplingParams(**values)
+
+
+def test_setting_an_invalid_value_later_is_refused_too():
+    params = SamplingParams()
+    with pytest.raises(ValidationError, match="top_p"):
+        params.top_p = 2.0
 
 
 def test_wrong_params_type(engine):

@@ -99,6 +99,20 @@ def test_abort_frees_blocks_in_any_state(tiny_model_dir, steps_before_abort):
     assert engine.step() == []
 
 
+def test_abort_a_preempted_request(tiny_model_dir):
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=4, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for request_id in ("a", "b"):
+        engine.add_request(request_id, random_prompts([20])[0], params)
+    while not engine.scheduler.num_preemptions:
+        engine.step()
+    preempted = engine.scheduler.waiting[0]
+    assert preempted.num_preemptions == 1 and not preempted.block_table
+    assert engine.abort_request(preempted.group.request_id)
+    finished = run_to_completion(engine)
+    assert list(finished) == ["a" if preempted.group.request_id == "b" else "b"]
+
+
 def test_abort_one_of_n_completions_keeps_finished_reasons(tiny_model_dir):
     engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=16)
     engine.add_request("r", [5, 6], SamplingParams(temperature=0, max_tokens=3, n=2, ignore_eos=True))

@@ -1,25 +1,48 @@
-"""KV-cache blocks handed out by reference count: a block is free again when its last user lets go."""
-from collections import deque
+"""KV-cache blocks handed out by reference count, with a cache of full blocks that outlive their users.
+
+A block whose last user lets go is free. If it holds a full, hashed block of some prefix it stays findable by
+that hash (`lookup`) until a new allocation needs it: plain free blocks go first, then the cached ones, least
+recently used first.
+"""
+from collections import OrderedDict, deque
 
 
 class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self._free = deque(range(num_blocks))
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))  # free and holding nothing worth keeping
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached, least recently used first
+        self._cached: dict[bytes, int] = {}  # block hash -> block
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def free_blocks(self) -> set[int]:
+        return set(self._free) | set(self._evictable)
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.popleft()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self.block_hashes[block]]
+            self.block_hashes[block] = None
+        else:
             raise RuntimeError("no free KV-cache block")  # callers check num_free first
-        block = self._free.popleft()
         self.ref_counts[block] = 1
         return block
 
     def incref(self, block: int) -> None:
+        """One more user of `block`, which may be a free cached block coming back into use."""
+        if self.ref_counts[block] == 0:
+            del self._evictable[block]
         self.ref_counts[block] += 1
 
     def decref(self, block: int) -> None:
@@ -28,4 +51,16 @@ class BlockAllocator:
             raise RuntimeError(f"KV-cache block {block} freed more often than it was allocated")
         self.ref_counts[block] = count - 1
         if count == 1:
-            self._free.append(block)
+            if self.block_hashes[block] is None:
+                self._free.append(block)
+            else:
+                self._evictable[block] = None
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self._cached.get(block_hash)
+
+    def cache(self, block: int, block_hash: bytes) -> None:
+        """Make `block` findable by `block_hash` (unless another block already holds the same content)."""
+        if block_hash not in self._cached and self.block_hashes[block] is None:
+            self._cached[block_hash] = block
+            self.block_hashes[block] = block_hash

@@ -40,6 +40,7 @@ class EngineArgs(BaseModel):
                                                                       "gpu_memory_utilization, or 1 GiB on CPU")
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
+    disable_log_stats: bool = Field(False, description="do not log engine statistics every few seconds")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wde.core.config import EngineConfig
+    from wde.core.stats import SchedulerStats
     from wde.core.llm_engine import LLMEngine
     from wde.core.request import Request
 
@@ -67,6 +68,13 @@ class Scheduler(Component):
 
     @abstractmethod
     def schedule(self) -> Any: ...
+
+    @abstractmethod
+    def free_finished(self, scheduler_output: Any) -> None:
+        """Release what the requests the OutputProcessor finished in this step held."""
+
+    @abstractmethod
+    def get_stats(self) -> "SchedulerStats": ...
 
 
 class ModelPreProcessor(Component):

@@ -1,5 +1,12 @@
-"""Which KV-cache blocks hold which sequence's tokens (the bookkeeping; the tensors live in the Worker)."""
+"""Which KV-cache blocks hold which sequence's tokens (the bookkeeping; the tensors live in the Worker).
+
+With prefix caching on, every full block is known by a hash chained over its tokens and all tokens before it,
+so two sequences that start with the same tokens can share those blocks: a sequence admitted later starts
+with its cached prefix already computed.
+"""
+import hashlib
 import logging
+from array import array
 from typing import Protocol
 
 from wde.core import interfaces
@@ -10,10 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 class CachedSequence(Protocol):
-    """What the manager needs of a sequence: its block table and how many of its tokens are in the cache."""
+    """What the manager needs of a sequence."""
 
+    token_ids: list[int]
     block_table: list[int]
-    num_computed_tokens: int
+    block_hashes: list[bytes]  # of its full blocks, filled in by the manager
+    num_computed_tokens: int  # tokens whose K/V are in its blocks
 
 
 class KVCacheManager(interfaces.KVCacheManager):
@@ -23,10 +32,11 @@ class KVCacheManager(interfaces.KVCacheManager):
 
     def __init__(self, config: EngineConfig, num_blocks: int):
         super().__init__(config)
-        if config.args.enable_prefix_caching:
-            raise NotImplementedError("enable_prefix_caching is not available yet in this version of wde")
         self.block_size = config.args.block_size
+        self.enable_prefix_caching = config.args.enable_prefix_caching
         self.allocator = BlockAllocator(num_blocks)
+        self.num_queried_tokens = 0  # tokens looked up in the prefix cache
+        self.num_hit_tokens = 0  # of which found
 
     @property
     def num_blocks(self) -> int:
@@ -39,6 +49,31 @@ class KVCacheManager(interfaces.KVCacheManager):
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def allocate_cached_prefix(self, seq: CachedSequence) -> int:
+        """At admission, share the cached blocks that hold the start of `seq`; return the tokens reused.
+
+        At least one token is always left to compute: its logits give the next token.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        hashes = self._full_block_hashes(seq)
+        hits = []
+        for block_hash in hashes[:(len(seq.token_ids) - 1) // self.block_size]:
+            block = self.allocator.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        for block in hits:
+            self.allocator.incref(block)
+        seq.block_table = hits
+        seq.num_computed_tokens = len(hits) * self.block_size
+        return seq.num_computed_tokens
+
+    def count_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Account one admitted sequence's lookup in the hit rate (failed admissions are retried, not counted)."""
+        self.num_queried_tokens += num_tokens
+        self.num_hit_tokens += num_hit_tokens
+
     def allocate_slots(self, seq: CachedSequence, num_new_tokens: int) -> bool:
         """Give `seq` blocks for `num_new_tokens` more tokens; False (and nothing changed) if too few are free."""
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -46,9 +81,33 @@ class KVCacheManager(interfaces.KVCacheManager):
             return False
         for _ in range(needed):
             seq.block_table.append(self.allocator.allocate())
+        if self.enable_prefix_caching:  # blocks this step fills are findable from now on (see below)
+            hashes = self._full_block_hashes(seq)
+            full_before = seq.num_computed_tokens // self.block_size
+            full_after = (seq.num_computed_tokens + num_new_tokens) // self.block_size
+            for index in range(full_before, full_after):
+                self.allocator.cache(seq.block_table[index], hashes[index])
         return True
 
     def free(self, seq: CachedSequence) -> None:
         for block in reversed(seq.block_table):  # the tail first: it is the least likely to be shared
             self.allocator.decref(block)
         seq.block_table = []
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+    def _full_block_hashes(self, seq: CachedSequence) -> list[bytes]:
+        """Hashes of the sequence's full blocks, extended as it grows: sha256(parent hash + block tokens).
+
+        A block cached during a step is looked up by sequences admitted in the same step; that is safe because
+        every attention layer writes all new K/V of the step before any sequence reads the cache.
+        """
+        hashes = seq.block_hashes
+        size = self.block_size
+        for index in range(len(hashes), len(seq.token_ids) // size):
+            parent = hashes[-1] if hashes else b""
+            tokens = array("q", seq.token_ids[index * size:(index + 1) * size]).tobytes()
+            hashes.append(hashlib.sha256(parent + tokens).digest()[:16])
+        return hashes

@@ -7,6 +7,7 @@ from wde.core.config import EngineArgs, EngineConfig
 from wde.core.dotted_path import import_object
 from wde.core.outputs import RequestOutput
 from wde.core.registry import resolve_model_class, resolve_workflow
+from wde.core.stats import EngineStats, StatsTracker
 from wde.core.workflow import Workflow
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class LLMEngine:
         self.input_processor = build("InputProcessor")
         self.model_pre_processor = build("ModelPreProcessor")
         self.output_processor = build("OutputProcessor")
+        self.stats_tracker = StatsTracker(log=not config.args.disable_log_stats)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
@@ -65,4 +67,9 @@ class LLMEngine:
             model_output = self.executor.execute_model(self.model_pre_processor(scheduler_output))
         outputs = self.output_processor(scheduler_output, model_output)
         self.scheduler.free_finished(scheduler_output)
+        self.stats_tracker.on_step(self.scheduler.get_stats())
         return outputs
+
+    def get_stats(self) -> EngineStats:
+        """Running / waiting / preempted counts, KV-cache use, prefix hit rate, token totals and rates."""
+        return self.stats_tracker.stats(self.scheduler.get_stats())

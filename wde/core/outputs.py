@@ -35,3 +35,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None  # why the request failed, when finish_reason is "error"
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # None for the first prompt token
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -1,30 +1,113 @@
-"""Picks the next token of every sequence in a step at once, on the device."""
-from dataclasses import dataclass
+"""Picks the next token of every sequence in a step at once, on the device.
+
+Per row: penalties (repetition, then frequency and presence), then greedy rows take the argmax; the others
+are divided by their temperature, cut by min_p, top_k and top_p, and sampled. Rows whose request has a seed
+draw their noise from the request's own generator, so its tokens do not depend on the rest of the batch.
+"""
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 
 @dataclass
+class Penalties:
+    presence: torch.Tensor  # [rows] float32
+    frequency: torch.Tensor  # [rows] float32
+    repetition: torch.Tensor  # [rows] float32, 1 = off
+    output_tokens: torch.Tensor  # [rows, longest output] int64, padded with vocab_size
+    prompt_tokens: torch.Tensor | None  # [rows, longest prompt] int64, padded with vocab_size; None: no repetition
+
+    def to(self, device: torch.device) -> "Penalties":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Penalties(move(self.presence), move(self.frequency), move(self.repetition),
+                         move(self.output_tokens), move(self.prompt_tokens))
+
+
+@dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # [num_seqs] float32; 0 means greedy
+    temperature: torch.Tensor  # [rows] float32; 0 means greedy
     all_greedy: bool
     all_random: bool
-    num_logprobs: int | None  # most top-k logprobs any sequence asked for; None: nobody asked
+    num_logprobs: int | None  # most top-k logprobs any row asked for; None: no row asked
+    top_k: torch.Tensor | None = None  # [rows] int64, vocab_size where off; None: off for all rows
+    top_p: torch.Tensor | None = None  # [rows] float32
+    min_p: torch.Tensor | None = None  # [rows] float32
+    penalties: Penalties | None = None
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) that may not be sampled yet
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its request's generator
 
     def to(self, device: torch.device) -> "SamplingMetadata":
-        return SamplingMetadata(self.temperature.to(device, non_blocking=True), self.all_greedy, self.all_random,
-                                self.num_logprobs)
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return SamplingMetadata(
+            move(self.temperature), self.all_greedy, self.all_random, self.num_logprobs, move(self.top_k),
+            move(self.top_p), move(self.min_p), self.penalties.to(device) if self.penalties else None,
+            tuple(move(t) for t in self.banned) if self.banned else None, self.generators)
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of chosen tokens, their ranks, and the top-k alternatives, one entry per row."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> TokenLogprobs:
+    """The model's own log-probabilities (before any sampling rule) of `token_ids`, rows of `logits`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top = logprobs.topk(k, dim=-1)
+    return TokenLogprobs(token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top.indices.tolist(),
+                         top.values.tolist())
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    # present when some sequence asked for logprobs (of the model's own distribution, before temperature)
-    token_logprobs: list[float] | None = None
-    token_ranks: list[int] | None = None
-    top_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
+    logprobs: TokenLogprobs | None = None  # when some row asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # filled by the worker, per request
+
+
+def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    rows, vocab = logits.shape
+    # one extra column swallows the padding id (vocab_size), then is dropped
+    counts = torch.zeros(rows, vocab + 1, device=logits.device)
+    counts.scatter_add_(1, penalties.output_tokens, torch.ones_like(penalties.output_tokens, dtype=counts.dtype))
+    counts = counts[:, :vocab]
+    if penalties.prompt_tokens is not None:
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, penalties.prompt_tokens, True)
+        seen = seen[:, :vocab] | (counts > 0)
+        repetition = penalties.repetition[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - penalties.frequency[:, None] * counts - penalties.presence[:, None] * (counts > 0)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+                      ) -> torch.Tensor:
+    ascending, order = logits.sort(dim=-1)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth_largest = ascending.gather(1, (vocab - top_k.clamp(1, vocab))[:, None])
+        ascending = ascending.masked_fill(ascending < kth_largest, float("-inf"))
+    if top_p is not None:
+        # drop the least likely tokens while the mass of those left stays at least top_p (keep at least one)
+        cumulative = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p[:, None]
+        drop[:, -1] = False
+        ascending = ascending.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ascending)
 
 
 class Sampler(nn.Module):
@@ -34,25 +117,29 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
-        token_ids = self._sample(logits, meta)
-        if meta.num_logprobs is None:
-            return SamplerOutput(token_ids.tolist())
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, token_ids[:, None])
-        ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top = logprobs.topk(meta.num_logprobs, dim=-1)
-        return SamplerOutput(token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top.indices.tolist(),
-                             top.values.tolist())
+        raw_logits = logits
+        if meta.penalties is not None:
+            logits = apply_penalties(logits, meta.penalties)
+        if meta.banned is not None:
+            logits = logits.index_put(meta.banned, torch.tensor(float("-inf"), device=logits.device))
+        token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
+        logprobs = None
+        if meta.num_logprobs is not None:
+            logprobs = token_logprobs(raw_logits, token_ids, meta.num_logprobs)
+        return SamplerOutput(token_ids.tolist(), logprobs)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        if meta.all_greedy:
-            return logits.argmax(dim=-1)
-        temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)
-        probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        # argmax(p / q) with q ~ Exp(1) draws from p (the exponential-race form of the Gumbel trick): one
-        # kernel pass for the whole batch, no cumulative sums, no host sync
+        greedy = logits.argmax(dim=-1)
+        logits = logits / torch.where(meta.temperature > 0, meta.temperature, 1.0)[:, None]
+        if meta.min_p is not None:
+            logits = apply_min_p(logits, meta.min_p)
+        if meta.top_k is not None or meta.top_p is not None:
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        # argmax(p / q) with q ~ Exp(1) draws from p (the exponential race, a form of the Gumbel trick): one
+        # pass for the whole batch, no cumulative sums, no host sync
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in meta.generators.items():
+            noise[row].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
-        if meta.all_random:
-            return sampled
-        return torch.where(meta.temperature > 0, sampled, logits.argmax(dim=-1))
+        return sampled if meta.all_random else torch.where(meta.temperature > 0, sampled, greedy)

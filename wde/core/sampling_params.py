@@ -1,7 +1,7 @@
 """SamplingParams: how to pick each generated token and when to stop, with vLLM's names and meanings."""
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_LOGPROBS = 20
 
@@ -19,17 +19,66 @@ class SamplingParams(BaseModel):
 
     n: int = Field(1, ge=1, description="independent completions per prompt")
     temperature: float = Field(1.0, ge=0.0, description="0 picks the most likely token (greedy)")
-    max_tokens: int | None = Field(16, ge=1, description="most tokens to generate; None: up to max_model_len")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sample from the smallest set of most likely tokens "
+                                                          "whose probabilities add up to top_p")
+    top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens; 0 or -1: all")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p times the most "
+                                                          "likely one")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every token "
+                                                                      "already generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from a token's logit once per "
+                                                                       "time it was generated")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="divides positive (multiplies negative) logits of "
+                                                               "tokens in the prompt or output; 1: off")
+    seed: int | None = Field(None, description="seed of this request's own random generator")
+    stop: list[str] = Field(default_factory=list, description="strings that end the output")
     stop_token_ids: list[int] = Field(default_factory=list, description="tokens that end the output")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string in the text")
     ignore_eos: bool = Field(False, description="keep generating after the end-of-sequence token")
+    max_tokens: int | None = Field(16, ge=1, description="most tokens to generate; None: up to max_model_len")
+    min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or a stop "
+                                                 "token may end the output")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="also return the log-probability of each sampled token and of "
-                                             "this many most likely tokens")
+                                             "this many most likely tokens (with their ranks)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="the same for each prompt token")
     skip_special_tokens: bool = Field(True, description="leave special tokens out of the text")
     detokenize: bool = Field(True, description="produce text (False: token ids only)")
     output_kind: RequestOutputKind = Field(RequestOutputKind.CUMULATIVE,
                                            description="what LLMEngine.step() returns for this request")
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value):
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop_string(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SamplingParams":
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
+        return self
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def truncates(self) -> bool:
+        """top_k, top_p or min_p cut the distribution before sampling."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0

@@ -17,6 +17,7 @@ class LLM:
     """LLM(model=..., **engine_args): `model` is an HF folder or a .gguf file (default: SmolLM2-135M-Instruct)."""
 
     def __init__(self, model: str | None = None, **engine_args: Any):
+        engine_args.setdefault("disable_log_stats", True)  # the progress bar shows the rates
         self.engine = LLMEngine.from_engine_args(model=model, **engine_args)
         self._request_counter = itertools.count()
 

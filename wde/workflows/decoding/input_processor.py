@@ -15,7 +15,11 @@ class DecodingInputProcessor(interfaces.InputProcessor):
             params = SamplingParams(**params)
         elif not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
-        text, token_ids = parse_prompt(prompt, self.config.model.vocab_size)
+        vocab_size = self.config.model.vocab_size
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary [0, {vocab_size})")
+        text, token_ids = parse_prompt(prompt, vocab_size)
         max_model_len = self.config.model.max_model_len
         if token_ids is not None and len(token_ids) >= max_model_len:
             raise ValueError(too_long_message(len(token_ids), max_model_len))

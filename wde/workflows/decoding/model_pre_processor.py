@@ -1,12 +1,24 @@
 """Scheduler output -> one flat batch of tokens with the metadata attention and sampling need."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from wde.core import interfaces
 from wde.core.attention.metadata import PagedAttentionMetadata
-from wde.core.sampler import SamplingMetadata
-from wde.workflows.decoding.scheduler import SchedulerOutput
+from wde.core.sampler import Penalties, SamplingMetadata
+from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput
+from wde.workflows.decoding.sequence import Sequence
+from wde.workflows.decoding.stop_checker import eos_token_ids
+
+
+@dataclass
+class PromptLogprobRows:
+    """Rows of the flat batch whose logits give log-probabilities of the prompt tokens that follow them."""
+
+    scheduled_index: int  # which entry of the SchedulerOutput these rows belong to
+    first_row: int
+    targets: list[int]  # the prompt tokens those rows predict
+    k: int  # top-k alternatives wanted
 
 
 @dataclass
@@ -16,46 +28,100 @@ class ModelInput:
     attn_metadata: PagedAttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] int64: rows whose hidden state yields a next token
     sampling: SamplingMetadata
+    prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "ModelInput":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return ModelInput(move(self.input_ids), move(self.positions), self.attn_metadata.to(device),
-                          move(self.logits_indices), self.sampling.to(device))
+                          move(self.logits_indices), self.sampling.to(device), self.prompt_logprobs)
 
 
-def build_model_input(token_ids: list[int], positions: list[int], slots: list[int], query_lens: list[int],
-                      seq_lens: list[int], block_tables: list[list[int]], logits_indices: list[int],
-                      temperatures: list[float], num_logprobs: int | None) -> ModelInput:
+def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
+                        block_tables: list[list[int]]) -> PagedAttentionMetadata:
     width = max(len(table) for table in block_tables)
-    padded_tables = [table + [0] * (width - len(table)) for table in block_tables]
     query_start_loc = [0]
     for query_len in query_lens:
         query_start_loc.append(query_start_loc[-1] + query_len)
-    attn_metadata = PagedAttentionMetadata(
+    return PagedAttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
         query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(padded_tables, dtype=torch.int32),
+        block_tables=torch.tensor([table + [0] * (width - len(table)) for table in block_tables],
+                                  dtype=torch.int32),
         query_lens_host=query_lens, seq_lens_host=seq_lens)
-    sampling = SamplingMetadata(temperature=torch.tensor(temperatures, dtype=torch.float32),
-                                all_greedy=all(t == 0 for t in temperatures),
-                                all_random=all(t > 0 for t in temperatures), num_logprobs=num_logprobs)
-    return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                      attn_metadata, torch.tensor(logits_indices, dtype=torch.int64), sampling)
+
+
+def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(map(len, rows), default=0)
+    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.int64).view(len(rows), width)
+
+
+def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: frozenset[int]) -> SamplingMetadata:
+    """Per-row sampling settings of the sequences that sample this step; optional parts only when used."""
+    params = [seq.params for seq in seqs]
+    temperatures = [p.temperature for p in params]
+    meta = SamplingMetadata(temperature=torch.tensor(temperatures, dtype=torch.float32),
+                            all_greedy=all(t == 0 for t in temperatures),
+                            all_random=all(t > 0 for t in temperatures),
+                            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+    if any(p.top_k > 0 for p in params):
+        meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
+    if any(p.top_p < 1 for p in params):
+        meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    if any(p.min_p > 0 for p in params):
+        meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+    if any(p.uses_penalties for p in params):
+        repetition = any(p.repetition_penalty != 1 for p in params)
+        meta.penalties = Penalties(
+            presence=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
+            frequency=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
+            repetition=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
+            output_tokens=padded([seq.output_token_ids for seq in seqs], pad=vocab_size),
+            prompt_tokens=padded([seq.token_ids[:seq.num_prompt_tokens] for seq in seqs], pad=vocab_size)
+            if repetition else None)
+    banned = [(row, token) for row, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens
+              for token in (set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else eos_ids))]
+    if banned:
+        meta.banned = (torch.tensor([r for r, _ in banned]), torch.tensor([t for _, t in banned]))
+    meta.generators = {row: seq.generator for row, seq in enumerate(seqs)
+                       if seq.generator is not None and seq.params.temperature > 0}
+    return meta
+
+
+def prompt_logprob_rows(index: int, scheduled: ScheduledSequence, first_flat_row: int) -> PromptLogprobRows | None:
+    """The rows of this chunk that predict prompt tokens whose log-probabilities are not known yet."""
+    seq, start = scheduled.seq, scheduled.start
+    if seq.prompt_logprobs is None:
+        return None
+    first = max(start, len(seq.prompt_logprobs) - 1)  # row r predicts token r + 1
+    end = min(start + scheduled.num_tokens, seq.num_prompt_tokens - 1)
+    if first >= end:
+        return None
+    return PromptLogprobRows(index, first_flat_row + first - start, seq.token_ids[first + 1:end + 1],
+                             seq.params.prompt_logprobs)
 
 
 class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
-    def __init__(self, config):
+    @classmethod
+    def from_engine(cls, engine) -> "DecodingModelPreProcessor":
+        return cls(engine.config, eos_token_ids(engine.tokenizer, engine.config.model.hf_config))
+
+    def __init__(self, config, eos_ids: frozenset[int]):
         super().__init__(config)
         self.block_size = config.args.block_size
+        self.vocab_size = config.model.vocab_size
+        self.eos_ids = eos_ids
 
     def __call__(self, scheduler_output: SchedulerOutput) -> ModelInput:
         block_size = self.block_size
         token_ids, positions, slots, query_lens, seq_lens, block_tables = [], [], [], [], [], []
-        logits_indices, temperatures, num_logprobs = [], [], None
-        for scheduled in scheduler_output.scheduled:
+        logits_indices, sampled, prompt_logprobs = [], [], []
+        for index, scheduled in enumerate(scheduler_output.scheduled):
             seq, start, count = scheduled.seq, scheduled.start, scheduled.num_tokens
             end = start + count
+            rows = prompt_logprob_rows(index, scheduled, len(token_ids))
+            if rows is not None:
+                prompt_logprobs.append(rows)
             token_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
@@ -65,8 +131,8 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
             block_tables.append(table)
             if scheduled.samples:
                 logits_indices.append(len(token_ids) - 1)
-                temperatures.append(seq.params.temperature)
-                if seq.params.logprobs is not None:
-                    num_logprobs = max(num_logprobs or 0, seq.params.logprobs)
-        return build_model_input(token_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices,
-                                 temperatures, num_logprobs)
+                sampled.append(seq)
+        return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+                          build_attn_metadata(slots, query_lens, seq_lens, block_tables),
+                          torch.tensor(logits_indices, dtype=torch.int64),
+                          build_sampling_metadata(sampled, self.vocab_size, self.eos_ids), prompt_logprobs)

@@ -1,4 +1,6 @@
 """At schedule time: tokenize a request and build its sequences."""
+import torch
+
 from wde.core import interfaces
 from wde.core.request import Request
 from wde.workflows.decoding.input_processor import too_long_message
@@ -34,5 +36,14 @@ class DecodingRequestProcessor(interfaces.RequestProcessor):
         room = self.max_seq_len - prompt_len
         max_output = room if params.max_tokens is None else min(params.max_tokens, room)
         group = SequenceGroup(request, prompt_ids)
-        group.sequences = [Sequence(group, i, list(prompt_ids), prompt_len, max_output) for i in range(params.n)]
+        group.sequences = [self._sequence(group, i, max_output) for i in range(params.n)]
         return group
+
+    def _sequence(self, group: SequenceGroup, index: int, max_output: int) -> Sequence:
+        params, prompt_ids = group.params, group.prompt_token_ids
+        seq = Sequence(group, index, list(prompt_ids), len(prompt_ids), max_output)
+        if params.seed is not None:  # completion i of a seeded request draws from seed + i
+            seq.generator = torch.Generator(self.config.device).manual_seed(params.seed + index)
+        if params.prompt_logprobs is not None and index == 0:  # the prompt is the same for all completions
+            seq.prompt_logprobs = [None]
+        return seq

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from wde.core import interfaces
 from wde.core.request import Request
+from wde.core.stats import SchedulerStats
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class DecodingScheduler(interfaces.Scheduler):
         self.running: list[Sequence] = []  # in admission order
         self.requests: dict[str, Request | SequenceGroup] = {}  # every unfinished request
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -88,8 +91,21 @@ class DecodingScheduler(interfaces.Scheduler):
         if not preempted:  # when blocks ran short, admitting more would only preempt again
             self._admit_waiting(output, budget)
         for scheduled in output.scheduled:
-            scheduled.seq.num_computed_tokens += scheduled.num_tokens
+            seq = scheduled.seq
+            decoding = scheduled.num_tokens == 1 and scheduled.start >= seq.num_prompt_tokens
+            self.num_prompt_tokens += 0 if decoding else scheduled.num_tokens
+            self.num_generation_tokens += scheduled.samples
+            seq.num_computed_tokens += scheduled.num_tokens
         return output
+
+    def get_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting) + len(self.new_requests),
+            num_preempted=sum(seq.num_preemptions > 0 for seq in self.waiting),
+            num_preemptions=self.num_preemptions, kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
+            kv_blocks_total=kv.num_blocks, prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
+            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens)
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted, i = False, 0
@@ -112,6 +128,7 @@ class DecodingScheduler(interfaces.Scheduler):
         self.kv_cache_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         logger.info("preempted request %s (sequence %d, %d tokens) to free KV blocks; %d free now",
@@ -122,9 +139,18 @@ class DecodingScheduler(interfaces.Scheduler):
             seq = self._next_waiting(output)
             if seq is None:
                 return
+            cached = 0
+            if seq.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
+                cached = self.kv_cache_manager.allocate_cached_prefix(seq)
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv_cache_manager.allocate_slots(seq, num_tokens):
+                self.kv_cache_manager.free(seq)  # give back the cached prefix too; it waits
+                seq.num_computed_tokens = 0
                 return
+            if self.kv_cache_manager.enable_prefix_caching:
+                self.kv_cache_manager.count_prefix_lookup(seq.num_tokens, cached)
+            if seq.index == 0 and seq.num_preemptions == 0:
+                seq.group.num_cached_tokens = cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -2,6 +2,8 @@
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from wde.core.outputs import TokenLogprobs
 from wde.core.request import Request
 from wde.core.sampling_params import SamplingParams
@@ -19,6 +21,7 @@ class SequenceGroup:
     request: Request
     prompt_token_ids: list[int]
     sequences: list["Sequence"] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (first admission of each sequence)
 
     @property
     def request_id(self) -> str:
@@ -42,6 +45,8 @@ class Sequence:
     max_output_tokens: int  # max_tokens, cut to what max_model_len and the KV cache allow
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix caching)
+    num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -49,6 +54,8 @@ class Sequence:
     decoder: IncrementalDecoder | None = None
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # [None, then one per prompt token] when asked
+    generator: torch.Generator | None = None  # the request's own, when it has a seed
     # how much of the output the last RequestOutput carried (for delta outputs)
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0

@@ -4,9 +4,9 @@ import itertools
 import torch
 
 from wde.core.forward_context import set_forward_context
-from wde.core.sampler import Sampler, SamplerOutput
+from wde.core.sampler import Sampler, SamplerOutput, SamplingMetadata, token_logprobs
 from wde.core.worker import ModelWorker
-from wde.workflows.decoding.model_pre_processor import ModelInput, build_model_input
+from wde.workflows.decoding.model_pre_processor import ModelInput, build_attn_metadata
 
 
 class DecodingWorker(ModelWorker):
@@ -20,7 +20,12 @@ class DecodingWorker(ModelWorker):
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])
-        return self.sampler(logits, model_input.sampling)
+        output = self.sampler(logits, model_input.sampling)
+        for rows in model_input.prompt_logprobs:
+            prompt_logits = self.model.compute_logits(hidden[rows.first_row:rows.first_row + len(rows.targets)])
+            targets = torch.tensor(rows.targets, device=self.device)
+            output.prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets, rows.k)))
+        return output
 
     def profile_run(self) -> None:
         """The largest step: max_num_batched_tokens tokens over max_num_seqs sequences, each sampling."""
@@ -33,10 +38,13 @@ class DecodingWorker(ModelWorker):
         self.allocate_kv_cache(num_blocks)  # a scratch cache all dummy sequences share; freed below
         positions = [p for n in query_lens for p in range(n)]
         ends = [end - 1 for end in itertools.accumulate(query_lens)]
-        dummy = build_model_input(token_ids=[0] * num_tokens, positions=positions, slots=positions,
-                                  query_lens=query_lens, seq_lens=query_lens,
-                                  block_tables=[list(range(num_blocks))] * num_seqs, logits_indices=ends,
-                                  temperatures=[1.0] * num_seqs, num_logprobs=None)
+        sampling = SamplingMetadata(temperature=torch.ones(num_seqs), all_greedy=False, all_random=True,
+                                    num_logprobs=None)
+        dummy = ModelInput(input_ids=torch.zeros(num_tokens, dtype=torch.int64),
+                           positions=torch.tensor(positions, dtype=torch.int64),
+                           attn_metadata=build_attn_metadata(positions, query_lens, query_lens,
+                                                             [list(range(num_blocks))] * num_seqs),
+                           logits_indices=torch.tensor(ends, dtype=torch.int64), sampling=sampling)
         self.execute_model(dummy)
         for layer in self.attn_layers:
             layer.kv_cache = None

@@ -1,0 +1,52 @@
+"""A request's tokens do not depend on what else runs: batch of 64, chunked prefill, preemption, prefix hits.
+
+"Alone" is the same engine type with max_num_seqs=1: every request runs by itself, one after the other.
+"""
+import random
+
+import pytest
+
+from tests.conftest import run_to_completion
+from tests.test_parity_random import random_prompts
+from wde import LLMEngine, SamplingParams
+
+NUM_REQUESTS = 64
+
+
+def workload(shared_prefix: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = random.Random(21)
+    system = random_prompts([shared_prefix], seed=22)[0] if shared_prefix else []
+    prompts = [system + random_prompts([rng.randint(3, 60)], seed=1000 + i)[0] for i in range(NUM_REQUESTS)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(4, 20), ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.9, top_p=0.95, seed=i, max_tokens=rng.randint(4, 20), ignore_eos=True)
+              for i in range(NUM_REQUESTS)]
+    return prompts, params
+
+
+def run(folder: str, prompts, params, **engine_args) -> tuple[list[list[int]], LLMEngine]:
+    engine = LLMEngine.from_engine_args(model=folder, **{"num_kv_blocks": 512, **engine_args})
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    outputs = run_to_completion(engine)
+    return [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))], engine
+
+
+@pytest.mark.parametrize("case,engine_args,shared_prefix", [
+    ("batch of 64", {}, 0),
+    ("chunked prefill", {"max_num_batched_tokens": 32}, 0),
+    ("preemption", {"num_kv_blocks": 20, "max_num_batched_tokens": 64}, 0),
+    ("prefix cache hits", {"enable_prefix_caching": True}, 80),
+])
+def test_outputs_equal_running_alone(tiny_model_dir, case, engine_args, shared_prefix):
+    folder = tiny_model_dir("qwen3")
+    prompts, params = workload(shared_prefix)
+    alone, _ = run(folder, prompts, params, max_num_seqs=1)
+    together, engine = run(folder, prompts, params, **engine_args)
+    assert together == alone
+    stats = engine.get_stats()
+    if case == "preemption":
+        assert stats.num_preemptions > 0
+    if case == "prefix cache hits":
+        assert stats.prefix_cache_hit_rate > 0.5
+    if case == "chunked prefill":
+        assert stats.num_prompt_tokens == sum(map(len, prompts))

@@ -1,0 +1,66 @@
+"""Engine statistics: what is queued and running, KV-cache use, prefix hits, and token rates."""
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+logger = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 5.0
+
+
+@dataclass
+class SchedulerStats:
+    """What a scheduler reports; counters are totals since the engine started."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preempted: int = 0  # sequences waiting to be recomputed after a preemption
+    num_preemptions: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / tokens looked up
+    num_prompt_tokens: int = 0  # tokens prefilled (prompts, and sequences recomputed after preemption)
+    num_generation_tokens: int = 0
+
+
+@dataclass
+class EngineStats(SchedulerStats):
+    prompt_tokens_per_s: float = 0.0  # over the last completed interval (or since start, before the first)
+    generation_tokens_per_s: float = 0.0
+
+
+class StatsTracker:
+    """Turns scheduler counters into rates per interval, and logs a line every interval when enabled."""
+
+    def __init__(self, log: bool, interval_s: float = LOG_INTERVAL_S):
+        self.log, self.interval_s = log, interval_s
+        self._mark_time, self._mark_prompt, self._mark_generation = time.monotonic(), 0, 0
+        self._rates = (0.0, 0.0)
+        self._first_interval = True
+
+    def stats(self, scheduler_stats: SchedulerStats) -> EngineStats:
+        return EngineStats(**asdict(scheduler_stats), prompt_tokens_per_s=self._rates[0],
+                           generation_tokens_per_s=self._rates[1])
+
+    def on_step(self, scheduler_stats: SchedulerStats) -> None:
+        now = time.monotonic()
+        elapsed = now - self._mark_time
+        if elapsed < self.interval_s:
+            if self._first_interval and elapsed > 0:  # until one interval is complete: rates since start
+                self._rates = self._rates_since_mark(scheduler_stats, elapsed)
+            return
+        self._rates = self._rates_since_mark(scheduler_stats, elapsed)
+        self._first_interval = False
+        self._mark_time = now
+        self._mark_prompt, self._mark_generation = (scheduler_stats.num_prompt_tokens,
+                                                    scheduler_stats.num_generation_tokens)
+        if self.log:
+            s = self.stats(scheduler_stats)
+            logger.info("prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d (%d preempted), "
+                        "KV cache %.1f%% used, prefix cache hit rate %.1f%%", s.prompt_tokens_per_s,
+                        s.generation_tokens_per_s, s.num_running, s.num_waiting, s.num_preempted,
+                        100 * s.kv_blocks_used / max(s.kv_blocks_total, 1), 100 * s.prefix_cache_hit_rate)
+
+    def _rates_since_mark(self, stats: SchedulerStats, elapsed: float) -> tuple[float, float]:
+        return ((stats.num_prompt_tokens - self._mark_prompt) / elapsed,
+                (stats.num_generation_tokens - self._mark_generation) / elapsed)
