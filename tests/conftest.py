@@ -1,8 +1,12 @@
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run through the interpreter on a machine with no GPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny_models import write_tiny_model
 from wde.core.config import DEFAULT_MODEL_FILE, default_model_path

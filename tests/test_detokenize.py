@@ -34,7 +34,7 @@ def stream(processor, params: SamplingParams, text: str = TEXT) -> tuple[Sequenc
     for token in token_ids:
         if seq.is_finished:
             break
-        step = SchedulerOutput([ScheduledSequence(seq, seq.num_tokens - 1, 1)])
+        step = SchedulerOutput([ScheduledSequence(seq, seq.num_tokens - 1, 1, True)])
         outputs.extend(processor(step, SamplerOutput([token])))
     return seq, outputs
 

@@ -41,6 +41,11 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
     disable_log_stats: bool = Field(False, description="do not log engine statistics every few seconds")
+    attention_backend: str = Field("auto", description="torch, triton, flash_attn, or auto: the fastest that "
+                                                       "can run on a GPU, the workflow's own on a CPU")
+    enforce_eager: bool = Field(False, description="never capture CUDA graphs")
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (for benchmarks), "
+                                                                      "nothing read from the model folder")
 
 
 @dataclass

@@ -3,6 +3,7 @@ import logging
 import time
 from typing import Any
 
+from wde.core.attention.selector import select_attention_backend
 from wde.core.config import EngineArgs, EngineConfig
 from wde.core.dotted_path import import_object
 from wde.core.outputs import RequestOutput
@@ -19,6 +20,7 @@ class LLMEngine:
         self.components = workflow.resolve()  # every slot imported and checked before any weight is read
         self.config = config
         resolve_model_class(config.model.architecture)
+        self.components["AttentionBackend"] = select_attention_backend(config, self.components["AttentionBackend"])
         logger.info("workflow %s for %s on %s", workflow.__qualname__, config.model.architecture, config.device)
         build = lambda slot: self.components[slot].from_engine(self)  # noqa: E731
         self.tokenizer = build("Tokenizer")

@@ -17,12 +17,11 @@ class ModelWorker(interfaces.Worker):
         super().__init__(config)
         self.device = config.device
         torch.manual_seed(config.args.seed)
-        self.model = load_model(config.model, self.device)
+        self.model = load_model(config.model, self.device, config.args.load_format, config.args.seed)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        backend = components["AttentionBackend"](config)
+        self.attn_backend = components["AttentionBackend"](config)  # chosen by the engine's selector
         for layer in self.attn_layers:
-            layer.backend = backend
-        logger.info("attention backend: %s", type(backend).__name__)
+            layer.backend = self.attn_backend
         self.kv_cache: torch.Tensor | None = None
 
     def kv_block_bytes(self) -> int:

@@ -1,5 +1,6 @@
 """What an attention backend needs to know about one step over the paged KV cache."""
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -24,11 +25,15 @@ class PagedAttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
-    @property
+    @cached_property
     def max_query_len(self) -> int:
         return max(self.query_lens_host)
 
-    @property
+    @cached_property
+    def min_query_len(self) -> int:
+        return min(self.query_lens_host)
+
+    @cached_property
     def max_seq_len(self) -> int:
         return max(self.seq_lens_host)
 

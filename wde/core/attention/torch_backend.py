@@ -26,6 +26,9 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: 
 
 
 class TorchAttentionBackend(AttentionBackend):
+    kind = "paged"
+    supports_cuda_graphs = False  # it reads sequence lengths on the host
+
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
         store_kv(k, v, layer.kv_cache, attn_metadata.slot_mapping)

@@ -4,6 +4,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
+    from wde.core.kernels.rotary import apply_rope
+
 
 def rope_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [head_dim / 2], attention scaling) for the config's rope_parameters.
@@ -37,8 +40,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1),
                              persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [tokens]; q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim]."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None = None,
+                k_norm: nn.Module | None = None):
+        """positions [tokens]; q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim].
+
+        q_norm / k_norm: RMSNorms over each head, applied first (Qwen3); on the GPU one kernel does it all, in
+        place.
+        """
+        if q.is_cuda:
+            apply_rope(q, k, positions, self.cos_sin, q_norm.weight if q_norm else None,
+                       k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
+            return q, k
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         cos, sin = self.cos_sin[positions].to(q.dtype)[:, None].chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from wde.core.config import ModelConfig
 from wde.core.layers.linear import default_weight_loader
+from wde.core.layers.norm import RMSNorm
 from wde.core.loader.gguf_weights import iterate_gguf
 from wde.core.loader.safetensors_weights import iterate_safetensors
 from wde.core.registry import resolve_model_class
@@ -21,7 +22,8 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
     return iterate_safetensors(model_config.path)
 
 
-def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+def load_model(model_config: ModelConfig, device: torch.device, load_format: str = "auto", seed: int = 0
+               ) -> nn.Module:
     start = time.perf_counter()
     model_class = resolve_model_class(model_config.architecture)
     default_dtype = torch.get_default_dtype()
@@ -31,12 +33,31 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
             model = model_class(model_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    model.load_weights(iterate_weights(model_config))
+    if load_format == "dummy":
+        initialize_dummy_weights(model, getattr(model_config.hf_config, "initializer_range", 0.02), seed)
+    else:
+        model.load_weights(iterate_weights(model_config))
     model.eval()
     logger.info("loaded %s (%s, %.0fM parameters, %s) on %s in %.1f s", model_config.architecture,
-                model_config.weights_path, sum(p.numel() for p in model.parameters()) / 1e6,
+                "random weights" if load_format == "dummy" else model_config.weights_path,
+                sum(p.numel() for p in model.parameters()) / 1e6,
                 str(model_config.dtype).removeprefix("torch."), device, time.perf_counter() - start)
     return model
+
+
+@torch.no_grad()
+def initialize_dummy_weights(model: nn.Module, std: float, seed: int) -> None:
+    """Random weights drawn on the model's device, as transformers initializes them: norm weights 1, biases 0,
+    everything else normal(0, std). Benchmarks use them: a forward pass takes as long as with real weights."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, RMSNorm):
+                param.fill_(1.0)
+            elif name == "bias":
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=generator)
 
 
 def load_params(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

@@ -1,6 +1,7 @@
 """Scheduler output -> one flat batch of tokens with the metadata attention and sampling need."""
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from wde.core import interfaces
@@ -38,16 +39,15 @@ class ModelInput:
 
 def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
                         block_tables: list[list[int]]) -> PagedAttentionMetadata:
-    width = max(len(table) for table in block_tables)
-    query_start_loc = [0]
-    for query_len in query_lens:
-        query_start_loc.append(query_start_loc[-1] + query_len)
+    # numpy fills the padded table row by row far faster than torch.tensor() reads nested lists
+    tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
+    for row, table in enumerate(block_tables):
+        tables[row, :len(table)] = table
+    query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
     return PagedAttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor([table + [0] * (width - len(table)) for table in block_tables],
-                                  dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=torch.from_numpy(query_start_loc),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.from_numpy(tables),
         query_lens_host=query_lens, seq_lens_host=seq_lens)
 
 
@@ -61,9 +61,11 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: froz
     params = [seq.params for seq in seqs]
     temperatures = [p.temperature for p in params]
     meta = SamplingMetadata(temperature=torch.tensor(temperatures, dtype=torch.float32),
-                            all_greedy=all(t == 0 for t in temperatures),
-                            all_random=all(t > 0 for t in temperatures),
+                            all_greedy=not any(temperatures), all_random=all(temperatures),
                             num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+    special = [p for p in params if p.truncates or p.uses_penalties or p.min_tokens or p.seed is not None]
+    if not special:  # nothing below applies to any row (the usual case): skip the per-row scans
+        return meta
     if any(p.top_k > 0 for p in params):
         meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
     if any(p.top_p < 1 for p in params):
@@ -91,8 +93,6 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: froz
 def prompt_logprob_rows(index: int, scheduled: ScheduledSequence, first_flat_row: int) -> PromptLogprobRows | None:
     """The rows of this chunk that predict prompt tokens whose log-probabilities are not known yet."""
     seq, start = scheduled.seq, scheduled.start
-    if seq.prompt_logprobs is None:
-        return None
     first = max(start, len(seq.prompt_logprobs) - 1)  # row r predicts token r + 1
     end = min(start + scheduled.num_tokens, seq.num_prompt_tokens - 1)
     if first >= end:
@@ -119,13 +119,19 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
         for index, scheduled in enumerate(scheduler_output.scheduled):
             seq, start, count = scheduled.seq, scheduled.start, scheduled.num_tokens
             end = start + count
-            rows = prompt_logprob_rows(index, scheduled, len(token_ids))
-            if rows is not None:
-                prompt_logprobs.append(rows)
-            token_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[pos // block_size] * block_size + pos % block_size for pos in range(start, end))
+            if count == 1:  # the common case, a decode step: no ranges to build
+                token_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                if seq.prompt_logprobs is not None:
+                    rows = prompt_logprob_rows(index, scheduled, len(token_ids))
+                    if rows is not None:
+                        prompt_logprobs.append(rows)
+                token_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[pos // block_size] * block_size + pos % block_size for pos in range(start, end))
             query_lens.append(count)
             seq_lens.append(end)
             block_tables.append(table)

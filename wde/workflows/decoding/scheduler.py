@@ -21,11 +21,12 @@ class ScheduledSequence:
     seq: Sequence
     start: int  # tokens already in the KV cache before this step
     num_tokens: int  # tokens computed in this step
+    samples: bool  # the step reaches the end of the sequence, so it yields the next token
 
-    @property
-    def samples(self) -> bool:
-        """This step reaches the end of the sequence, so it yields the next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+
+def scheduled(seq: Sequence, num_tokens: int) -> ScheduledSequence:
+    start = seq.num_computed_tokens
+    return ScheduledSequence(seq, start, num_tokens, start + num_tokens == len(seq.token_ids))
 
 
 @dataclass
@@ -90,12 +91,12 @@ class DecodingScheduler(interfaces.Scheduler):
         budget, preempted = self._schedule_running(output, budget)
         if not preempted:  # when blocks ran short, admitting more would only preempt again
             self._admit_waiting(output, budget)
-        for scheduled in output.scheduled:
-            seq = scheduled.seq
-            decoding = scheduled.num_tokens == 1 and scheduled.start >= seq.num_prompt_tokens
-            self.num_prompt_tokens += 0 if decoding else scheduled.num_tokens
-            self.num_generation_tokens += scheduled.samples
-            seq.num_computed_tokens += scheduled.num_tokens
+        for item in output.scheduled:
+            seq = item.seq
+            decoding = item.num_tokens == 1 and item.start >= seq.num_prompt_tokens
+            self.num_prompt_tokens += 0 if decoding else item.num_tokens
+            self.num_generation_tokens += item.samples
+            seq.num_computed_tokens += item.num_tokens
         return output
 
     def get_stats(self) -> SchedulerStats:
@@ -109,16 +110,24 @@ class DecodingScheduler(interfaces.Scheduler):
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted, i = False, 0
+        block_size = self.kv_cache_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # fast path of a decode step: the token fits in the last block without filling it
+            if num_tokens == 1 and (seq.num_computed_tokens + 1) % block_size and \
+                    seq.num_computed_tokens < len(seq.block_table) * block_size:
+                output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1, True))
+                budget -= 1
+                i += 1
+                continue
             while not self.kv_cache_manager.allocate_slots(seq, num_tokens):
                 preempted = True
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 if victim is seq:
                     return budget, preempted
-            output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_tokens))
+            output.scheduled.append(scheduled(seq, num_tokens))
             budget -= num_tokens
             i += 1
         return budget, preempted
@@ -154,7 +163,7 @@ class DecodingScheduler(interfaces.Scheduler):
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, num_tokens))
+            output.scheduled.append(scheduled(seq, num_tokens))
             budget -= num_tokens
 
     def _next_waiting(self, output: SchedulerOutput) -> Sequence | None:

@@ -3,6 +3,7 @@ import itertools
 
 import torch
 
+from wde.core.cuda_graphs import DecodeCudaGraphs
 from wde.core.forward_context import set_forward_context
 from wde.core.sampler import Sampler, SamplerOutput, SamplingMetadata, token_logprobs
 from wde.core.worker import ModelWorker
@@ -13,14 +14,26 @@ class DecodingWorker(ModelWorker):
     def __init__(self, config, components):
         super().__init__(config, components)
         self.sampler = Sampler(self.device, config.args.seed)
+        self.cuda_graphs: DecodeCudaGraphs | None = None
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        super().init_kv_cache(num_blocks)
+        args = self.config.args
+        if self.device.type == "cuda" and not args.enforce_eager and self.attn_backend.supports_cuda_graphs:
+            self.cuda_graphs = DecodeCudaGraphs(self.model, args.max_num_seqs, self.config.model.max_model_len,
+                                                args.block_size, self.device)
 
     @torch.inference_mode()
     def execute_model(self, model_input: ModelInput) -> SamplerOutput:
+        meta = model_input.attn_metadata
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
+            # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
+            logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
+            return self.sampler(logits, model_input.sampling.to(self.device))
         model_input = model_input.to(self.device)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
-        logits = self.model.compute_logits(hidden[model_input.logits_indices])
-        output = self.sampler(logits, model_input.sampling)
+        output = self.sampler(self.model.compute_logits(hidden[model_input.logits_indices]), model_input.sampling)
         for rows in model_input.prompt_logprobs:
             prompt_logits = self.model.compute_logits(hidden[rows.first_row:rows.first_row + len(rows.targets)])
             targets = torch.tensor(rows.targets, device=self.device)

@@ -1,0 +1,24 @@
+"""The whole engine on the Triton attention backend gives the torch backend's tokens (CPU: interpreted)."""
+from tests.conftest import run_to_completion
+from tests.test_parity_random import random_prompts
+from wde import LLMEngine, SamplingParams
+
+
+def generate(folder: str, backend: str) -> list:
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=32, attention_backend=backend,
+                                        max_num_batched_tokens=32, enable_prefix_caching=True)
+    prompts = random_prompts([21, 3, 40], seed=7) + [random_prompts([21], seed=7)[0] + [9]]  # a prefix hit
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                          logprobs=0))
+    outputs = run_to_completion(engine)
+    return [outputs[str(i)].outputs[0] for i in range(len(prompts))]
+
+
+def test_triton_backend_matches_torch_backend(tiny_model_dir):
+    folder = tiny_model_dir("qwen2")
+    triton, reference = generate(folder, "triton"), generate(folder, "torch")
+    assert [c.token_ids for c in triton] == [c.token_ids for c in reference]
+    for a, b in zip(triton, reference):
+        for step_a, step_b, token in zip(a.logprobs, b.logprobs, a.token_ids):
+            assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-4

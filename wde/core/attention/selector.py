@@ -1,0 +1,45 @@
+"""Which attention backend an engine runs: the `attention_backend` engine argument, by name, or "auto"."""
+import logging
+
+from wde.core.config import EngineConfig
+from wde.core.dotted_path import import_object
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS: dict[str, str] = {
+    "torch": "wde.core.attention.torch_backend:TorchAttentionBackend",
+    "triton": "wde.core.attention.triton_backend:TritonAttentionBackend",
+    "flash_attn": "wde.core.attention.flash_attn_backend:FlashAttnBackend",
+}
+# "auto" on a GPU: the first of these that can run; on a CPU: the workflow's own AttentionBackend slot
+GPU_PREFERENCE = ("flash_attn", "triton")
+
+
+def select_attention_backend(config: EngineConfig, workflow_backend: type) -> type:
+    name = config.args.attention_backend
+    if name != "auto":
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention_backend {name!r}; known: auto, {', '.join(ATTENTION_BACKENDS)}")
+        backend = import_object(ATTENTION_BACKENDS[name])
+        reason = unavailable(backend, config)
+        if reason:
+            raise ValueError(f"attention_backend {name!r} cannot run here: {reason}")
+        logger.info("attention backend: %s (asked for)", name)
+        return backend
+    if config.device.type == "cuda":
+        skipped = []
+        for candidate in GPU_PREFERENCE:
+            backend = import_object(ATTENTION_BACKENDS[candidate])
+            reason = unavailable(backend, config)
+            if reason is None and getattr(backend, "kind", None) == getattr(workflow_backend, "kind", None):
+                logger.info("attention backend: %s (auto; %s)", candidate,
+                            "; ".join(skipped) or "the first choice")
+                return backend
+            skipped.append(f"not {candidate}: {reason or 'another kind of attention'}")
+    logger.info("attention backend: %s (auto: the workflow's)", workflow_backend.__name__)
+    return workflow_backend
+
+
+def unavailable(backend: type, config: EngineConfig) -> str | None:
+    check = getattr(backend, "is_available", None)
+    return check(config) if check else None

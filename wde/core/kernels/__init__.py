@@ -1,0 +1,1 @@
+"""Triton kernels. Each has a torch reference it is tested against, on the CPU through TRITON_INTERPRET=1."""

@@ -1,0 +1,90 @@
+"""Prefill attention over the paged KV cache: several new tokens per sequence, after whatever context the
+cache already holds for it (a prefix-cache hit, or earlier chunks of a chunked prefill).
+
+Grid: (query tiles, query heads). The flat batch is cut into tiles of BLOCK_M new tokens that never straddle
+two sequences; sequence i's tiles are numbered from query_start_loc[i] // BLOCK_M + i, so a program finds its
+sequence by binary search over query_start_loc. A program attends its tile causally to the sequence's whole
+context, block by block, with an online softmax. Single-token (decode) sequences are left to paged_decode.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
+    low = 0
+    high = num_seqs
+    while low < high:
+        mid = (low + high) // 2
+        if tl.load(query_start_ptr + mid) // BLOCK_M + mid <= tile:
+            low = mid + 1
+        else:
+            high = mid
+    return low - 1
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, num_seqs,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
+                    scale_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M)
+    query_start = tl.load(query_start_ptr + seq)
+    query_len = tl.load(query_start_ptr + seq + 1) - query_start
+    first = (tile - (query_start // BLOCK_M + seq)) * BLOCK_M  # this tile's first new token in the sequence
+    if query_len < 2 or first >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len
+    kv_head = head // GROUP
+
+    new_tokens = first + tl.arange(0, BLOCK_M)
+    row_mask = new_tokens < query_len
+    positions_q = context_len + new_tokens
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (query_start + new_tokens)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    end = tl.minimum(context_len + first + BLOCK_M, seq_len)  # the last key any row of this tile may see
+    for n_start in range(0, end, BLOCK_N):
+        positions = n_start + tl.arange(0, BLOCK_N)
+        valid = positions < end
+        blocks = tl.load(block_tables_ptr + seq * stride_bt + positions // BLOCK_SIZE, mask=valid, other=0)
+        offsets = blocks.to(tl.int64) * stride_cb + (positions % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        visible = valid[None, :] & (positions[None, :] <= positions_q[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + (query_start + new_tokens)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                  block_m: int = 64, block_n: int = 64) -> None:
+    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]."""
+    num_seqs = seq_lens.shape[0]
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    num_tiles = q.shape[0] // block_m + num_seqs
+    _prefill_kernel[(num_tiles, q.shape[1])](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        scale * LOG2E, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
