@@ -1,10 +1,13 @@
 """Generation throughput, wde against transformers in the same run.
 
-    python -m benchmarks.throughput --device cpu     # SmolLM2-135M (.gguf), 32 prompts, float32
+    python -m benchmarks.throughput                  # GPU: workload W1 of GUIDE.md
+    python -m benchmarks.throughput --device cpu     # CPU: SmolLM2-135M (.gguf), 32 prompts
 
-CPU workload: 32 prompts of random token ids, lengths U[16, 128] (seed 0), 64 output tokens each, EOS ignored.
-The peer is transformers' `generate` on the same model file, all prompts in one left-padded batch.
-Metric: output tokens per wall-clock second (medians of --runs runs).
+W1: Qwen3-0.6B shape (random bf16 weights), 256 requests, prompt U[100, 1024], output U[100, 1024] (seed 0),
+EOS ignored, greedy. The peer is transformers' continuous batching (benchmarks/peer.py).
+CPU: 32 prompts of random ids, U[16, 128] long (seed 0), 64 output tokens each, float32; the peer is
+transformers' `generate` on the same .gguf file, all prompts in one left-padded batch.
+Metric: output tokens per wall-clock second, the median of --runs runs (the peer: one run).
 """
 import argparse
 import logging
@@ -14,32 +17,42 @@ import time
 
 import torch
 
+from benchmarks.engine_runs import median_run, profile_decode_steps, spread, timed_generate, warm_up
+from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
+from benchmarks.workloads import W1_SHAPE, w1
 
 logger = logging.getLogger("benchmarks")
 
 
-def cpu_workload(num_prompts: int, output_len: int, seed: int = 0) -> list[list[int]]:
+def cpu_workload(num_prompts: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 128))] for _ in range(num_prompts)]
 
 
-def run_wde(model_path: str, prompts: list[list[int]], output_len: int, runs: int) -> float:
+def run_cpu(args) -> None:
     from wde import LLM, SamplingParams
+    from wde.core.config import default_model_path
+    model_path = args.model or default_model_path()
+    prompts = cpu_workload(args.num_prompts)
     llm = LLM(model=model_path, device="cpu", max_num_seqs=len(prompts))
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
-    rates = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
-        logger.info("wde: %.1f output tok/s", rates[-1])
-    return statistics.median(rates)
+    warm_up(llm, prompts)
+    params = [SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)] * len(prompts)
+    runs = [timed_generate(llm, prompts, params) for _ in range(args.runs)]
+    wde_rate = statistics.median(r.out_tokens / r.seconds for r in runs)
+    peer_rate = None if args.no_peer else run_transformers_cpu(model_path, prompts, args.output_len)
+    detail = {"model": "SmolLM2-135M-Instruct Q4_1 gguf, float32", "num_prompts": args.num_prompts,
+              "prompt_len": "U[16,128] seed 0", "output_len": args.output_len, "runs": args.runs,
+              "statistic": "median"}
+    path = write_result("cpu-smollm2", "cpu", {"out_tok_per_s": round(wde_rate, 1)},
+                        {"out_tok_per_s": round(peer_rate, 1)} if peer_rate else None,
+                        peer_error="skipped (--no-peer)" if args.no_peer else None, workload_detail=detail)
+    print_table(f"Throughput, {detail['model']}, {args.num_prompts} prompts x {args.output_len} tokens (cpu)",
+                "output tok/s", wde_rate, peer_rate)
+    print(f"\nwritten to {path}")
 
 
-def run_transformers_cpu(model_path: str, prompts: list[list[int]], output_len: int, runs: int) -> float:
+def run_transformers_cpu(model_path: str, prompts: list[list[int]], output_len: int) -> float:
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -51,42 +64,70 @@ def run_transformers_cpu(model_path: str, prompts: list[list[int]], output_len: 
     for row, prompt in enumerate(prompts):  # left padding, as generate expects for decoder-only models
         input_ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt):] = 1
-    rates = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=output_len,
-                                 min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        elapsed = time.perf_counter() - start
-        rates.append((out.shape[1] - width) * len(prompts) / elapsed)
-        logger.info("transformers: %.1f output tok/s", rates[-1])
-    return statistics.median(rates)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - start)
+
+
+def run_gpu(args) -> None:
+    from wde import LLM, SamplingParams
+    prompts, output_lens = w1(args.num_prompts)
+    llm = LLM(model=model_folder(W1_SHAPE), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              attention_backend=args.attention_backend)
+    warm_up(llm, prompts)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    runs = []
+    for _ in range(args.runs):
+        runs.append(timed_generate(llm, prompts, params))
+        logger.info("wde W1: %.0f output tok/s (%d steps, %.2f ms host per step)", runs[-1].out_tokens /
+                    runs[-1].seconds, runs[-1].steps, runs[-1].host_ms_per_step)
+    best = median_run(runs)
+    wde = {"out_tok_per_s": round(best.out_tokens / best.seconds, 1),
+           "runs_out_tok_per_s": spread(runs, lambda r: r.out_tokens / r.seconds), "out_tokens": best.out_tokens,
+           "seconds": round(best.seconds, 2), "steps": best.steps, "ms_per_step": round(1000 * best.seconds /
+                                                                                      best.steps, 2),
+           "host_ms_per_step": round(best.host_ms_per_step, 2)}
+    if args.profile:
+        print(profile_decode_steps(llm, prompts))
+    del llm
+    torch.cuda.empty_cache()
+    peer, peer_error = None, None
+    if args.no_peer:
+        peer_error = "skipped (--no-peer)"
+    else:
+        from benchmarks.peer import continuous_batching
+        result = continuous_batching(W1_SHAPE, prompts, sum(output_lens) // len(output_lens))
+        peer = {"out_tok_per_s": round(result["out_tokens"] / result["seconds"], 1), **result, "runs": 1}
+    detail = {"shape": W1_SHAPE, "weights": "random bf16", "num_requests": args.num_prompts,
+              "prompt_len": "U[100,1024] seed 0", "output_len": "U[100,1024] seed 0", "sampling": "greedy",
+              "max_num_seqs": args.max_num_seqs, "runs": args.runs, "statistic": "median"}
+    path = write_result("W1", "cuda", wde, peer, peer_error, workload_detail=detail)
+    print_table(f"W1 throughput ({torch.cuda.get_device_name(0)})", "output tok/s", wde["out_tok_per_s"],
+                peer["out_tok_per_s"] if peer else None)
+    print(f"\nwritten to {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu"])
-    parser.add_argument("--model", help="model file or folder (default: the embedded SmolLM2)")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", help="CPU only: model file or folder (default: the embedded SmolLM2)")
+    parser.add_argument("--num-prompts", type=int, help="default: 256 (W1), 32 (cpu)")
+    parser.add_argument("--output-len", type=int, default=64, help="CPU only")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print a profile of decode steps")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from wde.core.config import default_model_path
-    model_path = args.model or default_model_path()
-    prompts = cpu_workload(args.num_prompts, args.output_len)
-    wde_rate = run_wde(model_path, prompts, args.output_len, args.runs)
-    peer_rate = None if args.no_peer else run_transformers_cpu(model_path, prompts, args.output_len, args.runs)
-    workload = {"name": "cpu-smollm2", "model": "SmolLM2-135M-Instruct Q4_1 gguf, float32",
-                "num_prompts": args.num_prompts, "prompt_len": "U[16,128] seed 0", "output_len": args.output_len,
-                "runs": args.runs, "statistic": "median"}
-    path = write_result("cpu-smollm2", args.device, {"out_tok_per_s": round(wde_rate, 1)},
-                        {"out_tok_per_s": round(peer_rate, 1)} if peer_rate else None,
-                        peer_error="skipped (--no-peer)" if args.no_peer else None, workload_detail=workload)
-    print_table(f"Throughput, {workload['model']}, {args.num_prompts} prompts x {args.output_len} tokens "
-                f"({args.device})", "output tok/s", wde_rate, peer_rate)
-    print(f"\nwritten to {path}")
+    if args.device == "cpu":
+        args.num_prompts = args.num_prompts or 32
+        run_cpu(args)
+    else:
+        args.num_prompts = args.num_prompts or 256
+        run_gpu(args)
 
 
 if __name__ == "__main__":

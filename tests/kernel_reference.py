@@ -41,20 +41,22 @@ def make_problem(query_lens: list[int], context_lens: list[int], heads: int, kv_
                         to(torch.tensor(starts, dtype=torch.int32)), query_lens, head_dim ** -0.5)
 
 
-def reference_attention(p: PagedProblem) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole context, in float64."""
-    out = torch.zeros(p.q.shape, dtype=torch.float64)
+def reference_attention(p: PagedProblem, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole context, in float64 on the CPU (or in
+    float32 on the GPU for contexts too long for that)."""
+    out = torch.zeros(p.q.shape, dtype=dtype, device=device)
     kv_heads = p.kv_cache.shape[3]
     group = p.q.shape[1] // kv_heads
     block_size = p.kv_cache.shape[2]
     for i, query_len in enumerate(p.query_lens):
         seq_len, start = int(p.seq_lens[i]), int(p.query_start_loc[i])
-        blocks = p.block_tables[i, :-(-seq_len // block_size)].long().cpu()
-        k = p.kv_cache[0].cpu()[blocks].flatten(0, 1)[:seq_len].double().repeat_interleave(group, dim=1)
-        v = p.kv_cache[1].cpu()[blocks].flatten(0, 1)[:seq_len].double().repeat_interleave(group, dim=1)
-        q = p.q[start:start + query_len].cpu().double()
+        blocks = p.block_tables[i, :-(-seq_len // block_size)].long().to(device)
+        cache = p.kv_cache.to(device)
+        k = cache[0][blocks].flatten(0, 1)[:seq_len].to(dtype).repeat_interleave(group, dim=1)
+        v = cache[1][blocks].flatten(0, 1)[:seq_len].to(dtype).repeat_interleave(group, dim=1)
+        q = p.q[start:start + query_len].to(device, dtype)
         scores = torch.einsum("qhd,khd->hqk", q, k) * p.scale
-        query_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
-        scores = scores.masked_fill(torch.arange(seq_len)[None, :] > query_pos, float("-inf"))
+        query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+        scores = scores.masked_fill(torch.arange(seq_len, device=device)[None, :] > query_pos, float("-inf"))
         out[start:start + query_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out

@@ -6,9 +6,9 @@ engine loads it exactly as it loads a real Hugging Face model.
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from benchmarks.model_folder import write_word_level_tokenizer
 
 VOCAB_SIZE = 512
 EOS_ID = 1
@@ -32,15 +32,6 @@ SHAPES = {
 }
 
 
-def write_tokenizer(folder: Path) -> None:
-    vocab = {f"w{i}": i for i in range(VOCAB_SIZE)}
-    vocab["<unk>"], vocab["</s>"] = 0, EOS_ID
-    del vocab["w0"], vocab["w1"]
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
-
-
 def write_tiny_model(folder: Path, shape: str, seed: int = 0, **overrides) -> Path:
     """A random model of `shape` in `folder`.
 
@@ -56,5 +47,5 @@ def write_tiny_model(folder: Path, shape: str, seed: int = 0, **overrides) -> Pa
         with torch.no_grad():
             model.get_output_embeddings().weight.normal_(0, 0.4)
     model.save_pretrained(folder)
-    write_tokenizer(folder)
+    write_word_level_tokenizer(folder, VOCAB_SIZE, EOS_ID)
     return folder

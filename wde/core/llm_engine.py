@@ -1,6 +1,7 @@
 """LLMEngine: builds a Workflow's components and drives them one step at a time."""
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from wde.core.attention.selector import select_attention_backend
@@ -8,7 +9,7 @@ from wde.core.config import EngineArgs, EngineConfig
 from wde.core.dotted_path import import_object
 from wde.core.outputs import RequestOutput
 from wde.core.registry import resolve_model_class, resolve_workflow
-from wde.core.stats import EngineStats, StatsTracker
+from wde.core.stats import EngineStats, StatsTracker, StepTimes
 from wde.core.workflow import Workflow
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class LLMEngine:
         self.model_pre_processor = build("ModelPreProcessor")
         self.output_processor = build("OutputProcessor")
         self.stats_tracker = StatsTracker(log=not config.args.disable_log_stats)
+        self.step_times = StepTimes()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
@@ -63,15 +65,26 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
+        times = self.step_times
+        start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         model_output = None
         if scheduler_output.scheduled:
-            model_output = self.executor.execute_model(self.model_pre_processor(scheduler_output))
+            model_input = self.model_pre_processor(scheduler_output)
+            scheduled = time.perf_counter()
+            model_output = self.executor.execute_model(model_input)
+            executed = time.perf_counter()
+            times.schedule_s += scheduled - start
+            times.execute_s += executed - scheduled
+            times.num_steps += 1
+            start = executed
         outputs = self.output_processor(scheduler_output, model_output)
         self.scheduler.free_finished(scheduler_output)
         self.stats_tracker.on_step(self.scheduler.get_stats())
+        times.output_s += time.perf_counter() - start
         return outputs
 
     def get_stats(self) -> EngineStats:
-        """Running / waiting / preempted counts, KV-cache use, prefix hit rate, token totals and rates."""
-        return self.stats_tracker.stats(self.scheduler.get_stats())
+        """Running / waiting / preempted counts, KV-cache use, prefix hit rate, token totals and rates, and where
+        the steps spent their time."""
+        return self.stats_tracker.stats(self.scheduler.get_stats(), replace(self.step_times))

@@ -24,9 +24,24 @@ class SchedulerStats:
 
 
 @dataclass
+class StepTimes:
+    """Where the engine's steps spent their time, in seconds since start."""
+
+    num_steps: int = 0
+    schedule_s: float = 0.0  # scheduling and building the model input (host)
+    execute_s: float = 0.0  # the model step until its sampled tokens are on the host (device, and launches)
+    output_s: float = 0.0  # appending tokens, stop checks, text, outputs, freeing (host)
+
+    @property
+    def host_ms_per_step(self) -> float:
+        return 1000 * (self.schedule_s + self.output_s) / max(self.num_steps, 1)
+
+
+@dataclass
 class EngineStats(SchedulerStats):
     prompt_tokens_per_s: float = 0.0  # over the last completed interval (or since start, before the first)
     generation_tokens_per_s: float = 0.0
+    step_times: StepTimes | None = None
 
 
 class StatsTracker:
@@ -38,9 +53,9 @@ class StatsTracker:
         self._rates = (0.0, 0.0)
         self._first_interval = True
 
-    def stats(self, scheduler_stats: SchedulerStats) -> EngineStats:
+    def stats(self, scheduler_stats: SchedulerStats, step_times: StepTimes | None = None) -> EngineStats:
         return EngineStats(**asdict(scheduler_stats), prompt_tokens_per_s=self._rates[0],
-                           generation_tokens_per_s=self._rates[1])
+                           generation_tokens_per_s=self._rates[1], step_times=step_times)
 
     def on_step(self, scheduler_stats: SchedulerStats) -> None:
         now = time.monotonic()

@@ -1,0 +1,72 @@
+"""Workload W2 of GUIDE.md, as light-vllm's benchmarks/baseline ran it: Qwen2.5-7B shape (random bf16 weights),
+1000 requests of 512 random prompt tokens, 512 output tokens each (EOS ignored, greedy).
+
+    python -m benchmarks.baseline
+
+Prints `Throughput: X requests/s, Y tokens/s, Delay Z ms` (tokens: prompt + output; Delay: the mean step time)
+for wde, then the transformers peer on 128 requests (its continuous batching; benchmarks/peer.py).
+"""
+import argparse
+import logging
+
+import torch
+
+from benchmarks.engine_runs import median_run, spread, timed_generate, warm_up
+from benchmarks.model_folder import model_folder
+from benchmarks.results_io import print_table, write_result
+from benchmarks.workloads import W2_SHAPE, w2
+
+logger = logging.getLogger("benchmarks")
+PROMPT_LEN = OUTPUT_LEN = 512
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--peer-requests", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from wde import LLM, SamplingParams
+    prompts = w2(args.num_requests, PROMPT_LEN)
+    llm = LLM(model=model_folder(W2_SHAPE), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    warm_up(llm, prompts)
+    params = [SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)] * len(prompts)
+    runs = []
+    for _ in range(args.runs):
+        run = timed_generate(llm, prompts, params)
+        runs.append(run)
+        print(f"Throughput: {len(prompts) / run.seconds:.2f} requests/s, "
+              f"{(run.in_tokens + run.out_tokens) / run.seconds:.2f} tokens/s, "
+              f"Delay {1000 * run.seconds / run.steps:.2f} ms", flush=True)
+    best = median_run(runs)
+    wde = {"req_per_s": round(len(prompts) / best.seconds, 2),
+           "tok_per_s": round((best.in_tokens + best.out_tokens) / best.seconds),
+           "delay_ms": round(1000 * best.seconds / best.steps, 2), "host_ms_per_step": round(best.host_ms_per_step, 2),
+           "runs_req_per_s": spread(runs, lambda r: len(prompts) / r.seconds), "seconds": round(best.seconds, 1)}
+    del llm
+    torch.cuda.empty_cache()
+    peer, peer_error = None, None
+    if args.no_peer:
+        peer_error = "skipped (--no-peer)"
+    else:
+        from benchmarks.peer import continuous_batching
+        result = continuous_batching(W2_SHAPE, w2(args.peer_requests, PROMPT_LEN), OUTPUT_LEN)
+        peer = {"req_per_s": round(result["requests"] / result["seconds"], 2),
+                "tok_per_s": round((result["requests"] * PROMPT_LEN + result["out_tokens"]) / result["seconds"]),
+                **result, "runs": 1}
+    detail = {"shape": W2_SHAPE, "weights": "random bf16", "num_requests": args.num_requests,
+              "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
+              "max_num_seqs": args.max_num_seqs, "runs": args.runs, "statistic": "median"}
+    path = write_result("W2", "cuda", wde, peer, peer_error, workload_detail=detail)
+    print_table(f"W2 ({torch.cuda.get_device_name(0)})", "requests/s", wde["req_per_s"],
+                peer["req_per_s"] if peer else None)
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Timing wde itself: repeated runs of LLM.generate, the engine's own step timings, and a profile of steps."""
+import statistics
+import time
+from dataclasses import dataclass
+
+from wde import LLM, SamplingParams
+
+
+@dataclass
+class Run:
+    seconds: float
+    out_tokens: int
+    in_tokens: int
+    steps: int
+    host_ms_per_step: float  # scheduling, input building and output processing, per step
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> Run:
+    before = llm.engine.get_stats().step_times
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    after = llm.engine.get_stats().step_times
+    steps = after.num_steps - before.num_steps
+    host_s = (after.schedule_s + after.output_s) - (before.schedule_s + before.output_s)
+    return Run(seconds, sum(len(c.token_ids) for o in outputs for c in o.outputs),
+               sum(len(o.prompt_token_ids) for o in outputs), steps, 1000 * host_s / max(steps, 1))
+
+
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+
+
+def warm_up(llm: LLM, prompts: list[list[int]]) -> None:
+    """Compile the kernels for prefill and decode shapes before anything is timed."""
+    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+
+
+def profile_decode_steps(llm: LLM, prompts: list[list[int]], num_steps: int = 5, rows: int = 18) -> str:
+    """A torch profile of `num_steps` engine steps with all `prompts` decoding (after their prefill)."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"profile-{i}", prompt, SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
+    while engine.scheduler.waiting or engine.scheduler.new_requests or any(
+            seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            engine.step()
+    for i in range(len(prompts)):
+        engine.abort_request(f"profile-{i}")
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+
+
+def spread(runs: list[Run], metric) -> list[float]:
+    return [round(metric(r), 2) for r in runs]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,76 @@
+"""Workload W5 of GUIDE.md: one stream. Qwen3-0.6B shape (random bf16 weights), a 128-token prompt, 256 new
+tokens (EOS ignored, greedy), batch 1.
+
+    python -m benchmarks.latency
+
+Reports output tokens/s over the whole request, the time to the first token, and the start-up time (building
+the engine, CUDA graphs included, until a first request's first token), against transformers' `generate`.
+"""
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+from benchmarks.model_folder import model_folder
+from benchmarks.results_io import print_table, write_result
+from benchmarks.workloads import W5_SHAPE, w5
+
+logger = logging.getLogger("benchmarks")
+NEW_TOKENS = 256
+
+
+def stream_one(engine, request_id: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the last) for one request alone in the engine."""
+    from wde import RequestOutputKind, SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    start = time.perf_counter()
+    engine.add_request(request_id, prompt, params)
+    first = None
+    while engine.has_unfinished_requests():
+        if engine.step() and first is None:
+            first = time.perf_counter() - start
+    return first, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-peer", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from wde import LLMEngine
+    prompt = w5()
+    start = time.perf_counter()
+    engine = LLMEngine.from_engine_args(model=model_folder(W5_SHAPE), load_format="dummy", dtype="bfloat16",
+                                        disable_log_stats=True)
+    startup_first_token = stream_one(engine, "startup", prompt, 1)[0] + (time.perf_counter() - start)
+    stream_one(engine, "warm-up", prompt, 32)
+    runs = [stream_one(engine, f"run-{i}", prompt, NEW_TOKENS) for i in range(args.runs)]
+    wde = {"tok_per_s": round(statistics.median(NEW_TOKENS / total for _, total in runs), 1),
+           "ttft_ms": round(1000 * statistics.median(first for first, _ in runs), 2),
+           "ms_per_output_token": round(1000 * statistics.median((total - first) / (NEW_TOKENS - 1)
+                                                                 for first, total in runs), 3),
+           "startup_to_first_token_s": round(startup_first_token, 1),
+           "runs_tok_per_s": [round(NEW_TOKENS / total, 1) for _, total in runs]}
+    del engine
+    torch.cuda.empty_cache()
+    peer, peer_error = None, None
+    if args.no_peer:
+        peer_error = "skipped (--no-peer)"
+    else:
+        from benchmarks.peer import single_stream
+        peer = single_stream(W5_SHAPE, prompt, NEW_TOKENS)
+    detail = {"shape": W5_SHAPE, "weights": "random bf16", "prompt_len": len(prompt), "new_tokens": NEW_TOKENS,
+              "batch": 1, "runs": args.runs, "statistic": "median"}
+    path = write_result("W5", "cuda", wde, peer, peer_error, workload_detail=detail)
+    print_table(f"W5 single stream ({torch.cuda.get_device_name(0)})", "output tok/s", wde["tok_per_s"],
+                peer["tok_per_s"] if peer else None)
+    print(f"time to first token {wde['ttft_ms']} ms; start-up to first token {wde['startup_to_first_token_s']} s")
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The workloads of GUIDE.md, drawn exactly as the transformers peer script draws them (same seeds, same order of
+random calls), so wde and the peer run the same token ids."""
+import random
+
+W1_SHAPE, W2_SHAPE, W5_SHAPE = "qwen3-0.6b", "qwen2.5-7b", "qwen3-0.6b"
+
+
+def w1(num_requests: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """Prompts of U[100, 1024] random ids and output lengths U[100, 1024]."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)]
+    return prompts, [rng.randint(100, 1024) for _ in range(num_requests)]
+
+
+def w2(num_requests: int = 1000, prompt_len: int = 512, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(num_requests)]
+
+
+def w5(prompt_len: int = 128, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(0, 10000) for _ in range(prompt_len)]
