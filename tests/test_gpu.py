@@ -67,8 +67,9 @@ def test_flash_attn_backend_matches_the_reference():
 def w1_engine(**engine_args):
     from benchmarks.model_folder import model_folder
     from wde import LLMEngine
+    # a small cache: several engines live in one test process, and each would otherwise take 90% of the GPU
     return LLMEngine.from_engine_args(model=model_folder("qwen3-0.6b"), load_format="dummy", dtype="bfloat16",
-                                      disable_log_stats=True, **engine_args)
+                                      disable_log_stats=True, num_kv_blocks=4096, **engine_args)
 
 
 def generate(engine, prompts, max_tokens, logprobs=None) -> list:
