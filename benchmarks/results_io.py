@@ -1,6 +1,7 @@
 """Where a benchmark's figures go: one JSON object per run under benchmarks/results/, and a printed table."""
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -21,9 +22,17 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit measured: WDE_COMMIT when set (a copy of the tree without its .git, as on a lent GPU machine),
+    else git's HEAD, marked -dirty when tracked files differ from it."""
+    if os.environ.get("WDE_COMMIT"):
+        return os.environ["WDE_COMMIT"]
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS_DIR.parent).stdout.strip()
-    commit = git("rev-parse", "HEAD") or "unknown"
+        result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS_DIR.parent)
+        return result.stdout.strip() if result.returncode == 0 else ""
+    commit = git("rev-parse", "HEAD")
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
