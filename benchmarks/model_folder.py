@@ -41,6 +41,6 @@ def model_folder(name: str) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         config = shape(name)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-        if "eos_token_id" in config:
-            write_word_level_tokenizer(folder, config["vocab_size"], config["eos_token_id"])
+        # encoders have no end-of-sequence token; any id serves, since benchmarks submit token ids
+        write_word_level_tokenizer(folder, config["vocab_size"], config.get("eos_token_id", 2))
     return str(folder)

@@ -50,3 +50,30 @@ def single_stream(shape_name: str, prompt: list[int], new_tokens: int) -> dict:
     del model
     torch.cuda.empty_cache()
     return {"tok_per_s": round((out.shape[1] - len(prompt)) / seconds, 1), "seconds": round(seconds, 2)}
+
+
+def padded_encoder(shape_name: str, inputs: list[list[int]], batch_size: int = 128) -> dict:
+    """BertModel with batches of 128 inputs sorted by length and padded, as sentence-transformers runs it; the
+    [CLS] vector of each input."""
+    from transformers import BertModel
+    with torch.device("cuda"):
+        model = BertModel(hf_config(shape_name), add_pooling_layer=False).to(torch.bfloat16).eval()
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+
+    def run():
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = [inputs[i] for i in order[start:start + batch_size]]
+                width = len(batch[0])
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, tokens in enumerate(batch):
+                    ids[row, :len(tokens)] = torch.tensor(tokens)
+                    mask[row, :len(tokens)] = 1
+                model(input_ids=ids.cuda(), attention_mask=mask.cuda()).last_hidden_state[:, 0].float().cpu()
+    run()  # warm-up
+    _, seconds = timed(run)
+    del model
+    torch.cuda.empty_cache()
+    return {"inputs_per_s": round(len(inputs) / seconds, 1), "seconds": round(seconds, 2),
+            "tok_per_s": round(sum(map(len, inputs)) / seconds)}

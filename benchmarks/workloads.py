@@ -2,7 +2,7 @@
 random calls), so wde and the peer run the same token ids."""
 import random
 
-W1_SHAPE, W2_SHAPE, W5_SHAPE = "qwen3-0.6b", "qwen2.5-7b", "qwen3-0.6b"
+W1_SHAPE, W2_SHAPE, W3_SHAPE, W5_SHAPE = "qwen3-0.6b", "qwen2.5-7b", "bert-base", "qwen3-0.6b"
 
 
 def w1(num_requests: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -20,3 +20,11 @@ def w2(num_requests: int = 1000, prompt_len: int = 512, seed: int = 0) -> list[l
 def w5(prompt_len: int = 128, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randint(0, 10000) for _ in range(prompt_len)]
+
+
+def w3(num_inputs: int = 8192, seed: int = 1) -> list[list[int]]:
+    """Inputs of U[16, 512] random ids in [1000, 30000) (lengths drawn as the peer script draws them)."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(16, 512) for _ in range(num_inputs)]
+    ids = random.Random(seed + 1)
+    return [[ids.randrange(1000, 30000) for _ in range(length)] for length in lengths]

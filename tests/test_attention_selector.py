@@ -33,3 +33,9 @@ def test_availability_reasons(tiny_model_dir):
     assert TritonAttentionBackend.is_available(config) is None
     config.model.hf_config.head_dim = 48
     assert "not a power of two" in TritonAttentionBackend.is_available(config)
+
+
+def test_a_backend_of_the_wrong_kind_is_refused():
+    from wde.core.config import default_embed_model_path
+    with pytest.raises(ValueError, match="'triton' computes paged attention; this workflow needs encoder"):
+        LLMEngine.from_engine_args(model=default_embed_model_path(), attention_backend="triton")

@@ -47,3 +47,11 @@ def test_chat_answers_each_line(capsys, monkeypatch):
     assert main(["--log-level", "WARNING", "chat", "--temperature", "0", "--max-tokens", "16",
                  "--num-kv-blocks", "32"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_embed_prints_one_normalized_vector_per_text(capsys):
+    assert main(["--log-level", "WARNING", "embed", "first text", "second text", "--dimensions", "8"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["first text", "second text"]
+    assert all(len(line["embedding"]) == 8 for line in lines)
+    assert abs(sum(x * x for x in lines[0]["embedding"]) - 1) < 1e-4

@@ -168,3 +168,33 @@ def test_llm_generate_refuses_a_batch_with_a_bad_prompt_and_leaves_nothing_queue
 def test_registering_an_existing_architecture_needs_override():
     with pytest.raises(ValueError, match="already registered.*override=True"):
         registry.register_model("LlamaForCausalLM", model="x:Y", workflow="x:Z")
+    with pytest.raises(ValueError, match="unknown task 'dance'"):
+        registry.register_model("NewForCausalLM", model="x:Y", workflow="x:Z", task="dance")
+
+
+def test_a_task_the_architecture_cannot_do(tiny_model_dir):
+    with pytest.raises(ValueError, match="'Qwen3ForCausalLM' cannot classify; it can: generate, embed, score"):
+        LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), task="classify")
+
+
+class FaultyWorker(__import__("wde.workflows.decoding.worker", fromlist=["DecodingWorker"]).DecodingWorker):
+    """Fails any step whose batch holds token 13."""
+
+    def execute_model(self, model_input):
+        if (model_input.input_ids == 13).any():
+            raise RuntimeError("token 13 breaks this model")
+        return super().execute_model(model_input)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):
+    from tests.conftest import run_to_completion
+    from wde.tasks.chat.workflow import ChatWorkflow
+
+    class Faulty(ChatWorkflow):
+        Worker = f"{__name__}:FaultyWorker"
+    engine = LLMEngine.from_workflow(Faulty, model=tiny_model_dir("qwen3"), num_kv_blocks=16)
+    engine.add_request("bad", [5, 13, 6], GOOD)
+    outputs = run_to_completion(engine)
+    assert outputs["bad"].error == "RuntimeError: token 13 breaks this model"
+    engine.add_request("good", [5, 6], GOOD)
+    assert len(run_to_completion(engine)["good"].outputs[0].token_ids) == 5

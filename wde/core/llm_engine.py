@@ -20,7 +20,7 @@ class LLMEngine:
         self.workflow = workflow
         self.components = workflow.resolve()  # every slot imported and checked before any weight is read
         self.config = config
-        resolve_model_class(config.model.architecture)
+        resolve_model_class(config.model.architecture, config.args.task)
         self.components["AttentionBackend"] = select_attention_backend(config, self.components["AttentionBackend"])
         logger.info("workflow %s for %s on %s", workflow.__qualname__, config.model.architecture, config.device)
         build = lambda slot: self.components[slot].from_engine(self)  # noqa: E731
@@ -40,7 +40,7 @@ class LLMEngine:
         """An engine for the model's architecture, with the Workflow the registry names for it."""
         args = engine_args.model_copy(update=kwargs) if engine_args else EngineArgs(**kwargs)
         config = EngineConfig.from_args(EngineArgs.model_validate(args.model_dump()))
-        return cls(resolve_workflow(config.model.architecture), config)
+        return cls(resolve_workflow(config.model.architecture, config.args.task), config)
 
     @classmethod
     def from_workflow(cls, workflow: type[Workflow] | str, **kwargs: Any) -> "LLMEngine":
@@ -72,7 +72,12 @@ class LLMEngine:
         if scheduler_output.scheduled:
             model_input = self.model_pre_processor(scheduler_output)
             scheduled = time.perf_counter()
-            model_output = self.executor.execute_model(model_input)
+            try:
+                model_output = self.executor.execute_model(model_input)
+            except Exception as e:  # the step's requests fail with the error; the others keep being served
+                logger.exception("a model step failed; its %d requests fail", len(scheduler_output.scheduled))
+                failed = self.scheduler.fail_scheduled(scheduler_output, f"{type(e).__name__}: {e}")
+                return self.output_processor(failed, None)
             executed = time.perf_counter()
             times.schedule_s += scheduled - start
             times.execute_s += executed - scheduled

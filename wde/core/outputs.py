@@ -1,6 +1,8 @@
 """What the engine returns for each request, shaped as vLLM's RequestOutput so existing code reads it."""
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Logprob:
@@ -37,3 +39,47 @@ class RequestOutput:
     error: str | None = None  # why the request failed, when finish_reason is "error"
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # None for the first prompt token
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass
+class EmbeddingOutput:
+    data: torch.Tensor  # [dimensions] float32 on the host
+
+    @property
+    def embedding(self) -> list[float]:
+        return self.data.tolist()  # made on demand: a large batch need not build millions of Python floats
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ClassificationOutput:
+    data: torch.Tensor  # [classes] float32: probabilities, or logits with PoolingParams(activation=False)
+
+    @property
+    def probs(self) -> list[float]:
+        return self.data.tolist()
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.shape[0]
+
+
+@dataclass
+class PoolingRequestOutput:
+    """The result of a prefill-only request: `outputs` is an EmbeddingOutput, ScoringOutput or
+    ClassificationOutput (None when the request failed, with `error` saying why)."""
+
+    request_id: str
+    outputs: EmbeddingOutput | ScoringOutput | ClassificationOutput | None
+    prompt_token_ids: list[int]
+    finished: bool = True
+    error: str | None = None
+    num_cached_tokens: int = 0  # tokens whose KV came from the prefix cache (decoder models)
+
+
+# vLLM's names for the three kinds
+EmbeddingRequestOutput = ScoringRequestOutput = ClassificationRequestOutput = PoolingRequestOutput

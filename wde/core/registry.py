@@ -1,13 +1,21 @@
-"""Which model class and which Workflow serve each `architectures` name of a Hugging Face config.
+"""Which model class and which Workflow serve each `architectures` name of a Hugging Face config, per task.
 
-Entries are dotted paths, resolved only when an engine starts for that architecture, so the registry never
-imports a model it does not run.
+A task is what the engine does with the model: "generate" (chat, completion), "embed" (a vector per input),
+"score" (a relevance score per query / document pair) or "classify" (class probabilities per input). An
+architecture's first registered task is its default. Entries are dotted paths, resolved only when an engine
+starts, so the registry never imports a model it does not run.
 """
 from dataclasses import dataclass
 
 from wde.core.dotted_path import import_object
 
-CHAT_WORKFLOW = "wde.tasks.chat.workflow:ChatWorkflow"
+TASKS = ("generate", "embed", "score", "classify")
+CHAT = "wde.tasks.chat.workflow:ChatWorkflow"
+ENCODE = "wde.tasks.embed.workflow:EncoderEmbedWorkflow"
+ENCODE_SCORE = "wde.tasks.rerank.workflow:CrossEncoderWorkflow"
+ENCODE_CLASSIFY = "wde.tasks.classify.workflow:EncoderClassifyWorkflow"
+DECODER_EMBED = "wde.tasks.embed.workflow:DecoderEmbedWorkflow"
+DECODER_SCORE = "wde.tasks.rerank.workflow:DecoderRerankWorkflow"
 
 
 @dataclass(frozen=True)
@@ -16,43 +24,77 @@ class ModelEntry:
     workflow: str  # "package.module:WorkflowClass"
 
 
-_MODELS: dict[str, ModelEntry] = {
-    "LlamaForCausalLM": ModelEntry("wde.tasks.chat.models.llama:LlamaForCausalLM", CHAT_WORKFLOW),
-    "Qwen2ForCausalLM": ModelEntry("wde.tasks.chat.models.qwen2:Qwen2ForCausalLM", CHAT_WORKFLOW),
-    "Qwen3ForCausalLM": ModelEntry("wde.tasks.chat.models.qwen3:Qwen3ForCausalLM", CHAT_WORKFLOW),
+def _decoder(model: str) -> dict[str, ModelEntry]:
+    return {"generate": ModelEntry(model, CHAT), "embed": ModelEntry(model, DECODER_EMBED),
+            "score": ModelEntry(model, DECODER_SCORE)}
+
+
+_MODELS: dict[str, dict[str, ModelEntry]] = {
+    "LlamaForCausalLM": _decoder("wde.tasks.chat.models.llama:LlamaForCausalLM"),
+    "Qwen2ForCausalLM": _decoder("wde.tasks.chat.models.qwen2:Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": _decoder("wde.tasks.chat.models.qwen3:Qwen3ForCausalLM"),
+    # decoders saved without their LM head (gte-Qwen2, Qwen3-Embedding): last-token embedders
+    "Qwen2Model": {"embed": ModelEntry("wde.tasks.chat.models.qwen2:Qwen2ForCausalLM", DECODER_EMBED)},
+    "Qwen3Model": {"embed": ModelEntry("wde.tasks.chat.models.qwen3:Qwen3ForCausalLM", DECODER_EMBED)},
+    "BertModel": {"embed": ModelEntry("wde.tasks.embed.models.bert:BertModel", ENCODE)},
+    "XLMRobertaModel": {"embed": ModelEntry("wde.tasks.embed.models.xlm_roberta:XLMRobertaModel", ENCODE)},
+    "BertForSequenceClassification": {
+        "score": ModelEntry("wde.tasks.embed.models.bert:BertForSequenceClassification", ENCODE_SCORE),
+        "classify": ModelEntry("wde.tasks.embed.models.bert:BertForSequenceClassification", ENCODE_CLASSIFY)},
+    "XLMRobertaForSequenceClassification": {
+        "score": ModelEntry("wde.tasks.embed.models.xlm_roberta:XLMRobertaForSequenceClassification",
+                            ENCODE_SCORE),
+        "classify": ModelEntry("wde.tasks.embed.models.xlm_roberta:XLMRobertaForSequenceClassification",
+                               ENCODE_CLASSIFY)},
 }
 
 
-def register_model(architecture: str, model: str, workflow: str, override: bool = False) -> None:
-    """Serve `architecture` with the model class and Workflow at these dotted paths."""
-    if architecture in _MODELS and not override:
-        raise ValueError(f"architecture {architecture!r} is already registered "
-                         f"({_MODELS[architecture].model}); pass override=True to replace it")
-    _MODELS[architecture] = ModelEntry(model=model, workflow=workflow)
+def register_model(architecture: str, model: str, workflow: str, task: str = "generate",
+                   override: bool = False) -> None:
+    """Serve `architecture` for `task` with the model class and Workflow at these dotted paths."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    if task in _MODELS.get(architecture, {}) and not override:
+        raise ValueError(f"architecture {architecture!r} is already registered for {task!r} "
+                         f"({_MODELS[architecture][task].model}); pass override=True to replace it")
+    _MODELS.setdefault(architecture, {})[task] = ModelEntry(model=model, workflow=workflow)
 
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model_entry(architecture: str) -> ModelEntry:
+def tasks_of(architecture: str) -> list[str]:
+    return list(_entries(architecture))
+
+
+def _entries(architecture: str) -> dict[str, ModelEntry]:
     if architecture not in _MODELS:
         raise ValueError(f"architecture {architecture!r} is not supported; supported: "
                          f"{', '.join(supported_architectures())}")
     return _MODELS[architecture]
 
 
-def _resolve(architecture: str, what: str) -> type:
-    path = getattr(get_model_entry(architecture), what)
+def get_model_entry(architecture: str, task: str = "auto") -> ModelEntry:
+    entries = _entries(architecture)
+    if task == "auto":
+        return next(iter(entries.values()))
+    if task not in entries:
+        raise ValueError(f"architecture {architecture!r} cannot {task}; it can: {', '.join(entries)}")
+    return entries[task]
+
+
+def _resolve(architecture: str, task: str, what: str) -> type:
+    path = getattr(get_model_entry(architecture, task), what)
     try:
         return import_object(path)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"the {what} registered for {architecture!r} ({path}) cannot be imported: {e}") from e
 
 
-def resolve_model_class(architecture: str) -> type:
-    return _resolve(architecture, "model")
+def resolve_model_class(architecture: str, task: str = "auto") -> type:
+    return _resolve(architecture, task, "model")
 
 
-def resolve_workflow(architecture: str) -> type:
-    return _resolve(architecture, "workflow")
+def resolve_workflow(architecture: str, task: str = "auto") -> type:
+    return _resolve(architecture, task, "workflow")

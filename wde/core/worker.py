@@ -19,6 +19,7 @@ class ModelWorker(interfaces.Worker):
         torch.manual_seed(config.args.seed)
         self.model = load_model(config.model, self.device, config.args.load_format, config.args.seed)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_layers = [layer for layer in self.attn_layers if layer.uses_kv_cache]
         self.attn_backend = components["AttentionBackend"](config)  # chosen by the engine's selector
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
@@ -26,12 +27,14 @@ class ModelWorker(interfaces.Worker):
 
     def kv_block_bytes(self) -> int:
         model, args = self.config.model, self.config.args
-        elements = 2 * model.num_layers * args.block_size * model.num_kv_heads * model.head_dim
+        elements = 2 * len(self.kv_layers) * args.block_size * model.num_kv_heads * model.head_dim
         return elements * model.dtype.itemsize
 
     def determine_num_kv_blocks(self) -> int:
         """The explicit num_kv_blocks, else as many blocks as the memory budget holds (and the engine can use)."""
         args, model = self.config.args, self.config.model
+        if not self.kv_layers:  # an encoder keeps nothing between steps
+            return 0
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
         if args.kv_cache_memory_bytes is not None:
@@ -67,6 +70,8 @@ class ModelWorker(interfaces.Worker):
         """Run one step as large as the scheduler can form, to measure its peak memory."""
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        if not num_blocks:
+            return
         model, args = self.config.model, self.config.args
         self.kv_cache = self.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s", num_blocks, args.block_size,
@@ -79,8 +84,12 @@ class ModelWorker(interfaces.Worker):
         Zeroed: padding rows that a backend reads but masks out must hold finite numbers.
         """
         model, args = self.config.model, self.config.args
-        cache = torch.zeros(len(self.attn_layers), 2, num_blocks, args.block_size, model.num_kv_heads,
+        cache = torch.zeros(len(self.kv_layers), 2, num_blocks, args.block_size, model.num_kv_heads,
                             model.head_dim, dtype=model.dtype, device=self.device)
-        for layer, layer_cache in zip(self.attn_layers, cache):
+        for layer, layer_cache in zip(self.kv_layers, cache):
             layer.kv_cache = layer_cache
         return cache
+
+    def release_kv_cache(self) -> None:
+        for layer in self.kv_layers:
+            layer.kv_cache = None

@@ -40,6 +40,9 @@ class Workflow:
         "AttentionBackend": interfaces.AttentionBackend,
     }
 
+    task: ClassVar[str] = "generate"  # what its engines do: generate, embed, score or classify
+    causal: ClassVar[bool] = True  # a decoder (causal attention over a KV cache) rather than an encoder
+
     Tokenizer: ClassVar[str] = "wde.core.tokenizer:HFTokenizer"
     Executor: ClassVar[str] = "wde.core.executor:LocalExecutor"
     InputProcessor: ClassVar[str]

@@ -1,4 +1,5 @@
-"""The `wde` command: generate text or chat with a model (the embedded SmolLM2 unless --model says otherwise)."""
+"""The `wde` command: generate text or chat (default model: the embedded SmolLM2), or embed texts (default:
+all-MiniLM-L6-v2); --model takes any HF folder or .gguf file."""
 import argparse
 import json
 import logging
@@ -85,6 +86,23 @@ def run_chat(namespace: argparse.Namespace) -> None:
         print(reply, flush=True)
 
 
+def run_embed(namespace: argparse.Namespace) -> None:
+    """One JSON line per text: {"text": ..., "embedding": [...]}."""
+    from wde.core.config import default_embed_model_path
+    from wde.core.pooling_params import PoolingParams
+    from wde.entrypoints.llm import LLM
+    args = engine_args_from(namespace)
+    if args.model is None:
+        args = args.model_copy(update={"model": default_embed_model_path()})
+    llm = LLM(**args.model_dump())
+    params = PoolingParams(dimensions=namespace.dimensions, normalize=False if namespace.no_normalize else None)
+    for text, output in zip(namespace.texts, llm.embed(namespace.texts, params, use_tqdm=False)):
+        if output.error:
+            print(f"error: {output.error}", file=sys.stderr)
+        else:
+            print(json.dumps({"text": text, "embedding": [round(x, 6) for x in output.outputs.embedding]}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wde", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -98,9 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     chat.set_defaults(run=run_chat, temperature=0.7, max_tokens=256)
 
+    embed = commands.add_parser("embed", help="embed texts (default model: all-MiniLM-L6-v2); JSON lines out")
+    embed.add_argument("texts", nargs="+", help="text to embed")
+    embed.add_argument("--dimensions", type=int, help="keep the first dimensions (Matryoshka models)")
+    embed.add_argument("--no-normalize", action="store_true", help="do not L2-normalize")
+    embed.set_defaults(run=run_embed)
+
     for sub in (generate, chat):
         sub.add_argument("--max-tokens", type=int, help="most tokens to generate per answer")
         sub.add_argument("--temperature", type=float, help="0 for greedy")
+    for sub in (generate, chat, embed):
         add_engine_arguments(sub)
     return parser
 

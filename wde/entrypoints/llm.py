@@ -7,14 +7,18 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from wde.core.llm_engine import LLMEngine
-from wde.core.outputs import RequestOutput
+from wde.core.outputs import PoolingRequestOutput, RequestOutput
+from wde.core.pooling_params import PoolingParams
 from wde.core.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 class LLM:
-    """LLM(model=..., **engine_args): `model` is an HF folder or a .gguf file (default: SmolLM2-135M-Instruct)."""
+    """LLM(model=..., **engine_args): `model` is an HF folder or a .gguf file (default: SmolLM2-135M-Instruct).
+
+    What the engine does follows the model's architecture (or `task=`): generate / chat, embed, score, classify.
+    """
 
     def __init__(self, model: str | None = None, **engine_args: Any):
         engine_args.setdefault("disable_log_stats", True)  # the progress bar shows the rates
@@ -31,28 +35,64 @@ class LLM:
         A prompt the engine refuses once tokenized (too long) comes back with finish_reason "error" and its
         `error` set, and the other prompts still complete.
         """
+        self._require_task("generate")
         prompts = _as_prompt_list(prompts)
-        params = _params_per_prompt(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts), SamplingParams), use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or several, with the chat template."""
+        self._require_task("generate")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         # the template already holds the special tokens: tokenizing must not add a second BOS
         prompts = [tokenizer.encode(tokenizer.apply_chat_template(conv), add_special_tokens=False)
                    for conv in conversations]
-        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts)), use_tqdm)
+        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts), SamplingParams), use_tqdm)
 
-    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def embed(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """One vector per input (`.outputs.embedding`), in input order."""
+        self._require_task("embed")
+        prompts = _as_prompt_list(prompts)
+        return self._run(prompts, _params_per_prompt(pooling_params, len(prompts), PoolingParams), use_tqdm)
+
+    def classify(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """Class probabilities per input (`.outputs.probs`), in input order."""
+        self._require_task("classify")
+        prompts = _as_prompt_list(prompts)
+        return self._run(prompts, _params_per_prompt(pooling_params, len(prompts), PoolingParams), use_tqdm)
+
+    def score(self, queries: Any, documents: Any, pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """Relevance of each document to the query (`.outputs.score`): one query against many documents, or
+        queries and documents paired one to one."""
+        self._require_task("score")
+        queries, documents = _as_prompt_list(queries), _as_prompt_list(documents)
+        if len(queries) == 1:
+            queries = queries * len(documents)
+        if len(queries) != len(documents):
+            raise ValueError(f"{len(queries)} queries for {len(documents)} documents: give one query, or one per "
+                             "document")
+        pairs = list(zip(queries, documents))
+        return self._run(pairs, _params_per_prompt(pooling_params, len(pairs), PoolingParams), use_tqdm)
+
+    def _require_task(self, task: str) -> None:
+        workflow = self.engine.workflow
+        if workflow.task != task:
+            raise ValueError(f"this engine's model is served for {workflow.task!r} ({workflow.__name__}), not "
+                             f"{task!r}: load a model made for it, or pass task={task!r} if the model can do it")
+
+    def _run(self, prompts: list, params: list, use_tqdm: bool) -> list:
         request_ids = []
         try:
             for prompt, prompt_params in zip(prompts, params):
                 request_id = str(next(self._request_counter))
-                final_only = prompt_params.model_copy(update={"output_kind": RequestOutputKind.FINAL_ONLY})
-                self.engine.add_request(request_id, prompt, final_only)
+                if isinstance(prompt_params, SamplingParams):  # only the final output of each is wanted
+                    prompt_params = prompt_params.model_copy(update={"output_kind": RequestOutputKind.FINAL_ONLY})
+                self.engine.add_request(request_id, prompt, prompt_params)
                 request_ids.append(request_id)
         except (ValueError, TypeError) as e:
             for request_id in request_ids:
@@ -61,8 +101,8 @@ class LLM:
         finished = self._run_engine(len(request_ids), use_tqdm)
         return [finished[request_id] for request_id in request_ids]
 
-    def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
+    def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict:
+        finished = {}
         bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         start, prompt_tokens, output_tokens = time.perf_counter(), 0, 0
         while self.engine.has_unfinished_requests():
@@ -73,10 +113,13 @@ class LLM:
                 if output.error:
                     logger.warning("request %s failed: %s", output.request_id, output.error)
                 prompt_tokens += len(output.prompt_token_ids)
-                output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                if isinstance(output, RequestOutput):
+                    output_tokens += sum(len(c.token_ids) for c in output.outputs)
                 elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.0f} tok/s, "
-                                    f"output: {output_tokens / elapsed:.0f} tok/s", refresh=False)
+                rates = f"input: {prompt_tokens / elapsed:.0f} tok/s"
+                if output_tokens:
+                    rates += f", output: {output_tokens / elapsed:.0f} tok/s"
+                bar.set_postfix_str(rates, refresh=False)
                 bar.update(1)
         bar.close()
         return finished
@@ -92,13 +135,12 @@ def _as_prompt_list(prompts: Any) -> list:
     raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; not {type(prompts).__name__}")
 
 
-def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int
-                       ) -> list[SamplingParams]:
+def _params_per_prompt(params: Any, count: int, kind: type) -> list:
     if params is None:
-        return [SamplingParams()] * count
-    if isinstance(params, SamplingParams):
+        return [kind()] * count
+    if isinstance(params, kind):
         return [params] * count
     params = list(params)
     if len(params) != count:
-        raise ValueError(f"{len(params)} SamplingParams for {count} prompts")
+        raise ValueError(f"{len(params)} {kind.__name__} for {count} prompts")
     return params

@@ -13,6 +13,8 @@ class Attention(nn.Module):
     [2, num_blocks, block_size, num_kv_heads, head_dim]) before the first step.
     """
 
+    uses_kv_cache = True  # decoders keep K/V in the paged cache; EncoderAttention does not
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         if num_heads % num_kv_heads:
@@ -27,3 +29,9 @@ class Attention(nn.Module):
                                    k.view(num_tokens, self.num_kv_heads, self.head_dim),
                                    v.view(num_tokens, self.num_kv_heads, self.head_dim), get_attn_metadata())
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+
+class EncoderAttention(Attention):
+    """Bidirectional attention within each sequence of the flat batch, with no KV cache (BERT-like encoders)."""
+
+    uses_kv_cache = False

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -41,3 +42,53 @@ class PagedAttentionMetadata:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PagedAttentionMetadata(move(self.slot_mapping), move(self.query_start_loc), move(self.seq_lens),
                                       move(self.block_tables), self.query_lens_host, self.seq_lens_host)
+
+
+@dataclass
+class EncoderAttentionMetadata:
+    """One step of an encoder: sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] of the flat batch."""
+
+    cu_seqlens: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @cached_property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host)
+
+    def to(self, device: torch.device) -> "EncoderAttentionMetadata":
+        return EncoderAttentionMetadata(self.cu_seqlens.to(device, non_blocking=True), self.seq_lens_host)
+
+
+def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
+                        block_tables: list[list[int]]) -> PagedAttentionMetadata:
+    # numpy fills the padded table row by row far faster than torch.tensor() reads nested lists
+    tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
+    for row, table in enumerate(block_tables):
+        tables[row, :len(table)] = table
+    query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    return PagedAttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=torch.from_numpy(query_start_loc),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.from_numpy(tables),
+        query_lens_host=query_lens, seq_lens_host=seq_lens)
+
+
+def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of positions start..end-1 of a sequence with this block table."""
+    return [block_table[pos // block_size] * block_size + pos % block_size for pos in range(start, end)]
+
+
+def dummy_paged_batch(num_tokens: int, num_seqs: int, block_size: int
+                      ) -> tuple[list[int], PagedAttentionMetadata, list[int], int]:
+    """A profiling batch: num_tokens new tokens over num_seqs fresh sequences that all use the same scratch
+    blocks. Returns (positions, metadata, last row of each sequence, blocks the scratch cache needs)."""
+    query_lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+    num_blocks = -(-max(query_lens) // block_size)
+    positions = [pos for length in query_lens for pos in range(length)]
+    metadata = build_attn_metadata(positions, query_lens, query_lens, [list(range(num_blocks))] * num_seqs)
+    last_rows = (np.cumsum(query_lens) - 1).tolist()
+    return positions, metadata, last_rows, num_blocks

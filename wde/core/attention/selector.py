@@ -10,9 +10,12 @@ ATTENTION_BACKENDS: dict[str, str] = {
     "torch": "wde.core.attention.torch_backend:TorchAttentionBackend",
     "triton": "wde.core.attention.triton_backend:TritonAttentionBackend",
     "flash_attn": "wde.core.attention.flash_attn_backend:FlashAttnBackend",
+    "encoder_torch": "wde.core.attention.encoder_backends:EncoderTorchBackend",
+    "encoder_flash": "wde.core.attention.encoder_backends:EncoderFlashBackend",
 }
-# "auto" on a GPU: the first of these that can run; on a CPU: the workflow's own AttentionBackend slot
-GPU_PREFERENCE = ("flash_attn", "triton")
+# "auto" on a GPU: the first of these that can run and computes the workflow's kind of attention ("paged" for
+# decoders, "encoder" for encoders); on a CPU: the workflow's own AttentionBackend slot
+GPU_PREFERENCE = ("flash_attn", "triton", "encoder_flash")
 
 
 def select_attention_backend(config: EngineConfig, workflow_backend: type) -> type:
@@ -21,6 +24,9 @@ def select_attention_backend(config: EngineConfig, workflow_backend: type) -> ty
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention_backend {name!r}; known: auto, {', '.join(ATTENTION_BACKENDS)}")
         backend = import_object(ATTENTION_BACKENDS[name])
+        if getattr(backend, "kind", None) != getattr(workflow_backend, "kind", None):
+            raise ValueError(f"attention_backend {name!r} computes {backend.kind} attention; this workflow needs "
+                             f"{getattr(workflow_backend, 'kind', '?')} attention")
         reason = unavailable(backend, config)
         if reason:
             raise ValueError(f"attention_backend {name!r} cannot run here: {reason}")
@@ -30,12 +36,14 @@ def select_attention_backend(config: EngineConfig, workflow_backend: type) -> ty
         skipped = []
         for candidate in GPU_PREFERENCE:
             backend = import_object(ATTENTION_BACKENDS[candidate])
+            if getattr(backend, "kind", None) != getattr(workflow_backend, "kind", None):
+                continue  # another kind of attention: not a candidate
             reason = unavailable(backend, config)
-            if reason is None and getattr(backend, "kind", None) == getattr(workflow_backend, "kind", None):
+            if reason is None:
                 logger.info("attention backend: %s (auto; %s)", candidate,
                             "; ".join(skipped) or "the first choice")
                 return backend
-            skipped.append(f"not {candidate}: {reason or 'another kind of attention'}")
+            skipped.append(f"not {candidate}: {reason}")
     logger.info("attention backend: %s (auto: the workflow's)", workflow_backend.__name__)
     return workflow_backend
 

@@ -25,7 +25,7 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
 def load_model(model_config: ModelConfig, device: torch.device, load_format: str = "auto", seed: int = 0
                ) -> nn.Module:
     start = time.perf_counter()
-    model_class = resolve_model_class(model_config.architecture)
+    model_class = resolve_model_class(model_config.architecture, model_config.task)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from wde.core import interfaces
-from wde.core.attention.metadata import PagedAttentionMetadata
+from wde.core.attention.metadata import PagedAttentionMetadata, build_attn_metadata, slots_of
 from wde.core.sampler import Penalties, SamplingMetadata
 from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput
 from wde.workflows.decoding.sequence import Sequence
@@ -35,20 +35,6 @@ class ModelInput:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return ModelInput(move(self.input_ids), move(self.positions), self.attn_metadata.to(device),
                           move(self.logits_indices), self.sampling.to(device), self.prompt_logprobs)
-
-
-def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
-                        block_tables: list[list[int]]) -> PagedAttentionMetadata:
-    # numpy fills the padded table row by row far faster than torch.tensor() reads nested lists
-    tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
-    for row, table in enumerate(block_tables):
-        tables[row, :len(table)] = table
-    query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    return PagedAttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=torch.from_numpy(query_start_loc),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.from_numpy(tables),
-        query_lens_host=query_lens, seq_lens_host=seq_lens)
 
 
 def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -131,7 +117,7 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
                         prompt_logprobs.append(rows)
                 token_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
-                slots.extend(table[pos // block_size] * block_size + pos % block_size for pos in range(start, end))
+                slots.extend(slots_of(table, start, end, block_size))
             query_lens.append(count)
             seq_lens.append(end)
             block_tables.append(table)

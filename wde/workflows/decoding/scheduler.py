@@ -181,6 +181,12 @@ class DecodingScheduler(interfaces.Scheduler):
             self.waiting.extend(group.sequences)
         return self.waiting[0] if self.waiting else None
 
+    def fail_scheduled(self, output: SchedulerOutput, error: str) -> SchedulerOutput:
+        groups = {id(s.seq.group): s.seq.group for s in output.scheduled}.values()
+        for group in groups:
+            self.abort_request(group.request_id)
+        return SchedulerOutput(failed=output.failed + [(group.request, error) for group in groups])
+
     def free_finished(self, output: SchedulerOutput) -> None:
         """Release the blocks of sequences the OutputProcessor finished in this step."""
         finished = [s.seq for s in output.scheduled if s.seq.is_finished]

@@ -1,13 +1,12 @@
 """The decoding Worker: a forward pass over the flat batch, then the next token of each finished row."""
-import itertools
-
 import torch
 
 from wde.core.cuda_graphs import DecodeCudaGraphs
 from wde.core.forward_context import set_forward_context
 from wde.core.sampler import Sampler, SamplerOutput, SamplingMetadata, token_logprobs
 from wde.core.worker import ModelWorker
-from wde.workflows.decoding.model_pre_processor import ModelInput, build_attn_metadata
+from wde.core.attention.metadata import dummy_paged_batch
+from wde.workflows.decoding.model_pre_processor import ModelInput
 
 
 class DecodingWorker(ModelWorker):
@@ -45,19 +44,11 @@ class DecodingWorker(ModelWorker):
         args = self.config.args
         num_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * self.config.model.max_model_len)
         num_seqs = min(args.max_num_seqs, num_tokens)
-        query_lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
-        longest = max(query_lens)
-        num_blocks = -(-longest // args.block_size)
-        self.allocate_kv_cache(num_blocks)  # a scratch cache all dummy sequences share; freed below
-        positions = [p for n in query_lens for p in range(n)]
-        ends = [end - 1 for end in itertools.accumulate(query_lens)]
+        positions, metadata, last_rows, num_blocks = dummy_paged_batch(num_tokens, num_seqs, args.block_size)
+        self.allocate_kv_cache(num_blocks)  # a scratch cache the dummy sequences share; dropped below
         sampling = SamplingMetadata(temperature=torch.ones(num_seqs), all_greedy=False, all_random=True,
                                     num_logprobs=None)
-        dummy = ModelInput(input_ids=torch.zeros(num_tokens, dtype=torch.int64),
-                           positions=torch.tensor(positions, dtype=torch.int64),
-                           attn_metadata=build_attn_metadata(positions, query_lens, query_lens,
-                                                             [list(range(num_blocks))] * num_seqs),
-                           logits_indices=torch.tensor(ends, dtype=torch.int64), sampling=sampling)
-        self.execute_model(dummy)
-        for layer in self.attn_layers:
-            layer.kv_cache = None
+        self.execute_model(ModelInput(torch.zeros(num_tokens, dtype=torch.int64),
+                                      torch.tensor(positions, dtype=torch.int64), metadata,
+                                      torch.tensor(last_rows, dtype=torch.int64), sampling))
+        self.release_kv_cache()

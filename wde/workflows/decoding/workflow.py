@@ -12,6 +12,7 @@ class DecodingWorkflow(Workflow):
         -> DecodingOutputProcessor (append tokens, stop checks, incremental text, RequestOutputs)
     """
 
+    task = "generate"
     Tokenizer = "wde.core.tokenizer:HFTokenizer"
     InputProcessor = "wde.workflows.decoding.input_processor:DecodingInputProcessor"
     RequestProcessor = "wde.workflows.decoding.request_processor:DecodingRequestProcessor"

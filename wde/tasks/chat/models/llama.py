@@ -91,6 +91,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    pooling = "last"  # as an embedder (gte-Qwen2, Qwen3-Embedding): the last token sees the whole input
     # checkpoint parts that load into one merged parameter: (merged, part, shard id)
     stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", "gate"), ("gate_up_proj", "up_proj", "up"))

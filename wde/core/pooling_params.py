@@ -1,0 +1,18 @@
+"""PoolingParams: what a prefill-only request returns, with vLLM's names and meanings."""
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PoolingParams(BaseModel):
+    """Invalid values are refused when the object is made (or a field is set), naming the field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    normalize: bool | None = Field(None, description="L2-normalize embeddings; None: as the model's own "
+                                                     "pooling config says")
+    dimensions: int | None = Field(None, ge=1, description="keep the first dimensions of the embedding "
+                                                           "(Matryoshka models), normalized again if normalizing")
+    activation: bool = Field(True, description="scores and classes as probabilities (sigmoid / softmax) rather "
+                                               "than raw logits")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="cut longer inputs to this many tokens "
+                                                                        "(-1: max_model_len) instead of refusing "
+                                                                        "them")

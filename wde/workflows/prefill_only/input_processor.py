@@ -1,0 +1,37 @@
+"""Checks a prefill-only request when it is submitted (an input, or a (query, document) pair to score)."""
+from typing import Any
+
+from wde.core import interfaces
+from wde.core.inputs import parse_prompt
+from wde.core.pooling_params import PoolingParams
+from wde.core.request import Request
+
+
+class PrefillOnlyInputProcessor(interfaces.InputProcessor):
+    @classmethod
+    def from_engine(cls, engine) -> "PrefillOnlyInputProcessor":
+        return cls(engine.config, engine.workflow.task)
+
+    def __init__(self, config, task: str):
+        super().__init__(config)
+        self.task = task
+
+    def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
+        if params is None:
+            params = PoolingParams()
+        elif isinstance(params, dict):
+            params = PoolingParams(**params)
+        elif not isinstance(params, PoolingParams):
+            raise TypeError(f"params must be PoolingParams, not {type(params).__name__}")
+        hidden_size = self.config.model.hf_config.hidden_size
+        if params.dimensions is not None and params.dimensions > hidden_size:
+            raise ValueError(f"dimensions={params.dimensions} is more than the model's {hidden_size}")
+        vocab_size = self.config.model.vocab_size
+        if self.task == "score":
+            if not isinstance(prompt, tuple) or len(prompt) != 2:
+                raise TypeError("a scoring request takes a (query, document) tuple")
+            pair = tuple(text if text is not None else ids
+                         for text, ids in (parse_prompt(part, vocab_size) for part in prompt))
+            return Request(request_id, pair, None, params, arrival_time)
+        text, token_ids = parse_prompt(prompt, vocab_size)
+        return Request(request_id, text, token_ids, params, arrival_time)

@@ -1,0 +1,73 @@
+"""Scheduler output -> one flat, unpadded batch of the new tokens of every input, with what pooling needs."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wde.core import interfaces
+from wde.core.attention.metadata import (EncoderAttentionMetadata, PagedAttentionMetadata, build_attn_metadata,
+                                         slots_of)
+from wde.core.pooling_params import PoolingParams
+from wde.workflows.prefill_only.scheduler import PrefillOnlySchedulerOutput
+
+
+@dataclass
+class PoolingMetadata:
+    """Input i is rows first_rows[i] : first_rows[i] + num_rows[i] of the batch (its tokens not from the cache)."""
+
+    first_rows: torch.Tensor  # [num_inputs] int64
+    num_rows: torch.Tensor  # [num_inputs] int64
+    params: list[PoolingParams]
+
+    def to(self, device: torch.device) -> "PoolingMetadata":
+        return PoolingMetadata(self.first_rows.to(device), self.num_rows.to(device), self.params)
+
+
+@dataclass
+class PrefillOnlyModelInput:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    token_type_ids: torch.Tensor | None
+    attn_metadata: EncoderAttentionMetadata | PagedAttentionMetadata
+    pooling: PoolingMetadata
+
+    def to(self, device: torch.device) -> "PrefillOnlyModelInput":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PrefillOnlyModelInput(move(self.input_ids), move(self.positions), move(self.token_type_ids),
+                                     self.attn_metadata.to(device), self.pooling.to(device))
+
+
+class PrefillOnlyModelPreProcessor(interfaces.ModelPreProcessor):
+    def __init__(self, config):
+        super().__init__(config)
+        self.block_size = config.args.block_size
+
+    def __call__(self, scheduler_output: PrefillOnlySchedulerOutput) -> PrefillOnlyModelInput:
+        inputs = scheduler_output.scheduled
+        token_ids, positions, token_types, num_rows = [], [], [], []
+        for item in inputs:
+            seq, start = item.seq, item.num_cached_tokens
+            token_ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, seq.num_tokens))
+            token_types.extend(seq.token_type_ids[start:] if seq.token_type_ids else [0] * (seq.num_tokens - start))
+            num_rows.append(seq.num_tokens - start)
+        first_rows = np.zeros(len(inputs), dtype=np.int64)
+        np.cumsum(num_rows[:-1], out=first_rows[1:])
+        pooling = PoolingMetadata(torch.from_numpy(first_rows), torch.tensor(num_rows, dtype=torch.int64),
+                                  [item.seq.request.params for item in inputs])
+        paired = any(item.seq.token_type_ids for item in inputs)
+        return PrefillOnlyModelInput(torch.tensor(token_ids, dtype=torch.int64),
+                                     torch.tensor(positions, dtype=torch.int64),
+                                     torch.tensor(token_types, dtype=torch.int64) if paired else None,
+                                     self._attn_metadata(scheduler_output, num_rows), pooling)
+
+    def _attn_metadata(self, scheduler_output: PrefillOnlySchedulerOutput, num_rows: list[int]):
+        seqs = [item.seq for item in scheduler_output.scheduled]
+        if not seqs[0].block_table:  # an encoder: each input attends to itself, nothing cached
+            cu_seqlens = np.zeros(len(seqs) + 1, dtype=np.int32)
+            np.cumsum(num_rows, out=cu_seqlens[1:])
+            return EncoderAttentionMetadata(torch.from_numpy(cu_seqlens), num_rows)
+        slots = [slot for seq, rows in zip(seqs, num_rows)
+                 for slot in slots_of(seq.block_table, seq.num_tokens - rows, seq.num_tokens, self.block_size)]
+        return build_attn_metadata(slots, num_rows, [seq.num_tokens for seq in seqs],
+                                   [seq.block_table for seq in seqs])

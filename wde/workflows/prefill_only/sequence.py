@@ -1,0 +1,22 @@
+"""The state of a prefill-only request once tokenized: one input, computed in one step."""
+from dataclasses import dataclass, field
+
+from wde.core.request import Request
+
+
+@dataclass(eq=False)
+class PrefillOnlySequence:
+    request: Request
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None  # segment ids of a (query, document) pair, for BERT-like encoders
+    num_computed_tokens: int = 0  # decoders with prefix caching: tokens whose K/V the cache already held
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
