@@ -116,9 +116,13 @@ def test_encoder_flash_backend_matches_the_torch_backend():
     from wde import LLM, PoolingParams
     inputs = w3(64)
     vectors = {}
-    for backend in ("encoder_flash", "encoder_torch"):
-        llm = LLM(model=model_folder("bert-base"), load_format="dummy", dtype="bfloat16", attention_backend=backend,
+    for backend, dtype in (("encoder_flash", "bfloat16"), ("encoder_torch", "bfloat16"), ("encoder_torch", "float32")):
+        llm = LLM(model=model_folder("bert-base"), load_format="dummy", dtype=dtype, attention_backend=backend,
                   max_num_batched_tokens=8192)
-        vectors[backend] = torch.stack([o.outputs.data for o in llm.embed(inputs, PoolingParams(normalize=False))])
+        vectors[backend, dtype] = torch.stack([o.outputs.data for o in llm.embed(inputs,
+                                                                                 PoolingParams(normalize=False))])
         del llm
-    assert relative_error(vectors["encoder_flash"], vectors["encoder_torch"]) < BF16_TOLERANCE
+    # twelve bf16 layers drift about 1% from float32 whatever the attention; flash must drift no more than torch
+    reference = vectors["encoder_torch", "float32"]
+    flash_error = relative_error(vectors["encoder_flash", "bfloat16"], reference)
+    assert flash_error < 1.5 * relative_error(vectors["encoder_torch", "bfloat16"], reference) + 1e-3

@@ -6,7 +6,7 @@ with its cached prefix already computed.
 """
 import hashlib
 import logging
-from array import array
+from array import array  # noqa: F401 (also the token_ids type of prefill-only sequences)
 from typing import Protocol
 
 from wde.core import interfaces
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class CachedSequence(Protocol):
     """What the manager needs of a sequence."""
 
-    token_ids: list[int]
+    token_ids: "list[int] | array"  # ints, as a list or an array("q")
     block_table: list[int]
     block_hashes: list[bytes]  # of its full blocks, filled in by the manager
     num_computed_tokens: int  # tokens whose K/V are in its blocks

@@ -8,6 +8,11 @@ from wde.core.sampling_params import SamplingParams
 
 
 class DecodingInputProcessor(interfaces.InputProcessor):
+    def __init__(self, config):
+        super().__init__(config)
+        # read once: attribute access on a transformers config object is slow, and this runs per request
+        self.vocab_size, self.max_model_len = config.model.vocab_size, config.model.max_model_len
+
     def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
         if params is None:
             params = SamplingParams()
@@ -15,14 +20,13 @@ class DecodingInputProcessor(interfaces.InputProcessor):
             params = SamplingParams(**params)
         elif not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
-        vocab_size = self.config.model.vocab_size
+        vocab_size = self.vocab_size
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
         if bad_stops:
             raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary [0, {vocab_size})")
         text, token_ids = parse_prompt(prompt, vocab_size)
-        max_model_len = self.config.model.max_model_len
-        if token_ids is not None and len(token_ids) >= max_model_len:
-            raise ValueError(too_long_message(len(token_ids), max_model_len))
+        if token_ids is not None and len(token_ids) >= self.max_model_len:
+            raise ValueError(too_long_message(len(token_ids), self.max_model_len))
         return Request(request_id, text, token_ids, params, arrival_time)
 
 

@@ -15,6 +15,8 @@ class PrefillOnlyInputProcessor(interfaces.InputProcessor):
     def __init__(self, config, task: str):
         super().__init__(config)
         self.task = task
+        # read once: attribute access on a transformers config object is slow, and this runs per request
+        self.vocab_size, self.hidden_size = config.model.vocab_size, config.model.hf_config.hidden_size
 
     def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
         if params is None:
@@ -23,10 +25,9 @@ class PrefillOnlyInputProcessor(interfaces.InputProcessor):
             params = PoolingParams(**params)
         elif not isinstance(params, PoolingParams):
             raise TypeError(f"params must be PoolingParams, not {type(params).__name__}")
-        hidden_size = self.config.model.hf_config.hidden_size
-        if params.dimensions is not None and params.dimensions > hidden_size:
-            raise ValueError(f"dimensions={params.dimensions} is more than the model's {hidden_size}")
-        vocab_size = self.config.model.vocab_size
+        if params.dimensions is not None and params.dimensions > self.hidden_size:
+            raise ValueError(f"dimensions={params.dimensions} is more than the model's {self.hidden_size}")
+        vocab_size = self.vocab_size
         if self.task == "score":
             if not isinstance(prompt, tuple) or len(prompt) != 2:
                 raise TypeError("a scoring request takes a (query, document) tuple")

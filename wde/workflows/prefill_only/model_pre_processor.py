@@ -1,4 +1,5 @@
 """Scheduler output -> one flat, unpadded batch of the new tokens of every input, with what pooling needs."""
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,22 +45,27 @@ class PrefillOnlyModelPreProcessor(interfaces.ModelPreProcessor):
 
     def __call__(self, scheduler_output: PrefillOnlySchedulerOutput) -> PrefillOnlyModelInput:
         inputs = scheduler_output.scheduled
-        token_ids, positions, token_types, num_rows = [], [], [], []
+        token_ids = array("q")  # concatenating machine-int buffers: a 64k-token step costs ~0.1 ms, not ~4
         for item in inputs:
-            seq, start = item.seq, item.num_cached_tokens
-            token_ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, seq.num_tokens))
-            token_types.extend(seq.token_type_ids[start:] if seq.token_type_ids else [0] * (seq.num_tokens - start))
-            num_rows.append(seq.num_tokens - start)
+            token_ids.extend(item.seq.token_ids[item.num_cached_tokens:] if item.num_cached_tokens
+                             else item.seq.token_ids)
+        num_rows = [item.seq.num_tokens - item.num_cached_tokens for item in inputs]
+        positions = np.concatenate([np.arange(item.num_cached_tokens, item.seq.num_tokens) for item in inputs])
         first_rows = np.zeros(len(inputs), dtype=np.int64)
         np.cumsum(num_rows[:-1], out=first_rows[1:])
         pooling = PoolingMetadata(torch.from_numpy(first_rows), torch.tensor(num_rows, dtype=torch.int64),
                                   [item.seq.request.params for item in inputs])
-        paired = any(item.seq.token_type_ids for item in inputs)
-        return PrefillOnlyModelInput(torch.tensor(token_ids, dtype=torch.int64),
-                                     torch.tensor(positions, dtype=torch.int64),
-                                     torch.tensor(token_types, dtype=torch.int64) if paired else None,
-                                     self._attn_metadata(scheduler_output, num_rows), pooling)
+        return PrefillOnlyModelInput(torch.frombuffer(token_ids, dtype=torch.int64), torch.from_numpy(positions),
+                                     self._token_types(inputs), self._attn_metadata(scheduler_output, num_rows),
+                                     pooling)
+
+    @staticmethod
+    def _token_types(inputs: list) -> torch.Tensor | None:
+        """Segment ids when some input is a (query, document) pair for a model that uses them."""
+        if not any(item.seq.token_type_ids for item in inputs):
+            return None
+        return torch.tensor([t for item in inputs for t in (item.seq.token_type_ids or [0] * item.seq.num_tokens)],
+                            dtype=torch.int64)
 
     def _attn_metadata(self, scheduler_output: PrefillOnlySchedulerOutput, num_rows: list[int]):
         seqs = [item.seq for item in scheduler_output.scheduled]

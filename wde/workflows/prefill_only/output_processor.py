@@ -24,6 +24,6 @@ class PrefillOnlyOutputProcessor(interfaces.OutputProcessor):
                    for request, error in scheduler_output.failed]
         for item, result in zip(scheduler_output.scheduled, results or []):
             seq = item.seq
-            outputs.append(PoolingRequestOutput(seq.request_id, self.wrap(result), seq.token_ids,
+            outputs.append(PoolingRequestOutput(seq.request_id, self.wrap(result), seq.prompt_token_ids,
                                                 num_cached_tokens=item.num_cached_tokens))
         return outputs

@@ -1,4 +1,6 @@
 """At schedule time: tokenize an input (or a query / document pair), truncate it if asked, check its length."""
+from array import array
+
 from wde.core import interfaces
 from wde.core.request import Request
 from wde.workflows.prefill_only.sequence import PrefillOnlySequence
@@ -36,7 +38,7 @@ class PrefillOnlyRequestProcessor(interfaces.RequestProcessor):
         if len(token_ids) > self.max_step_tokens:
             raise ValueError(f"the input has {len(token_ids)} tokens, more than one step can take "
                              f"({self.max_step_tokens}): raise max_num_batched_tokens")
-        return PrefillOnlySequence(request, token_ids, token_type_ids)
+        return PrefillOnlySequence(request, token_ids, array("q", token_ids), token_type_ids)
 
     def _encode(self, request: Request, limit: int | None) -> list[int]:
         if request.prompt_token_ids is not None:

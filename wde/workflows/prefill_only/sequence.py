@@ -1,4 +1,5 @@
 """The state of a prefill-only request once tokenized: one input, computed in one step."""
+from array import array
 from dataclasses import dataclass, field
 
 from wde.core.request import Request
@@ -7,7 +8,8 @@ from wde.core.request import Request
 @dataclass(eq=False)
 class PrefillOnlySequence:
     request: Request
-    token_ids: list[int]
+    prompt_token_ids: list[int]  # as tokenized (or given), for the output
+    token_ids: array  # the same, as machine ints: a step's batch is built by concatenating these buffers
     token_type_ids: list[int] | None = None  # segment ids of a (query, document) pair, for BERT-like encoders
     num_computed_tokens: int = 0  # decoders with prefix caching: tokens whose K/V the cache already held
     block_table: list[int] = field(default_factory=list)
