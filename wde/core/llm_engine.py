@@ -8,9 +8,10 @@ from wde.core.attention.selector import select_attention_backend
 from wde.core.config import EngineArgs, EngineConfig
 from wde.core.dotted_path import import_object
 from wde.core.outputs import RequestOutput
-from wde.core.registry import resolve_model_class, resolve_workflow
+from wde.core.plugins import load_plugins
+from wde.core.registry import resolve_model_class, resolve_workflow, workflow_path
 from wde.core.stats import EngineStats, StatsTracker, StepTimes
-from wde.core.workflow import Workflow
+from wde.core.workflow import Workflow, WorkflowError
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +38,29 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
-        """An engine for the model's architecture, with the Workflow the registry names for it."""
+        """An engine for the model's architecture, with the Workflow the registry names for it (or the one
+        `workflow=` names)."""
+        load_plugins()
         args = engine_args.model_copy(update=kwargs) if engine_args else EngineArgs(**kwargs)
         config = EngineConfig.from_args(EngineArgs.model_validate(args.model_dump()))
+        if config.args.workflow:
+            return cls.from_workflow(workflow_path(config.args.workflow), config=config)
         return cls(resolve_workflow(config.model.architecture, config.args.task), config)
 
     @classmethod
-    def from_workflow(cls, workflow: type[Workflow] | str, **kwargs: Any) -> "LLMEngine":
+    def from_workflow(cls, workflow: type[Workflow] | str, config: EngineConfig | None = None,
+                      **kwargs: Any) -> "LLMEngine":
         """An engine that runs `workflow` (a Workflow class or its "package.module:Name" path)."""
+        load_plugins()
         if isinstance(workflow, str):
-            workflow = import_object(workflow)
+            try:
+                workflow = import_object(workflow)
+            except (ImportError, AttributeError, ValueError) as e:
+                raise WorkflowError(f"workflow {workflow!r} cannot be imported: {e}") from e
         if not (isinstance(workflow, type) and issubclass(workflow, Workflow)):
             raise TypeError(f"{workflow!r} is not a Workflow subclass")
         workflow.resolve()  # fail on a bad slot before reading the model
-        return cls(workflow, EngineConfig.from_args(EngineArgs(**kwargs)))
+        return cls(workflow, config or EngineConfig.from_args(EngineArgs(**kwargs)))
 
     def add_request(self, request_id: str, prompt: Any, params: Any = None) -> None:
         """Queue a request; raises ValueError / TypeError at once for a bad prompt or params."""

@@ -60,6 +60,46 @@ def register_model(architecture: str, model: str, workflow: str, task: str = "ge
     _MODELS.setdefault(architecture, {})[task] = ModelEntry(model=model, workflow=workflow)
 
 
+_WORKFLOWS: dict[str, str] = {}  # name -> "package.module:Workflow", for EngineArgs(workflow=name)
+_ATTENTION_BACKENDS: dict[str, str] = {
+    "torch": "wde.core.attention.torch_backend:TorchAttentionBackend",
+    "triton": "wde.core.attention.triton_backend:TritonAttentionBackend",
+    "flash_attn": "wde.core.attention.flash_attn_backend:FlashAttnBackend",
+    "encoder_torch": "wde.core.attention.encoder_backends:EncoderTorchBackend",
+    "encoder_flash": "wde.core.attention.encoder_backends:EncoderFlashBackend",
+}
+
+
+def register_workflow(name: str, workflow: str, override: bool = False) -> None:
+    """Make a Workflow selectable by name: LLM(model=..., workflow=name)."""
+    if name in _WORKFLOWS and not override:
+        raise ValueError(f"workflow {name!r} is already registered ({_WORKFLOWS[name]}); pass override=True")
+    _WORKFLOWS[name] = workflow
+
+
+def register_attention_backend(name: str, backend: str, override: bool = False) -> None:
+    """Make an AttentionBackend selectable by name: LLM(model=..., attention_backend=name)."""
+    if name in _ATTENTION_BACKENDS and not override:
+        raise ValueError(f"attention backend {name!r} is already registered ({_ATTENTION_BACKENDS[name]}); "
+                         "pass override=True")
+    _ATTENTION_BACKENDS[name] = backend
+
+
+def attention_backends() -> dict[str, str]:
+    return dict(_ATTENTION_BACKENDS)
+
+
+def workflow_path(name: str) -> str:
+    """A registered workflow's dotted path; a dotted path is taken as it is."""
+    if name in _WORKFLOWS:
+        return _WORKFLOWS[name]
+    if ":" in name:
+        return name
+    known = ", ".join(sorted(_WORKFLOWS)) or "none registered"
+    raise ValueError(f"unknown workflow {name!r} (give a registered name or 'package.module:Workflow'); "
+                     f"registered: {known}")
+
+
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 

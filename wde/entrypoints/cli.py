@@ -103,6 +103,17 @@ def run_embed(namespace: argparse.Namespace) -> None:
             print(json.dumps({"text": text, "embedding": [round(x, 6) for x in output.outputs.embedding]}))
 
 
+def run_plugins(namespace: argparse.Namespace) -> None:
+    """Every plugin in the wde.plugins entry-point group, and what loading it did."""
+    from wde.core.plugins import load_plugins
+    statuses = load_plugins()
+    if not statuses:
+        print("no wde plugins installed (entry-point group wde.plugins)")
+    for status in statuses:
+        line = f"{status.name:24} {status.status:28} {status.value}  [{status.distribution or '?'}]"
+        print(line + (f"\n    {status.error}" if status.error else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wde", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -121,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--dimensions", type=int, help="keep the first dimensions (Matryoshka models)")
     embed.add_argument("--no-normalize", action="store_true", help="do not L2-normalize")
     embed.set_defaults(run=run_embed)
+
+    plugins = commands.add_parser("plugins", help="list the installed plugins and whether they load")
+    plugins.set_defaults(run=run_plugins)
 
     for sub in (generate, chat):
         sub.add_argument("--max-tokens", type=int, help="most tokens to generate per answer")

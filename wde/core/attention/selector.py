@@ -3,27 +3,21 @@ import logging
 
 from wde.core.config import EngineConfig
 from wde.core.dotted_path import import_object
+from wde.core.registry import attention_backends
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS: dict[str, str] = {
-    "torch": "wde.core.attention.torch_backend:TorchAttentionBackend",
-    "triton": "wde.core.attention.triton_backend:TritonAttentionBackend",
-    "flash_attn": "wde.core.attention.flash_attn_backend:FlashAttnBackend",
-    "encoder_torch": "wde.core.attention.encoder_backends:EncoderTorchBackend",
-    "encoder_flash": "wde.core.attention.encoder_backends:EncoderFlashBackend",
-}
 # "auto" on a GPU: the first of these that can run and computes the workflow's kind of attention ("paged" for
 # decoders, "encoder" for encoders); on a CPU: the workflow's own AttentionBackend slot
 GPU_PREFERENCE = ("flash_attn", "triton", "encoder_flash")
 
 
 def select_attention_backend(config: EngineConfig, workflow_backend: type) -> type:
-    name = config.args.attention_backend
+    name, known = config.args.attention_backend, attention_backends()
     if name != "auto":
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention_backend {name!r}; known: auto, {', '.join(ATTENTION_BACKENDS)}")
-        backend = import_object(ATTENTION_BACKENDS[name])
+        if name not in known:
+            raise ValueError(f"unknown attention_backend {name!r}; known: auto, {', '.join(known)}")
+        backend = import_object(known[name])
         if getattr(backend, "kind", None) != getattr(workflow_backend, "kind", None):
             raise ValueError(f"attention_backend {name!r} computes {backend.kind} attention; this workflow needs "
                              f"{getattr(workflow_backend, 'kind', '?')} attention")
@@ -35,7 +29,7 @@ def select_attention_backend(config: EngineConfig, workflow_backend: type) -> ty
     if config.device.type == "cuda":
         skipped = []
         for candidate in GPU_PREFERENCE:
-            backend = import_object(ATTENTION_BACKENDS[candidate])
+            backend = import_object(known[candidate])
             if getattr(backend, "kind", None) != getattr(workflow_backend, "kind", None):
                 continue  # another kind of attention: not a candidate
             reason = unavailable(backend, config)
