@@ -2,6 +2,8 @@
 1000 requests of 512 random prompt tokens, 512 output tokens each (EOS ignored, greedy).
 
     python -m benchmarks.baseline
+    python -m benchmarks.baseline --tensor-parallel-size 2          # the same over two GPUs
+    python -m benchmarks.baseline --shape llama-3.1-8b --tensor-parallel-size 4
 
 Prints `Throughput: X requests/s, Y tokens/s, Delay Z ms` (tokens: prompt + output; Delay: the mean step time)
 for wde, then the transformers peer on 128 requests (its continuous batching; benchmarks/peer.py).
@@ -22,6 +24,8 @@ PROMPT_LEN = OUTPUT_LEN = 512
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default=W2_SHAPE, help="a model shape in benchmarks/model_shapes")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--peer-requests", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -32,8 +36,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from wde import LLM, SamplingParams
     prompts = w2(args.num_requests, PROMPT_LEN)
-    llm = LLM(model=model_folder(W2_SHAPE), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(model=model_folder(args.shape), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tensor_parallel_size)
     warm_up(llm, prompts)
     params = [SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)] * len(prompts)
     runs = []
@@ -48,6 +52,7 @@ def main() -> None:
            "tok_per_s": round((best.in_tokens + best.out_tokens) / best.seconds),
            "delay_ms": round(1000 * best.seconds / best.steps, 2), "host_ms_per_step": round(best.host_ms_per_step, 2),
            "runs_req_per_s": spread(runs, lambda r: len(prompts) / r.seconds), "seconds": round(best.seconds, 1)}
+    llm.close()
     del llm
     torch.cuda.empty_cache()
     peer, peer_error = None, None
@@ -55,15 +60,19 @@ def main() -> None:
         peer_error = "skipped (--no-peer)"
     else:
         from benchmarks.peer import continuous_batching
-        result = continuous_batching(W2_SHAPE, w2(args.peer_requests, PROMPT_LEN), OUTPUT_LEN)
+        result = continuous_batching(args.shape, w2(args.peer_requests, PROMPT_LEN), OUTPUT_LEN)
         peer = {"req_per_s": round(result["requests"] / result["seconds"], 2),
                 "tok_per_s": round((result["requests"] * PROMPT_LEN + result["out_tokens"]) / result["seconds"]),
                 **result, "runs": 1}
-    detail = {"shape": W2_SHAPE, "weights": "random bf16", "num_requests": args.num_requests,
+    detail = {"shape": args.shape, "tensor_parallel_size": args.tensor_parallel_size,
+              "gpus": args.tensor_parallel_size, "weights": "random bf16", "num_requests": args.num_requests,
               "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
               "max_num_seqs": args.max_num_seqs, "runs": args.runs, "statistic": "median"}
-    path = write_result("W2", "cuda", wde, peer, peer_error, workload_detail=detail)
-    print_table(f"W2 ({torch.cuda.get_device_name(0)})", "requests/s", wde["req_per_s"],
+    workload = "W2" if args.shape == W2_SHAPE else f"W2-{args.shape}"
+    if args.tensor_parallel_size > 1:
+        workload += f"-tp{args.tensor_parallel_size}"
+    path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail)
+    print_table(f"{workload} ({torch.cuda.get_device_name(0)})", "requests/s", wde["req_per_s"],
                 peer["req_per_s"] if peer else None)
     print(f"\nwritten to {path}")
 

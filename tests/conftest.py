@@ -1,5 +1,6 @@
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,10 @@ def every_kv_block_is_free_after_each_test(monkeypatch):
 
     def tracked_init(self, *args, **kwargs):
         build(self, *args, **kwargs)
-        engines.append(self)
+        engines.append(weakref.ref(self))  # weak: an engine the test drops must still be garbage-collected
     monkeypatch.setattr(LLMEngine, "__init__", tracked_init)
     yield
-    for engine in engines:
+    for engine in filter(None, (ref() for ref in engines)):
         assert_all_blocks_free(engine)
 
 

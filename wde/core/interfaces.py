@@ -95,6 +95,10 @@ class Executor(Component):
     @abstractmethod
     def execute_model(self, model_input: Any) -> Any: ...
 
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop every process and release every device the executor started or holds."""
+
 
 class Worker(ABC):
     """Owns one device: loads the model, allocates the KV cache and runs the forward pass.

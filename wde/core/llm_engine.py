@@ -7,6 +7,7 @@ from typing import Any
 from wde.core.attention.selector import select_attention_backend
 from wde.core.config import EngineArgs, EngineConfig
 from wde.core.dotted_path import import_object
+from wde.core.multiproc_executor import ExecutorDeadError
 from wde.core.outputs import RequestOutput
 from wde.core.plugins import load_plugins
 from wde.core.registry import resolve_model_class, resolve_workflow, workflow_path
@@ -84,6 +85,8 @@ class LLMEngine:
             scheduled = time.perf_counter()
             try:
                 model_output = self.executor.execute_model(model_input)
+            except ExecutorDeadError:
+                raise  # a lost tensor-parallel rank: no step can run any more
             except Exception as e:  # the step's requests fail with the error; the others keep being served
                 logger.exception("a model step failed; its %d requests fail", len(scheduler_output.scheduled))
                 failed = self.scheduler.fail_scheduled(scheduler_output, f"{type(e).__name__}: {e}")
@@ -98,6 +101,10 @@ class LLMEngine:
         self.stats_tracker.on_step(self.scheduler.get_stats())
         times.output_s += time.perf_counter() - start
         return outputs
+
+    def close(self) -> None:
+        """Stop the executor's worker processes (also done when the engine is garbage-collected)."""
+        self.executor.shutdown()
 
     def get_stats(self) -> EngineStats:
         """Running / waiting / preempted counts, KV-cache use, prefix hit rate, token totals and rates, and where

@@ -26,9 +26,9 @@ class ModelWorker(interfaces.Worker):
         self.kv_cache: torch.Tensor | None = None
 
     def kv_block_bytes(self) -> int:
-        model, args = self.config.model, self.config.args
-        elements = 2 * len(self.kv_layers) * args.block_size * model.num_kv_heads * model.head_dim
-        return elements * model.dtype.itemsize
+        layer, args = self.kv_layers[0], self.config.args
+        elements = 2 * len(self.kv_layers) * args.block_size * layer.num_kv_heads * layer.head_dim
+        return elements * self.config.model.dtype.itemsize
 
     def determine_num_kv_blocks(self) -> int:
         """The explicit num_kv_blocks, else as many blocks as the memory budget holds (and the engine can use)."""
@@ -83,9 +83,10 @@ class ModelWorker(interfaces.Worker):
 
         Zeroed: padding rows that a backend reads but masks out must hold finite numbers.
         """
-        model, args = self.config.model, self.config.args
-        cache = torch.zeros(len(self.kv_layers), 2, num_blocks, args.block_size, model.num_kv_heads,
-                            model.head_dim, dtype=model.dtype, device=self.device)
+        layer, args = self.kv_layers[0], self.config.args
+        # this rank's KV heads (all of them without tensor parallelism)
+        cache = torch.zeros(len(self.kv_layers), 2, num_blocks, args.block_size, layer.num_kv_heads,
+                            layer.head_dim, dtype=self.config.model.dtype, device=self.device)
         for layer, layer_cache in zip(self.kv_layers, cache):
             layer.kv_cache = layer_cache
         return cache

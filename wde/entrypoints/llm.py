@@ -28,6 +28,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop tensor-parallel worker processes now (otherwise when the LLM is garbage-collected)."""
+        self.engine.close()
+
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt (a str, a list of token ids, or a list of either); outputs in input order.

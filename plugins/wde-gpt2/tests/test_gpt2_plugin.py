@@ -45,3 +45,18 @@ def test_gpt2_generation_matches_transformers(gpt2_folder):
         assert completion.token_ids == expected.argmax(-1).tolist()
         ours = torch.tensor([step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids)])
         assert (ours - expected.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]).abs().max() < 1e-3
+
+
+def test_gpt2_split_over_two_ranks_gives_the_same_tokens(gpt2_folder):
+    """The worker process finds GPT2LMHeadModel only through the plugin's registration, made there too."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 512) for _ in range(n)] for n in (6, 25)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    split = LLM(model=gpt2_folder, num_kv_blocks=32, tensor_parallel_size=2)
+    try:
+        two = [o.outputs[0].token_ids for o in split.generate(prompts, params, use_tqdm=False)]
+    finally:
+        split.close()
+    one = [o.outputs[0].token_ids for o in LLM(model=gpt2_folder, num_kv_blocks=32).generate(prompts, params,
+                                                                                             use_tqdm=False)]
+    assert two == one

@@ -1,6 +1,6 @@
 """GPT-2: learned position embeddings, pre-LayerNorm blocks, GELU (tanh), one fused q/k/v projection, and an LM
 head tied to the token embeddings. transformers stores its projections as Conv1D, [in, out]: loaded
-transposed."""
+transposed. Built from wde's tensor-parallel layers, so it splits over ranks like wde's own models."""
 from typing import Iterable
 
 import torch
@@ -9,32 +9,44 @@ from torch import nn
 
 from wde.core.attention.layer import Attention
 from wde.core.config import ModelConfig
-from wde.core.layers.linear import Linear
+from wde.core.layers.embedding import VocabParallelEmbedding
+from wde.core.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, materialize
 from wde.core.loader.model_loader import load_params
 
 
-def conv1d_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    loaded = loaded.t() if loaded.dim() == 2 else loaded
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, the parameter {tuple(param.shape)}")
-    param.data.copy_(loaded)
+def transposed(loader):
+    """A parameter loader fed Conv1D's [in, out] weights as Linear's [out, in]."""
+    def load(param: nn.Parameter, loaded, *shard) -> None:
+        tensor = materialize(loaded)
+        loader(param, tensor.t() if tensor.dim() == 2 else tensor, *shard)
+    return load
 
 
-class Conv1DLinear(Linear):
-    """A Linear whose checkpoint weight is stored transposed."""
+class FusedQKV(QKVParallelLinear):
+    """GPT-2's c_attn: q, k and v in one checkpoint tensor, each split over the ranks as wde splits heads."""
 
-    def __init__(self, input_size: int, output_size: int):
-        super().__init__(input_size, output_size, bias=True)
-        self.weight.weight_loader = conv1d_loader
+    def __init__(self, hidden: int, heads: int, head_dim: int):
+        super().__init__(hidden, head_dim, heads, heads, bias=True)
+        self.hidden = hidden
+        for param in self.parameters():
+            param.shard_ids = (None,)
+            param.weight_loader = transposed(self._load_fused)
+
+    def _load_fused(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        for index, name in enumerate("qkv"):
+            self._load_shard(param, loaded.narrow(0, index * self.hidden, self.hidden), name)
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, model_config: ModelConfig):
         super().__init__()
         hidden, heads, head_dim = model_config.hf_config.hidden_size, model_config.num_heads, model_config.head_dim
-        self.c_attn = Conv1DLinear(hidden, 3 * hidden)
-        self.c_proj = Conv1DLinear(hidden, hidden)
-        self.attn = Attention(heads, heads, head_dim, scale=head_dim ** -0.5)
+        self.c_attn = FusedQKV(hidden, heads, head_dim)
+        (first_head, local_heads), _ = self.c_attn.q_heads, self.c_attn.kv_heads
+        self.c_proj = RowParallelLinear(hidden, hidden, bias=True, input_shard=(first_head * head_dim,
+                                                                                local_heads * head_dim))
+        self.c_proj.weight.weight_loader = transposed(self.c_proj.weight.weight_loader)
+        self.attn = Attention(local_heads, local_heads, head_dim, scale=head_dim ** -0.5)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.c_attn(hidden).chunk(3, dim=-1)
@@ -44,8 +56,12 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.c_fc = Conv1DLinear(hidden, inner)
-        self.c_proj = Conv1DLinear(inner, hidden)
+        self.c_fc = MergedColumnParallelLinear(hidden, {"fc": inner}, bias=True)
+        for param in self.c_fc.parameters():
+            param.shard_ids = (None,)
+            param.weight_loader = transposed(lambda p, t, fc=self.c_fc: fc._load_shard(p, t, "fc"))
+        self.c_proj = RowParallelLinear(inner, hidden, bias=True)
+        self.c_proj.weight.weight_loader = transposed(self.c_proj.weight.weight_loader)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -72,7 +88,7 @@ class GPT2Model(nn.Module):
         config = model_config.hf_config
         if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"activation_function {config.activation_function!r} is not supported (gelu_new)")
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(model_config) for _ in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -85,6 +101,7 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
+    supports_tensor_parallel = True
     pooling = "last"
 
     def __init__(self, model_config: ModelConfig):
@@ -95,7 +112,7 @@ class GPT2LMHeadModel(nn.Module):
         return self.transformer(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.transformer.wte.weight.T  # the head is tied to the token embeddings
+        return self.transformer.wte.logits(hidden)  # the head is tied to the token embeddings
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def renamed():  # checkpoints saved from GPT2Model have no "transformer." prefix

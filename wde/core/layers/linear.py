@@ -1,17 +1,39 @@
-"""Linear layers whose parameters know how to load themselves from checkpoint tensors."""
+"""Linear layers split for tensor parallelism, whose parameters load their own rank's share of a checkpoint.
+
+With one rank they are plain linear layers. Column-parallel layers split the outputs (each rank computes a
+slice); row-parallel layers split the inputs and add the ranks' partial sums (all-reduce). The q/k/v layer
+splits by KV head, each rank taking its KV heads' groups of q heads (shares may differ by one head); when there
+are fewer KV heads than ranks, the ranks that share a KV head each hold a copy of it. A checkpoint tensor may
+arrive lazily (a safetensors slice): `narrow` reads only the rows a rank keeps.
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wde.core.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+
+def materialize(loaded) -> torch.Tensor:
+    """A checkpoint tensor, read now if it was handed over lazily."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def narrow(loaded, dim: int, start: int, length: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) start:start+length of a checkpoint tensor, reading no more than those."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, length)
+    return loaded[start:start + length] if dim == 0 else loaded[:, start:start + length]
+
+
+def default_weight_loader(param: nn.Parameter, loaded) -> None:
+    loaded = materialize(loaded)
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, the parameter {tuple(param.shape)}")
     param.data.copy_(loaded)
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Parameters start uninitialized: the loader fills every one of them."""
+    """y = x W^T (+ b), whole on every rank. Parameters start uninitialized: the loader fills every one."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
@@ -22,24 +44,92 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class MergedLinear(Linear):
-    """Several projections of the same input computed by one matmul (q/k/v, or gate/up).
+class MergedColumnParallelLinear(Linear):
+    """Several projections of one input in one matmul (gate/up, q/k/v), each split by output over the ranks.
 
-    Checkpoints store the parts as separate tensors; each loads into its own rows, named by its shard id.
+    `output_sizes` are the full (unsplit) sizes of the parts; checkpoints store the parts as separate tensors and
+    each loads, as its shard id, into its own rows.
     """
 
     def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool = False):
-        super().__init__(input_size, sum(output_sizes.values()), bias)
-        self.output_sizes = output_sizes
+        self.shards = {name: self.shard_of(name, size) for name, size in output_sizes.items()}
+        super().__init__(input_size, sum(length for _, length in self.shards.values()), bias)
         for param in self.parameters():
             param.shard_ids = tuple(output_sizes)
             param.weight_loader = self._load_shard
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def shard_of(self, name: str, size: int) -> tuple[int, int]:
+        """(first row in the checkpoint tensor, rows) of part `name` that this rank holds."""
+        return shard_range(size)
+
+    def _load_shard(self, param: nn.Parameter, loaded, shard_id: str) -> None:
+        if shard_id not in self.shards:
+            raise KeyError(f"no shard {shard_id!r} in {list(self.shards)}")
         offset = 0
-        for name, size in self.output_sizes.items():
+        for name, (start, length) in self.shards.items():
             if name == shard_id:
-                default_weight_loader(param.data.narrow(0, offset, size), loaded)
+                default_weight_loader(param.data.narrow(0, offset, length), narrow(loaded, 0, start, length))
                 return
-            offset += size
-        raise KeyError(f"no shard {shard_id!r} in {list(self.output_sizes)}")
+            offset += length
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v projections, split by KV head (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        self.head_dim = head_dim
+        self.q_heads, self.kv_heads = heads_of_rank(num_heads, num_kv_heads)
+        super().__init__(hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                                       "v": num_kv_heads * head_dim}, bias)
+
+    def shard_of(self, name: str, size: int) -> tuple[int, int]:
+        first_head, count = self.q_heads if name == "q" else self.kv_heads
+        return first_head * self.head_dim, count * self.head_dim
+
+
+def heads_of_rank(num_heads: int, num_kv_heads: int, rank: int | None = None, world_size: int | None = None
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((first q head, count), (first KV head, count)) this rank holds."""
+    rank = get_tp_rank() if rank is None else rank
+    world_size = get_tp_size() if world_size is None else world_size
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= world_size:  # whole KV groups per rank
+        first_kv, kv_count = shard_range(num_kv_heads, rank, world_size)
+        return (first_kv * group, kv_count * group), (first_kv, kv_count)
+    # fewer KV heads than ranks: the ranks sharing a KV head split its group of q heads, each with a copy of it
+    ranks_per_kv = world_size // num_kv_heads
+    first_q, q_count = shard_range(num_heads, rank, world_size)
+    return (first_q, q_count), (rank // ranks_per_kv, 1)
+
+
+def check_tensor_parallel_shapes(num_heads: int, num_kv_heads: int, world_size: int) -> None:
+    """Refuse a head layout that cannot be split over `world_size` ranks, saying why."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} attention heads do not group evenly over {num_kv_heads} KV heads")
+    if num_kv_heads >= world_size:
+        return
+    if world_size % num_kv_heads or num_heads % world_size:
+        raise ValueError(f"tensor_parallel_size={world_size} cannot split {num_heads} heads over {num_kv_heads} KV "
+                         f"heads: with fewer KV heads than ranks, the ranks must divide the KV heads' q heads evenly "
+                         f"(use a size that divides {num_heads} and is a multiple of {num_kv_heads})")
+
+
+class RowParallelLinear(Linear):
+    """Split by input: each rank multiplies its slice of x (the output of a column-parallel layer), and the
+    ranks' partial results are summed; the bias is added once, after the sum.
+
+    `input_shard` is the (start, length) of this rank's input columns; by default an even share.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 input_shard: tuple[int, int] | None = None):
+        self.input_shard = input_shard or shard_range(input_size)
+        super().__init__(self.input_shard[1], output_size, bias)
+        self.weight.weight_loader = self._load_weight
+
+    def _load_weight(self, param: nn.Parameter, loaded) -> None:
+        default_weight_loader(param, narrow(loaded, 1, *self.input_shard))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = all_reduce(F.linear(x, self.weight))
+        return out + self.bias if self.bias is not None else out

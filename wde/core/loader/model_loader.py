@@ -16,7 +16,8 @@ from wde.core.registry import resolve_model_class
 logger = logging.getLogger(__name__)
 
 
-def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, object]]:
+    """(name, tensor or lazy slice) pairs; parameters' loaders read what they keep (layers/linear.py)."""
     if model_config.gguf_file:
         return iterate_gguf(model_config.weights_path, model_config.hf_config)
     return iterate_safetensors(model_config.path)

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -23,13 +22,15 @@ def safetensors_files(folder: str) -> list[Path]:
     return files
 
 
-def iterate_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(folder: str) -> Iterator[tuple[str, object]]:
+    """(name, slice) pairs: a safetensors slice reads only the rows or columns asked of it, so under tensor
+    parallelism each rank reads its own share of each weight, never the whole model."""
     for file in safetensors_files(folder):
         if not file.exists():
             raise FileNotFoundError(f"the shard index lists {file.name}, which is not in {folder}")
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise ValueError(f"could not read weights from {file}: {e}") from e

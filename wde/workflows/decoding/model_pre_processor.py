@@ -28,13 +28,14 @@ class ModelInput:
     positions: torch.Tensor  # [num_tokens] int64
     attn_metadata: PagedAttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] int64: rows whose hidden state yields a next token
-    sampling: SamplingMetadata
+    sampling: SamplingMetadata | None
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "ModelInput":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        sampling = self.sampling.to(device) if self.sampling is not None else None  # None on ranks that don't sample
         return ModelInput(move(self.input_ids), move(self.positions), self.attn_metadata.to(device),
-                          move(self.logits_indices), self.sampling.to(device), self.prompt_logprobs)
+                          move(self.logits_indices), sampling, self.prompt_logprobs)
 
 
 def padded(rows: list[list[int]], pad: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 import torch
 
 from wde.core.cuda_graphs import DecodeCudaGraphs
+from wde.core.distributed import get_tp_rank
 from wde.core.forward_context import set_forward_context
 from wde.core.sampler import Sampler, SamplerOutput, SamplingMetadata, token_logprobs
 from wde.core.worker import ModelWorker
@@ -24,19 +25,25 @@ class DecodingWorker(ModelWorker):
 
     @torch.inference_mode()
     def execute_model(self, model_input: ModelInput) -> SamplerOutput:
+        """The step's sampled tokens on rank 0; None on the other tensor-parallel ranks, which take part in the
+        forward pass and the logits' gather but leave sampling to rank 0."""
         meta = model_input.attn_metadata
+        samples = get_tp_rank() == 0
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
             logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
-            return self.sampler(logits, model_input.sampling.to(self.device))
+            return self.sampler(logits, model_input.sampling.to(self.device)) if samples else None
         model_input = model_input.to(self.device)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
-        output = self.sampler(self.model.compute_logits(hidden[model_input.logits_indices]), model_input.sampling)
+        logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        output = self.sampler(logits, model_input.sampling) if samples else None
         for rows in model_input.prompt_logprobs:
             prompt_logits = self.model.compute_logits(hidden[rows.first_row:rows.first_row + len(rows.targets)])
-            targets = torch.tensor(rows.targets, device=self.device)
-            output.prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets, rows.k)))
+            if samples:
+                targets = torch.tensor(rows.targets, device=self.device)
+                output.prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets,
+                                                                                    rows.k)))
         return output
 
     def profile_run(self) -> None:

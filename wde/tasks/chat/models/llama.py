@@ -8,8 +8,8 @@ from transformers import PretrainedConfig
 from wde.core.attention.layer import Attention
 from wde.core.config import ModelConfig
 from wde.core.layers.activation import SiluAndMul
-from wde.core.layers.embedding import VocabEmbedding
-from wde.core.layers.linear import Linear, MergedLinear
+from wde.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from wde.core.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from wde.core.layers.norm import RMSNorm
 from wde.core.layers.rotary import RotaryEmbedding
 from wde.core.loader.model_loader import load_params
@@ -21,15 +21,16 @@ class LlamaAttention(nn.Module):
         super().__init__()
         config = model_config.hf_config
         heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
-        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-                                     bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=qkv_bias)
+        (first_q, local_heads), (_, local_kv_heads) = self.qkv_proj.q_heads, self.qkv_proj.kv_heads  # this rank's
+        self.q_size, self.kv_size = local_heads * head_dim, local_kv_heads * head_dim
+        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias,
+                                        input_shard=(first_q * head_dim, self.q_size))
         # Qwen3 normalizes each head of q and k before the rotation
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = Attention(heads, kv_heads, head_dim, scale=head_dim ** -0.5)
+        self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -45,9 +46,9 @@ class LlamaMLP(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -76,7 +77,7 @@ class LlamaModel(nn.Module):
     def __init__(self, model_config: ModelConfig, attention: dict):
         super().__init__()
         config = model_config.hf_config
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # one table of rotations for all layers: it holds max_model_len rows
         rotary_emb = RotaryEmbedding(config, model_config.head_dim, model_config.max_model_len)
         self.layers = nn.ModuleList(LlamaDecoderLayer(model_config, rotary_emb, attention)
@@ -91,6 +92,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_tensor_parallel = True
     pooling = "last"  # as an embedder (gte-Qwen2, Qwen3-Embedding): the last token sees the whole input
     # checkpoint parts that load into one merged parameter: (merged, part, shard id)
     stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
@@ -106,7 +108,7 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
     @staticmethod
     def attention_options(config: PretrainedConfig) -> dict:
@@ -118,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head.weight.T
+        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def skip(name: str) -> bool:

@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 
 from wde.core.attention.layer import EncoderAttention
 from wde.core.config import ModelConfig
-from wde.core.layers.linear import Linear, MergedLinear
+from wde.core.layers.linear import Linear, MergedColumnParallelLinear
 from wde.core.loader.model_loader import load_params
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -44,7 +44,7 @@ class BertSelfAttention(nn.Module):
     def __init__(self, model_config: ModelConfig):
         super().__init__()
         hidden = model_config.hf_config.hidden_size
-        self.qkv_proj = MergedLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=True)
+        self.qkv_proj = MergedColumnParallelLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=True)
         self.attn = EncoderAttention(model_config.num_heads, model_config.num_heads, model_config.head_dim,
                                      scale=model_config.head_dim ** -0.5)
 

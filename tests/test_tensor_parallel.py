@@ -1,0 +1,147 @@
+"""Tensor parallelism on the CPU: two gloo processes give the tokens of one, spawned or under torchrun; a failing
+rank surfaces in the caller; no process outlives its engine."""
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.test_parity_random import random_prompts
+from wde import LLM, SamplingParams
+from wde.core.multiproc_executor import ExecutorDeadError
+from wde.workflows.decoding.worker import DecodingWorker
+from wde.tasks.chat.workflow import ChatWorkflow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+PROMPTS = random_prompts([5, 37, 12], seed=20)
+
+
+def generate(model: str, prompts=PROMPTS, **args) -> list:
+    llm = LLM(model=model, num_kv_blocks=48, **args)
+    try:
+        return [o.outputs[0] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        llm.close()
+
+
+def assert_same_generation(a: list, b: list) -> None:
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    for x, y in zip(a, b):
+        for step_x, step_y, token in zip(x.logprobs, y.logprobs, x.token_ids):
+            assert abs(step_x[token].logprob - step_y[token].logprob) < 1e-4
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+
+
+def wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(gone(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("shape,overrides", [("llama", {}), ("qwen3", {}), ("qwen2", {"num_key_value_heads": 4})],
+                         ids=["1 KV head (copied)", "2 KV heads", "4 KV heads"])
+def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, shape, overrides):
+    folder = tiny_model_dir(shape, **overrides)
+    assert_same_generation(generate(folder, tensor_parallel_size=2), generate(folder))
+
+
+def test_smollm2_split_over_two_ranks():
+    # 9 heads over 3 KV heads: rank 0 takes 2 KV heads (6 q heads), rank 1 takes 1 (3 q heads)
+    prompts = ["The capital of France is", "Once upon a time"]
+    assert_same_generation(generate(None, prompts, tensor_parallel_size=2), generate(None, prompts))
+
+
+def test_torchrun_joins_its_process_group(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("qwen3")
+    script = tmp_path / "tp.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from wde import LLM, SamplingParams
+        llm = LLM(model={folder!r}, num_kv_blocks=48, tensor_parallel_size=2)
+        # only rank 0 gets here: the other rank served its steps inside LLM() and ended with the engine
+        outputs = llm.generate({PROMPTS!r}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        json.dump([o.outputs[0].token_ids for o in outputs], open({str(tmp_path / 'out.json')!r}, "w"))
+        llm.close()
+    """))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                   check=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    expected = [c.token_ids for c in generate(folder)]
+    assert json.loads((tmp_path / "out.json").read_text()) == expected
+
+
+class FailingOnRankOne(DecodingWorker):
+    def execute_model(self, model_input):
+        from wde.core.distributed import get_tp_rank
+        if get_tp_rank() == 1 and (model_input.input_ids == 13).any():
+            raise RuntimeError("rank one cannot read token 13")
+        return super().execute_model(model_input)
+
+
+class FailingWorkflow(ChatWorkflow):
+    Worker = f"{__name__}:FailingOnRankOne"
+
+
+def test_a_rank_that_raises_makes_generate_raise_and_leaves_no_process(tiny_model_dir):
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2, workflow=f"{__name__}:FailingWorkflow")
+    pids = [p.pid for p in llm.engine.executor.workers.processes]
+    assert generate_ok(llm)
+    start = time.monotonic()
+    with pytest.raises(ExecutorDeadError, match="(?s)rank 1 failed.*rank one cannot read token 13"):
+        llm.generate([[5, 13, 6]], GREEDY, use_tqdm=False)
+    assert time.monotonic() - start < 15
+    assert wait_gone(pids)
+    llm.engine.scheduler.abort_request(next(iter(llm.engine.scheduler.requests)))  # the dead step's request
+
+
+def generate_ok(llm: LLM) -> bool:
+    return len(llm.generate([[5, 6]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 10
+
+
+def test_workers_stop_on_close_and_on_garbage_collection(tiny_model_dir):
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2)
+    pids = [p.pid for p in llm.engine.executor.workers.processes]
+    assert generate_ok(llm)
+    llm.close()
+    assert wait_gone(pids)
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2)
+    pids = [p.pid for p in llm.engine.executor.workers.processes]
+    del llm
+    gc.collect()
+    assert wait_gone(pids)
+
+
+@pytest.mark.parametrize("ending", ["raise KeyboardInterrupt", "os._exit(9)"])
+def test_workers_stop_when_the_engine_process_is_interrupted_or_killed(tiny_model_dir, tmp_path, ending):
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from wde import LLM
+        llm = LLM(model={tiny_model_dir('qwen3')!r}, num_kv_blocks=48, tensor_parallel_size=2)
+        json.dump([p.pid for p in llm.engine.executor.workers.processes], open({str(tmp_path / 'pids')!r}, "w"))
+        {ending}
+    """))
+    subprocess.run([sys.executable, str(script)], timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()},
+                   capture_output=True)
+    assert wait_gone(json.loads((tmp_path / "pids").read_text()))
+
+
+def test_shapes_that_cannot_be_split_are_refused_before_any_process_starts(tiny_model_dir):
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 cannot split 4 heads over 2 KV heads"):
+        LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=8, tensor_parallel_size=3)
+    from wde.core.config import default_embed_model_path
+    with pytest.raises(ValueError, match="BertModel does not support tensor parallelism"):
+        LLM(model=default_embed_model_path(), tensor_parallel_size=2)

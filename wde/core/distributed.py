@@ -1,0 +1,67 @@
+"""The tensor-parallel group this process belongs to (rank 0 of 1 unless an executor set up more), and the
+collectives the parallel layers use. NCCL on GPUs, gloo on CPUs; torchrun's environment works the same way."""
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    rank: int = 0
+    world_size: int = 1
+
+
+_state = ParallelState()
+
+
+def get_tp_rank() -> int:
+    return _state.rank
+
+
+def get_tp_size() -> int:
+    return _state.world_size
+
+
+TIMEOUT = timedelta(seconds=120)  # how long a collective waits for a rank that stopped answering
+
+
+def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store: dist.Store | None = None) -> None:
+    """Join the group: through `store` (made by the executor), or through torchrun's environment."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if store is None:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=TIMEOUT)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
+    _state.rank, _state.world_size = rank, world_size
+
+
+def destroy_tensor_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _state.rank, _state.world_size = 0, 1
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if _state.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Every rank's `tensor`, concatenated along `dim` in rank order."""
+    if _state.world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(_state.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def shard_range(size: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(start, length) of this rank's share of `size`: equal shares, the first `size % world_size` ranks
+    holding one more (so 9 heads over 2 ranks are 5 + 4, not an error)."""
+    rank = _state.rank if rank is None else rank
+    world_size = _state.world_size if world_size is None else world_size
+    base, extra = divmod(size, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)

@@ -1,0 +1,50 @@
+"""A tensor-parallel rank's process: `python -m wde.core.tp_worker`, its arguments pickled on stdin.
+
+Started as a plain subprocess rather than through multiprocessing, so the user's main script is never
+imported again in it. It exits when rank 0 says stop, when rank 0's process disappears, or on any error (which
+it writes to its error file first, for rank 0 to raise).
+"""
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from wde.core.distributed import destroy_tensor_parallel, init_tensor_parallel
+
+
+def exit_when_orphaned(parent_pid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def main() -> None:
+    args = pickle.load(sys.stdin.buffer)
+    threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    try:
+        from wde.core.multiproc_executor import rank_device, serve_steps
+        rank, world_size, config = args["rank"], args["world_size"], args["config"]
+        if config.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        config = replace(config, device=rank_device(config, rank))
+        store = dist.TCPStore("127.0.0.1", args["port"], world_size, is_master=False)
+        store.set(f"ready-{rank}", "1")  # rank 0 waits for this, watching that we are still alive
+        init_tensor_parallel(rank, world_size, config.device, store)
+        serve_steps(config, args["workflow_path"], rank)
+        destroy_tensor_parallel()
+    except BaseException:
+        with open(args["error_file"], "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)  # our sockets close at once, so the other ranks' collectives fail instead of waiting
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
