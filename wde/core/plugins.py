@@ -9,7 +9,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-import importlib_metadata
+try:
+    import importlib_metadata
+except ImportError:  # the standard library's has the same entry_points(group=...) on Python 3.10+
+    import importlib.metadata as importlib_metadata
 
 logger = logging.getLogger(__name__)
 
