@@ -1,5 +1,6 @@
 """The tensor-parallel group this process belongs to (rank 0 of 1 unless an executor set up more), and the
 collectives the parallel layers use. NCCL on GPUs, gloo on CPUs; torchrun's environment works the same way."""
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,9 +38,13 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     _state.rank, _state.world_size = rank, world_size
 
 
-def destroy_tensor_parallel() -> None:
+def destroy_tensor_parallel(timeout_s: float = 5.0) -> None:
+    """Leave the group. NCCL's teardown can block once a peer has exited, so it gets `timeout_s` in a thread and
+    is then abandoned: closing an engine must never hang."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+        teardown.start()
+        teardown.join(timeout_s)
     _state.rank, _state.world_size = 0, 1
 
 
