@@ -114,6 +114,38 @@ def run_plugins(namespace: argparse.Namespace) -> None:
         print(line + (f"\n    {status.error}" if status.error else ""))
 
 
+def served_name(model: str) -> str:
+    from pathlib import Path
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else (path.parent.name if path.name == "model" else path.name)
+
+
+def run_serve(namespace: argparse.Namespace) -> None:
+    """The OpenAI-compatible server over the chat model (default: SmolLM2) and, optionally, an embedding or
+    scoring model."""
+    import uvicorn
+
+    from wde.core.config import default_model_path
+    from wde.core.llm_engine import LLMEngine
+    from wde.entrypoints.openai.api_server import build_app
+    from wde.entrypoints.openai.async_engine import AsyncEngine
+    args = engine_args_from(namespace)
+    model = args.model or default_model_path()
+    engines = {namespace.served_model_name or served_name(model):
+               AsyncEngine(LLMEngine.from_engine_args(args.model_copy(update={"model": model})),
+                           namespace.served_model_name or served_name(model))}
+    if namespace.embed_model:
+        name = served_name(namespace.embed_model)
+        engines[name] = AsyncEngine(LLMEngine.from_engine_args(model=namespace.embed_model, device=args.device), name)
+    app = build_app(engines, namespace.api_key, namespace.max_body_bytes)
+    logger.info("serving %s on http://%s:%d", ", ".join(engines), namespace.host, namespace.port)
+    try:
+        uvicorn.run(app, host=namespace.host, port=namespace.port, log_level=namespace.log_level.lower())
+    finally:
+        for engine in engines.values():
+            engine.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wde", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -133,13 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--no-normalize", action="store_true", help="do not L2-normalize")
     embed.set_defaults(run=run_embed)
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="every request then needs Authorization: Bearer KEY")
+    serve.add_argument("--served-model-name", help="the name clients ask for (default: from the model's path)")
+    serve.add_argument("--embed-model", help="a second model, for /v1/embeddings and /v1/rerank")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
+    serve.set_defaults(run=run_serve)
+
     plugins = commands.add_parser("plugins", help="list the installed plugins and whether they load")
     plugins.set_defaults(run=run_plugins)
 
     for sub in (generate, chat):
         sub.add_argument("--max-tokens", type=int, help="most tokens to generate per answer")
         sub.add_argument("--temperature", type=float, help="0 for greedy")
-    for sub in (generate, chat, embed):
+    for sub in (generate, chat, embed, serve):
         add_engine_arguments(sub)
     return parser
 
