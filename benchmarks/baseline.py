@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from benchmarks.engine_runs import median_run, spread, timed_generate, warm_up
+from benchmarks.engine_runs import median_run, peer_figures, spread, timed_generate, warm_up
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.workloads import W2_SHAPE, w2
@@ -54,16 +54,14 @@ def main() -> None:
            "runs_req_per_s": spread(runs, lambda r: len(prompts) / r.seconds), "seconds": round(best.seconds, 1)}
     llm.close()
     del llm
-    torch.cuda.empty_cache()
-    peer, peer_error = None, None
-    if args.no_peer:
-        peer_error = "skipped (--no-peer)"
-    else:
+
+    def measure_peer() -> dict:
         from benchmarks.peer import continuous_batching
         result = continuous_batching(args.shape, w2(args.peer_requests, PROMPT_LEN), OUTPUT_LEN)
-        peer = {"req_per_s": round(result["requests"] / result["seconds"], 2),
+        return {"req_per_s": round(result["requests"] / result["seconds"], 2),
                 "tok_per_s": round((result["requests"] * PROMPT_LEN + result["out_tokens"]) / result["seconds"]),
                 **result, "runs": 1}
+    peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": args.shape, "tensor_parallel_size": args.tensor_parallel_size,
               "gpus": args.tensor_parallel_size, "weights": "random bf16", "num_requests": args.num_requests,
               "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,

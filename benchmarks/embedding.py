@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from benchmarks.engine_runs import peer_figures
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.workloads import W3_SHAPE, w3
@@ -49,15 +50,13 @@ def main() -> None:
            "host_ms_per_step": round(times.host_ms_per_step, 2),
            "attention_backend": type(llm.engine.executor.worker.attn_backend).__name__}
     del llm, outputs
-    torch.cuda.empty_cache()
-    peer, peer_error = None, None
-    if args.no_peer:
-        peer_error = "skipped (--no-peer)"
-    else:
+
+    def measure_peer() -> dict:
         from benchmarks.peer import padded_encoder
         lengths = [len(tokens) for tokens in inputs]
-        peer = {**padded_encoder(W3_SHAPE, lengths), "runs": 1,
+        return {**padded_encoder(W3_SHAPE, lengths), "runs": 1,
                 "prebuilt_inputs_warmed_up": padded_encoder(W3_SHAPE, lengths, prebuilt=True)}
+    peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": W3_SHAPE, "weights": "random bf16", "num_inputs": args.num_inputs,
               "input_len": "U[16,512] seed 1", "pooling": "CLS, not normalized",
               "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,

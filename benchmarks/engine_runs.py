@@ -1,7 +1,12 @@
-"""Timing wde itself: repeated runs of LLM.generate, the engine's own step timings, and a profile of steps."""
+"""Timing wde itself: repeated runs of LLM.generate, the engine's own step timings, and a profile of steps; and
+the peer's turn after wde's."""
+import gc
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from wde import LLM, SamplingParams
 
@@ -59,3 +64,13 @@ def spread(runs: list[Run], metric) -> list[float]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def peer_figures(no_peer: bool, measure: Callable[[], dict]) -> tuple[dict | None, str | None]:
+    """(the peer's figures, None), or (None, why not) with --no-peer. Call it after dropping the LLM: the memory
+    wde held goes back to the GPU first."""
+    if no_peer:
+        return None, "skipped (--no-peer)"
+    gc.collect()
+    torch.cuda.empty_cache()
+    return measure(), None

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from benchmarks.engine_runs import peer_figures
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.workloads import W5_SHAPE, w5
@@ -56,13 +57,11 @@ def main() -> None:
            "startup_to_first_token_s": round(startup_first_token, 1),
            "runs_tok_per_s": [round(NEW_TOKENS / total, 1) for _, total in runs]}
     del engine
-    torch.cuda.empty_cache()
-    peer, peer_error = None, None
-    if args.no_peer:
-        peer_error = "skipped (--no-peer)"
-    else:
+
+    def measure_peer() -> dict:
         from benchmarks.peer import single_stream
-        peer = single_stream(W5_SHAPE, prompt, NEW_TOKENS)
+        return single_stream(W5_SHAPE, prompt, NEW_TOKENS)
+    peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": W5_SHAPE, "weights": "random bf16", "prompt_len": len(prompt), "new_tokens": NEW_TOKENS,
               "batch": 1, "runs": args.runs, "statistic": "median"}
     path = write_result("W5", "cuda", wde, peer, peer_error, workload_detail=detail)

@@ -34,8 +34,6 @@ def continuous_batching(shape_name: str, prompts: list[list[int]], max_new_token
     results, seconds = timed(lambda: model.generate_batch(inputs=prompts, generation_config=config,
                                                           progress_bar=False))
     out_tokens = sum(len(r.generated_tokens) for r in results.values())
-    del model
-    torch.cuda.empty_cache()
     return {"out_tokens": out_tokens, "seconds": seconds, "requests": len(prompts)}
 
 
@@ -47,8 +45,6 @@ def single_stream(shape_name: str, prompt: list[int], new_tokens: int) -> dict:
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     generate(16)  # warm-up
     out, seconds = timed(lambda: generate(new_tokens))
-    del model
-    torch.cuda.empty_cache()
     return {"tok_per_s": round((out.shape[1] - len(prompt)) / seconds, 1), "seconds": round(seconds, 2)}
 
 
@@ -82,7 +78,5 @@ def padded_encoder(shape_name: str, lengths: list[int], batch_size: int = 128, p
     if prebuilt:
         run()
     _, seconds = timed(run)
-    del model
-    torch.cuda.empty_cache()
     return {"inputs_per_s": round(len(lengths) / seconds, 1), "seconds": round(seconds, 2),
             "tok_per_s": round(sum(lengths) / seconds)}

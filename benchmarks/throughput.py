@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from benchmarks.engine_runs import median_run, profile_decode_steps, spread, timed_generate, warm_up
+from benchmarks.engine_runs import (median_run, peer_figures, profile_decode_steps, spread, timed_generate,
+                                    warm_up)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.workloads import W1_SHAPE, w1
@@ -92,14 +93,12 @@ def run_gpu(args) -> None:
     if args.profile:
         print(profile_decode_steps(llm, prompts))
     del llm
-    torch.cuda.empty_cache()
-    peer, peer_error = None, None
-    if args.no_peer:
-        peer_error = "skipped (--no-peer)"
-    else:
+
+    def measure_peer() -> dict:
         from benchmarks.peer import continuous_batching
         result = continuous_batching(W1_SHAPE, prompts, sum(output_lens) // len(output_lens))
-        peer = {"out_tok_per_s": round(result["out_tokens"] / result["seconds"], 1), **result, "runs": 1}
+        return {"out_tok_per_s": round(result["out_tokens"] / result["seconds"], 1), **result, "runs": 1}
+    peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": W1_SHAPE, "weights": "random bf16", "num_requests": args.num_prompts,
               "prompt_len": "U[100,1024] seed 0", "output_len": "U[100,1024] seed 0", "sampling": "greedy",
               "max_num_seqs": args.max_num_seqs, "runs": args.runs, "statistic": "median"}

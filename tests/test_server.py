@@ -13,7 +13,7 @@ import pytest
 import torch
 import uvicorn
 
-from wde import LLM, SamplingParams
+from wde import LLM
 from wde.core.config import default_embed_model_path
 from wde.core.llm_engine import LLMEngine
 from wde.entrypoints.openai.api_server import build_app

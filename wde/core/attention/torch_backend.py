@@ -19,7 +19,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """[num_seqs, num_blocks] block ids -> [num_seqs, kv_heads, num_tokens, head_dim] of cached K or V."""
-    num_seqs, block_size = block_tables.shape[0], cache.shape[1]
+    block_size = cache.shape[1]
     num_blocks = -(-num_tokens // block_size)
     gathered = cache[block_tables[:, :num_blocks]]  # [seqs, blocks, block_size, kv_heads, head_dim]
     return gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2)

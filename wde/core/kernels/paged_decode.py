@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step
+
 LOG2E = 1.4426950408889634
 
 
@@ -44,18 +46,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     for n_start in range(start, end, BLOCK_N):
         positions = n_start + tl.arange(0, BLOCK_N)
         valid = positions < end
-        blocks = tl.load(block_tables_ptr + seq * stride_bt + positions // BLOCK_SIZE, mask=valid, other=0)
-        offsets = (blocks.to(tl.int64) * stride_cb + (positions % BLOCK_SIZE) * stride_ct + kv_head * stride_ch)
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
+                            stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
         scores = tl.dot(q, tl.trans(k)) * scale_log2  # base-2 logits: exp2 is the fast exponential
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = online_softmax_step(scores, v, m, l, acc)
     if ONE_SPLIT:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty context (graph padding) gives zeros
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],

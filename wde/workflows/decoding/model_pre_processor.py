@@ -1,7 +1,6 @@
 """Scheduler output -> one flat batch of tokens with the metadata attention and sampling need."""
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from wde.core import interfaces
