@@ -111,7 +111,8 @@ def test_rerank_metrics(url):
     for name in ("wde_requests_running", "wde_requests_waiting", "wde_kv_cache_usage_ratio",
                  "wde_generation_tokens_per_second", "wde_request_latency_seconds_count"):
         assert f'{name}{{model="smollm2"}}' in text
-    count = next(line for line in text.splitlines() if line.startswith('wde_request_latency_seconds_count{model="smollm2"}'))
+    count_line = 'wde_request_latency_seconds_count{model="smollm2"}'
+    count = next(line for line in text.splitlines() if line.startswith(count_line))
     assert int(count.split()[-1]) > 0
 
 

@@ -96,7 +96,8 @@ class FailingWorkflow(ChatWorkflow):
 
 
 def test_a_rank_that_raises_makes_generate_raise_and_leaves_no_process(tiny_model_dir):
-    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2, workflow=f"{__name__}:FailingWorkflow")
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2,
+              workflow=f"{__name__}:FailingWorkflow")
     pids = [p.pid for p in llm.engine.executor.workers.processes]
     assert generate_ok(llm)
     start = time.monotonic()

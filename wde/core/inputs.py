@@ -37,3 +37,15 @@ def check_token_ids(token_ids: list, vocab_size: int) -> list[int]:
         if not 0 <= token < vocab_size:
             raise ValueError(f"prompt token {i} is {token}, outside the vocabulary [0, {vocab_size})")
     raise TypeError("prompt token ids must be a flat list of ints")
+
+
+def coerce_params(params: Any, kind: type) -> Any:
+    """A request's params as `kind` (SamplingParams, PoolingParams): None gives the defaults, a dict is
+    validated into one."""
+    if params is None:
+        return kind()
+    if isinstance(params, dict):
+        return kind(**params)
+    if not isinstance(params, kind):
+        raise TypeError(f"params must be {kind.__name__}, not {type(params).__name__}")
+    return params

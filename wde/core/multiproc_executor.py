@@ -191,6 +191,8 @@ class MultiprocExecutor(interfaces.Executor):
         if self.dead:
             raise ExecutorDeadError(self.dead)
         try:
+            # on the device once: the broadcast sends these tensors, and rank 0's worker uses them as they are
+            model_input = model_input.to(self.worker.device)
             self.broadcaster.send(for_workers(model_input))
             return self.worker.execute_model(model_input)
         except Exception as e:  # one rank failing leaves the others stuck in a collective: end them all

@@ -191,7 +191,7 @@ class Server:
         choices = [{"index": i * body.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": completion_logprobs(c, body.logprobs)}
                    for i, output in enumerate(outputs) for c in output.outputs]
-        return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, outputs)})
+        return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, generated_tokens(outputs))})
 
     async def _stream_completion(self, engine, submitted, head, body, prompt_tokens) -> AsyncIterator[dict]:
         generated = 0
@@ -203,8 +203,7 @@ class Server:
                                                 "finish_reason": c.finish_reason,
                                                 "logprobs": completion_logprobs(c, body.logprobs)}]}
         if body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                                                    "total_tokens": prompt_tokens + generated}}
+            yield {**head, "choices": [], "usage": usage(prompt_tokens, generated)}
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self.read(request, ChatCompletionRequest)
@@ -229,7 +228,7 @@ class Server:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "finish_reason": c.finish_reason, "logprobs": chat_logprobs(c, body)} for c in output.outputs]
         return JSONResponse({**head, "object": "chat.completion", "choices": choices,
-                             "usage": usage(len(prompt), [output])})
+                             "usage": usage(len(prompt), generated_tokens([output]))})
 
     async def _stream_chat(self, engine, submitted, head, body, prompt_tokens) -> AsyncIterator[dict]:
         head = {**head, "object": "chat.completion.chunk"}
@@ -247,8 +246,7 @@ class Server:
                     yield {**head, "choices": [{"index": c.index, "delta": {}, "finish_reason": c.finish_reason,
                                                 "logprobs": None}]}
         if body.stream_options and body.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                                                    "total_tokens": prompt_tokens + generated}}
+            yield {**head, "choices": [], "usage": usage(prompt_tokens, generated)}
 
     async def embeddings(self, request: Request) -> Response:
         body = await self.read(request, EmbeddingRequest)
@@ -283,10 +281,13 @@ class Server:
                              "usage": {"total_tokens": sum(len(o.prompt_token_ids) for o in outputs)}})
 
 
-def usage(prompt_tokens: int, outputs: list) -> dict:
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def generated_tokens(outputs: list) -> int:
+    return sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
 
 def completion_logprobs(completion, k: int | None) -> dict | None:

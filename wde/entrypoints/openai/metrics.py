@@ -14,7 +14,8 @@ def render(engines: list[AsyncEngine]) -> str:
     stats = [(f'{{model="{e.name}"}}', e, e.engine.get_stats()) for e in engines]
     metric("wde_requests_running", "gauge", "Requests running in the engine.",
            [(labels, s.num_running) for labels, _, s in stats])
-    metric("wde_requests_waiting", "gauge", "Requests waiting to run.", [(labels, s.num_waiting) for labels, _, s in stats])
+    metric("wde_requests_waiting", "gauge", "Requests waiting to run.",
+           [(labels, s.num_waiting) for labels, _, s in stats])
     metric("wde_kv_cache_usage_ratio", "gauge", "Share of KV-cache blocks in use.",
            [(labels, s.kv_blocks_used / max(s.kv_blocks_total, 1)) for labels, _, s in stats])
     metric("wde_prompt_tokens_per_second", "gauge", "Prompt tokens computed per second, last interval.",

@@ -2,7 +2,7 @@
 from typing import Any
 
 from wde.core import interfaces
-from wde.core.inputs import parse_prompt
+from wde.core.inputs import coerce_params, parse_prompt
 from wde.core.request import Request
 from wde.core.sampling_params import SamplingParams
 
@@ -14,12 +14,7 @@ class DecodingInputProcessor(interfaces.InputProcessor):
         self.vocab_size, self.max_model_len = config.model.vocab_size, config.model.max_model_len
 
     def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
-        if params is None:
-            params = SamplingParams()
-        elif isinstance(params, dict):
-            params = SamplingParams(**params)
-        elif not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, not {type(params).__name__}")
+        params = coerce_params(params, SamplingParams)
         vocab_size = self.vocab_size
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
         if bad_stops:

@@ -2,7 +2,7 @@
 from typing import Any
 
 from wde.core import interfaces
-from wde.core.inputs import parse_prompt
+from wde.core.inputs import coerce_params, parse_prompt
 from wde.core.pooling_params import PoolingParams
 from wde.core.request import Request
 
@@ -19,12 +19,7 @@ class PrefillOnlyInputProcessor(interfaces.InputProcessor):
         self.vocab_size, self.hidden_size = config.model.vocab_size, config.model.hf_config.hidden_size
 
     def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
-        if params is None:
-            params = PoolingParams()
-        elif isinstance(params, dict):
-            params = PoolingParams(**params)
-        elif not isinstance(params, PoolingParams):
-            raise TypeError(f"params must be PoolingParams, not {type(params).__name__}")
+        params = coerce_params(params, PoolingParams)
         if params.dimensions is not None and params.dimensions > self.hidden_size:
             raise ValueError(f"dimensions={params.dimensions} is more than the model's {self.hidden_size}")
         vocab_size = self.vocab_size

@@ -73,7 +73,9 @@ class PrefillOnlyScheduler(interfaces.Scheduler):
                 continue
             cached = self.kv_cache_manager.allocate_cached_prefix(seq) if self.uses_kv_cache else 0
             new_tokens = seq.num_tokens - cached
-            if new_tokens > budget or (self.uses_kv_cache and not self.kv_cache_manager.allocate_slots(seq, new_tokens)):
+            fits = new_tokens <= budget and (not self.uses_kv_cache
+                                             or self.kv_cache_manager.allocate_slots(seq, new_tokens))
+            if not fits:
                 if self.uses_kv_cache:  # give the prefix back; the input waits for the next step
                     self.kv_cache_manager.free(seq)
                     seq.num_computed_tokens = 0
