@@ -12,6 +12,7 @@ import torch.distributed as dist
 class ParallelState:
     rank: int = 0
     world_size: int = 1
+    host_group: dist.ProcessGroup | None = None  # gloo, for what travels between the ranks' hosts
 
 
 _state = ParallelState()
@@ -36,6 +37,7 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
     _state.rank, _state.world_size = rank, world_size
+    _state.host_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend == "nccl" else dist.group.WORLD
 
 
 def destroy_tensor_parallel(timeout_s: float = 5.0) -> None:
@@ -45,7 +47,12 @@ def destroy_tensor_parallel(timeout_s: float = 5.0) -> None:
         teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
         teardown.start()
         teardown.join(timeout_s)
-    _state.rank, _state.world_size = 0, 1
+    _state.rank, _state.world_size, _state.host_group = 0, 1, None
+
+
+def get_host_group() -> dist.ProcessGroup:
+    """The group's gloo side: host tensors broadcast through it without touching any GPU."""
+    return _state.host_group
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:

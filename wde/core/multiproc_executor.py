@@ -89,7 +89,7 @@ def serve_steps(config: EngineConfig, workflow_path: str, rank: int) -> None:
     load_plugins()  # plugins' registrations must exist in every rank
     worker = build_rank_worker(config, workflow_path)
     agree_on_kv_blocks(worker)
-    receiver = TensorBroadcaster(worker.device)
+    receiver = TensorBroadcaster()
     while (model_input := receiver.receive()) is not None:
         worker.execute_model(model_input)
 
@@ -183,7 +183,7 @@ class MultiprocExecutor(interfaces.Executor):
             sys.exit(0)
         self.worker = build_rank_worker(rank_config, workflow_path)
         self.num_kv_blocks = agree_on_kv_blocks(self.worker)
-        self.broadcaster = TensorBroadcaster(rank_config.device)
+        self.broadcaster = TensorBroadcaster()
         self.dead: str | None = None
         self._finalizer = weakref.finalize(self, _stop, self.broadcaster, self.workers)
 
@@ -191,8 +191,6 @@ class MultiprocExecutor(interfaces.Executor):
         if self.dead:
             raise ExecutorDeadError(self.dead)
         try:
-            # on the device once: the broadcast sends these tensors, and rank 0's worker uses them as they are
-            model_input = model_input.to(self.worker.device)
             self.broadcaster.send(for_workers(model_input))
             return self.worker.execute_model(model_input)
         except Exception as e:  # one rank failing leaves the others stuck in a collective: end them all

@@ -1,21 +1,28 @@
-"""Rank 0 sends each step's model input to the other ranks as tensors.
+"""Rank 0 sends each step's model input to the other ranks as tensors, host to host.
 
-An input is a tree of dataclasses, lists and tensors. Its structure (field names, dtypes, small values) is
-pickled only when it differs from the last step's; every step sends a header of tensor shapes and then the
-tensors themselves through torch.distributed broadcasts (NCCL on GPUs, gloo on CPUs). Lists of ints (the
-metadata's host-side lengths) travel as tensors too.
+An input is a tree of dataclasses, lists and tensors, built on rank 0's host. Its structure (field names,
+dtypes, small values) is pickled only when it differs from the last step's; every step otherwise costs two
+broadcasts on the group's host (gloo) side: the sizes, then one byte buffer holding a header of tensor shapes
+and every tensor's bytes. Lists of ints (the metadata's host-side lengths) travel as tensors too.
+
+Why the host and not NCCL: a rank that received its input on the GPU would have to wait for its GPU (to read
+shapes and host-side lengths back) before it could launch the step. Received on the host, each rank copies
+its input to its device itself, like rank 0, and launches at once.
 """
 import dataclasses
 import pickle
+from functools import cache
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from wde.core.distributed import get_host_group
 from wde.core.dotted_path import import_object
 
 DTYPES = [torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.uint8]
 STOP = -1
+ALIGN = 8  # each tensor starts at a multiple of the widest element size, so its bytes can be viewed as its dtype
 
 
 def _flatten(obj: Any, tensors: list[torch.Tensor]):
@@ -37,28 +44,71 @@ def _flatten(obj: Any, tensors: list[torch.Tensor]):
 def _rebuild(skeleton, tensors: list[torch.Tensor]):
     kind = skeleton[0]
     if kind == "tensor":
-        return tensors.pop(0)
+        return tensors.pop()
     if kind == "ints":
-        return tensors.pop(0).tolist()
+        return tensors.pop().tolist()
     if kind == "dataclass":
-        return import_object(skeleton[1])(**{name: _rebuild(child, tensors) for name, child in skeleton[2]})
+        return _class(skeleton[1])(**{name: _rebuild(child, tensors) for name, child in skeleton[2]})
     if kind in ("list", "tuple"):
         items = [_rebuild(child, tensors) for child in skeleton[1]]
         return items if kind == "list" else tuple(items)
     return skeleton[1]
 
 
+@cache
+def _class(path: str) -> type:
+    return import_object(path)
+
+
+def _padded_size(tensor: torch.Tensor) -> int:
+    return -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+
+
+def _pack(tensors: list[torch.Tensor], skeleton_bytes: bytes) -> tuple[list[int], torch.Tensor]:
+    """(sizes, buffer): the buffer is the header (int64s), each tensor padded to ALIGN, then the skeleton."""
+    header = []
+    for tensor in tensors:
+        header += [DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    header_bytes = torch.tensor(header, dtype=torch.int64).view(torch.uint8)
+    payload_size = sum(_padded_size(t) for t in tensors)
+    buffer = torch.empty(len(header_bytes) + payload_size + len(skeleton_bytes), dtype=torch.uint8)
+    buffer[:len(header_bytes)] = header_bytes
+    position = len(header_bytes)
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        buffer[position:position + size] = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        position += _padded_size(tensor)
+    if skeleton_bytes:
+        buffer[position:] = torch.frombuffer(bytearray(skeleton_bytes), dtype=torch.uint8)
+    return [len(header), payload_size, len(skeleton_bytes)], buffer
+
+
+def _unpack(buffer: torch.Tensor, header_len: int, payload_size: int) -> tuple[list[torch.Tensor], bytes]:
+    header = buffer[:header_len * 8].view(torch.int64).tolist()
+    tensors, position, index = [], header_len * 8, 0
+    while index < len(header):
+        dtype, ndim = DTYPES[header[index]], header[index + 1]
+        shape = header[index + 2:index + 2 + ndim]
+        index += 2 + ndim
+        numel = 1
+        for size in shape:
+            numel *= size
+        tensor = buffer[position:position + numel * dtype.itemsize].view(dtype).view(shape)
+        tensors.append(tensor)
+        position += _padded_size(tensor)
+    return tensors, buffer[header_len * 8 + payload_size:].numpy().tobytes()
+
+
 class TensorBroadcaster:
     """Both ends: rank 0 calls send(), the other ranks receive(), step after step, in the same order."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
+        self.group = get_host_group()
         self.skeleton_bytes: bytes | None = None
         self.skeleton = None
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        dist.broadcast(tensor, src=0)
+        dist.broadcast(tensor, src=0, group=self.group)
         return tensor
 
     def send(self, obj: Any) -> None:
@@ -66,33 +116,21 @@ class TensorBroadcaster:
         skeleton_bytes = pickle.dumps(_flatten(obj, tensors))
         new_structure = skeleton_bytes != self.skeleton_bytes
         self.skeleton_bytes = skeleton_bytes
-        header = [int(new_structure), len(skeleton_bytes), len(tensors)]
-        for tensor in tensors:
-            header += [DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
-        self._broadcast(torch.tensor([len(header)], dtype=torch.int64))
-        self._broadcast(torch.tensor(header, dtype=torch.int64))
-        if new_structure:
-            self._broadcast(torch.frombuffer(bytearray(skeleton_bytes), dtype=torch.uint8))
-        for tensor in tensors:
-            self._broadcast(tensor.contiguous())
+        sizes, buffer = _pack(tensors, skeleton_bytes if new_structure else b"")
+        self._broadcast(torch.tensor(sizes, dtype=torch.int64))
+        self._broadcast(buffer)
 
     def send_stop(self) -> None:
-        self._broadcast(torch.tensor([STOP], dtype=torch.int64))
+        self._broadcast(torch.tensor([STOP, 0, 0], dtype=torch.int64))
 
     def receive(self) -> Any:
-        """The next step's input, or None when rank 0 stops."""
-        length = int(self._broadcast(torch.zeros(1, dtype=torch.int64)))
-        if length == STOP:
+        """The next step's input (tensors on the host), or None when rank 0 stops."""
+        header_len, payload_size, skeleton_size = self._broadcast(torch.zeros(3, dtype=torch.int64)).tolist()
+        if header_len == STOP:
             return None
-        header = self._broadcast(torch.zeros(length, dtype=torch.int64)).tolist()
-        new_structure, skeleton_size, num_tensors = header[:3]
-        if new_structure:
-            raw = self._broadcast(torch.zeros(skeleton_size, dtype=torch.uint8))
-            self.skeleton = pickle.loads(raw.cpu().numpy().tobytes())
-        tensors, position = [], 3
-        for _ in range(num_tensors):
-            dtype, ndim = DTYPES[header[position]], header[position + 1]
-            shape = header[position + 2:position + 2 + ndim]
-            position += 2 + ndim
-            tensors.append(self._broadcast(torch.empty(shape, dtype=dtype)))
+        buffer = self._broadcast(torch.empty(header_len * 8 + payload_size + skeleton_size, dtype=torch.uint8))
+        tensors, skeleton_bytes = _unpack(buffer, header_len, payload_size)
+        if skeleton_bytes:
+            self.skeleton = pickle.loads(skeleton_bytes)
+        tensors.reverse()  # _rebuild pops them in order from the end
         return _rebuild(self.skeleton, tensors)
