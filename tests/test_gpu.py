@@ -126,3 +126,51 @@ def test_encoder_flash_backend_matches_the_torch_backend():
     reference = vectors["encoder_torch", "float32"]
     flash_error = relative_error(vectors["encoder_flash", "bfloat16"], reference)
     assert flash_error < 1.5 * relative_error(vectors["encoder_torch", "bfloat16"], reference) + 1e-3
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+def _symmetric_all_reduce_rank(rank: int, port: int) -> None:
+    import torch.distributed as dist
+    from wde.core.symmetric_all_reduce import SymmetricAllReduce
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        reducer = SymmetricAllReduce(256 * 3584, torch.bfloat16, device)
+        assert not reducer.can_reduce(torch.zeros(257, 3584, dtype=torch.bfloat16))  # larger than the buffer
+        assert not reducer.can_reduce(torch.zeros(8, dtype=torch.float32))  # another dtype
+        generator = torch.Generator(device).manual_seed(rank)
+        for shape in [(256, 3584), (3, 3584), (1, 8)]:
+            x = torch.randn(shape, generator=generator, device=device).to(torch.bfloat16)
+            expected = x.clone()
+            dist.all_reduce(expected)
+            assert torch.equal(reducer(x.clone()), expected)
+            graphed = x.clone()  # the same inside a CUDA graph, as decode steps run it
+            reducer(graphed.clone())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                reducer(graphed)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(graphed, expected)
+    finally:
+        dist.destroy_process_group()
+
+
+@two_gpus
+def test_symmetric_all_reduce_sums_exactly_as_nccl_also_in_a_cuda_graph():
+    from wde.core.multiproc_executor import free_port
+    torch.multiprocessing.spawn(_symmetric_all_reduce_rank, args=(free_port(),), nprocs=2)
+
+
+@two_gpus
+def test_two_gpus_give_the_tokens_of_one(tiny_model_dir, caplog):
+    """float32, so that the split sums' other order cannot move a greedy choice; CUDA graphs on."""
+    from tests.test_tensor_parallel import assert_same_generation, generate
+    folder = tiny_model_dir("qwen2", num_key_value_heads=4)
+    with caplog.at_level("INFO"):
+        split = generate(folder, tensor_parallel_size=2, dtype="float32")
+    assert "all-reduce: symmetric memory" in caplog.text
+    assert_same_generation(split, generate(folder, dtype="float32"))

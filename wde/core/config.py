@@ -75,6 +75,10 @@ class ModelConfig:
         return self.hf_config.num_hidden_layers
 
     @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
     def num_heads(self) -> int:
         return self.hf_config.num_attention_heads
 

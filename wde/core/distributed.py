@@ -7,12 +7,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from wde.core.symmetric_all_reduce import SymmetricAllReduce, try_symmetric_all_reduce
+
 
 @dataclass
 class ParallelState:
     rank: int = 0
     world_size: int = 1
     host_group: dist.ProcessGroup | None = None  # gloo, for what travels between the ranks' hosts
+    device_all_reduce: SymmetricAllReduce | None = None  # set up by init_device_all_reduce where GPUs allow
 
 
 _state = ParallelState()
@@ -47,7 +50,14 @@ def destroy_tensor_parallel(timeout_s: float = 5.0) -> None:
         teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
         teardown.start()
         teardown.join(timeout_s)
-    _state.rank, _state.world_size, _state.host_group = 0, 1, None
+    _state.rank, _state.world_size, _state.host_group, _state.device_all_reduce = 0, 1, None, None
+
+
+def init_device_all_reduce(max_numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Collective: on GPUs of one host, all-reduces of up to `max_numel` elements of `dtype` take the
+    symmetric-memory path (symmetric_all_reduce.py); the others, and every all-reduce elsewhere, use the group."""
+    if _state.world_size > 1 and device.type == "cuda":
+        _state.device_all_reduce = try_symmetric_all_reduce(max_numel, dtype, device, _state.world_size)
 
 
 def get_host_group() -> dist.ProcessGroup:
@@ -56,8 +66,13 @@ def get_host_group() -> dist.ProcessGroup:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if _state.world_size > 1:
-        dist.all_reduce(tensor)
+    """`tensor` summed over the ranks, in place."""
+    if _state.world_size == 1:
+        return tensor
+    reducer = _state.device_all_reduce
+    if reducer is not None and reducer.can_reduce(tensor):
+        return reducer(tensor)
+    dist.all_reduce(tensor)
     return tensor
 
 

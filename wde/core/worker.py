@@ -7,6 +7,7 @@ import torch
 from wde.core import interfaces
 from wde.core.attention.layer import Attention
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from wde.core.distributed import init_device_all_reduce
 from wde.core.loader.model_loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,9 @@ class ModelWorker(interfaces.Worker):
         self.device = config.device
         torch.manual_seed(config.args.seed)
         self.model = load_model(config.model, self.device, config.args.load_format, config.args.seed)
+        # the layers all-reduce [tokens, hidden] activations, at most max_num_batched_tokens rows of them
+        init_device_all_reduce(config.args.max_num_batched_tokens * config.model.hidden_size, config.model.dtype,
+                               self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_layers = [layer for layer in self.attn_layers if layer.uses_kv_cache]
         self.attn_backend = components["AttentionBackend"](config)  # chosen by the engine's selector
