@@ -31,13 +31,16 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--async-scheduling", action="store_true", help="launch each step before the last "
+                                                                        "one's outputs are made")
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from wde import LLM, SamplingParams
     prompts = w2(args.num_requests, PROMPT_LEN)
     llm = LLM(model=model_folder(args.shape), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tensor_parallel_size)
+              max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tensor_parallel_size,
+              async_scheduling=args.async_scheduling)
     warm_up(llm, prompts)
     params = [SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)] * len(prompts)
     runs = []
@@ -65,7 +68,8 @@ def main() -> None:
     detail = {"shape": args.shape, "tensor_parallel_size": args.tensor_parallel_size,
               "gpus": args.tensor_parallel_size, "weights": "random bf16", "num_requests": args.num_requests,
               "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
-              "max_num_seqs": args.max_num_seqs, "runs": args.runs, "statistic": "median"}
+              "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "runs": args.runs,
+              "statistic": "median"}
     workload = "W2" if args.shape == W2_SHAPE else f"W2-{args.shape}"
     if args.tensor_parallel_size > 1:
         workload += f"-tp{args.tensor_parallel_size}"

@@ -37,11 +37,12 @@ def run(folder: str, prompts, params, **engine_args) -> tuple[list[list[int]], L
     ("preemption", {"num_kv_blocks": 20, "max_num_batched_tokens": 64}, 0),
     ("prefix cache hits", {"enable_prefix_caching": True}, 80),
 ])
-def test_outputs_equal_running_alone(tiny_model_dir, case, engine_args, shared_prefix):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_outputs_equal_running_alone(tiny_model_dir, case, engine_args, shared_prefix, async_scheduling):
     folder = tiny_model_dir("qwen3")
     prompts, params = workload(shared_prefix)
     alone, _ = run(folder, prompts, params, max_num_seqs=1)
-    together, engine = run(folder, prompts, params, **engine_args)
+    together, engine = run(folder, prompts, params, async_scheduling=async_scheduling, **engine_args)
     assert together == alone
     stats = engine.get_stats()
     if case == "preemption":

@@ -17,11 +17,12 @@ class EngineMachine(RuleBasedStateMachine):
     folder: str = ""  # set by the test
 
     @initialize(prefix_caching=st.booleans(), num_blocks=st.integers(6, 24), max_num_seqs=st.integers(1, 6),
-                budget=st.sampled_from([8, 24, 64]))
-    def start(self, prefix_caching, num_blocks, max_num_seqs, budget):
+                budget=st.sampled_from([8, 24, 64]), async_scheduling=st.booleans())
+    def start(self, prefix_caching, num_blocks, max_num_seqs, budget, async_scheduling):
         self.engine = LLMEngine.from_engine_args(
             model=self.folder, num_kv_blocks=num_blocks, block_size=16, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, max_model_len=256)
+            max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, max_model_len=256,
+            async_scheduling=async_scheduling)
         self.submitted, self.aborted, self.finished = set(), set(), {}
         self.counter = 0
 

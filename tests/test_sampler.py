@@ -28,7 +28,7 @@ def draw(logits: torch.Tensor = LOGITS, seed: int = 0, **settings) -> torch.Tens
     if "penalties" in settings:
         meta.penalties = settings.pop("penalties")
     assert not settings
-    tokens = torch.tensor(Sampler(torch.device("cpu"), seed)(logits.expand(DRAWS, -1).clone(), meta).token_ids)
+    tokens, _ = Sampler(torch.device("cpu"), seed)(logits.expand(DRAWS, -1).clone(), meta)
     return torch.bincount(tokens, minlength=logits.shape[0]).float() / DRAWS
 
 
@@ -47,7 +47,7 @@ def test_temperature_zero_is_greedy_within_a_mixed_batch():
     logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
     meta = SamplingMetadata(temperature=torch.tensor([0.0, 50.0, 0.0]), all_greedy=False, all_random=False,
                             num_logprobs=None)
-    outs = [Sampler(torch.device("cpu"), seed)(logits, meta).token_ids for seed in range(50)]
+    outs = [Sampler(torch.device("cpu"), seed)(logits, meta)[0].tolist() for seed in range(50)]
     assert all(out[0] == 1 and out[2] == 0 for out in outs)
     assert len({out[1] for out in outs}) == 3  # the hot row really samples
 
@@ -113,8 +113,8 @@ def test_penalties_exact_values():
 def test_banned_tokens_are_never_sampled():
     meta = SamplingMetadata(temperature=torch.ones(DRAWS), all_greedy=False, all_random=True, num_logprobs=None,
                             banned=(torch.arange(DRAWS), torch.zeros(DRAWS, dtype=torch.int64)))
-    tokens = Sampler(torch.device("cpu"), 0)(LOGITS.expand(DRAWS, -1).clone(), meta).token_ids
-    assert 0 not in tokens
+    tokens, _ = Sampler(torch.device("cpu"), 0)(LOGITS.expand(DRAWS, -1).clone(), meta)
+    assert 0 not in tokens.tolist()
 
 
 def test_a_seeded_row_draws_the_same_tokens_wherever_it_sits_in_the_batch():
@@ -123,7 +123,7 @@ def test_a_seeded_row_draws_the_same_tokens_wherever_it_sits_in_the_batch():
         meta = SamplingMetadata(temperature=torch.ones(batch), all_greedy=False, all_random=True,
                                 num_logprobs=None, generators={row: generator})
         sampler = Sampler(torch.device("cpu"), seed=row * 7 + batch)  # a different global stream each time
-        return [sampler(LOGITS.expand(batch, -1).clone(), meta).token_ids[row] for _ in range(40)]
+        return [int(sampler(LOGITS.expand(batch, -1).clone(), meta)[0][row]) for _ in range(40)]
     alone = sample(0, 1)
     assert sample(5, 8) == alone and sample(63, 64) == alone
     assert len(set(alone)) > 1

@@ -59,6 +59,11 @@ def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, shape, overrides):
     assert_same_generation(generate(folder, tensor_parallel_size=2), generate(folder))
 
 
+def test_async_scheduling_over_two_ranks(tiny_model_dir):
+    folder = tiny_model_dir("qwen3")
+    assert_same_generation(generate(folder, tensor_parallel_size=2, async_scheduling=True), generate(folder))
+
+
 def test_smollm2_split_over_two_ranks():
     # 9 heads over 3 KV heads: rank 0 takes 2 KV heads (6 q heads), rank 1 takes 1 (3 q heads)
     prompts = ["The capital of France is", "Once upon a time"]

@@ -23,5 +23,8 @@ class LocalExecutor(interfaces.Executor):
     def execute_model(self, model_input: Any) -> Any:
         return self.worker.execute_model(model_input)
 
+    def launch(self, model_input: Any) -> Any:
+        return self.worker.launch(model_input)
+
     def shutdown(self) -> None:
         """Nothing to stop: the worker lives in this process."""

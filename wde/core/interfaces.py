@@ -89,11 +89,26 @@ class ModelPreProcessor(Component):
     def __call__(self, scheduler_output: Any) -> Any: ...
 
 
+class FinishedStep:
+    """A step that ran to its end: launch()'s result for workers that cannot return earlier."""
+
+    def __init__(self, output: Any):
+        self.output = output
+
+    def result(self) -> Any:
+        return self.output
+
+
 class Executor(Component):
     """Runs model steps on one or more Workers."""
 
     @abstractmethod
     def execute_model(self, model_input: Any) -> Any: ...
+
+    def launch(self, model_input: Any) -> Any:
+        """Start a step and return what `.result()` waits for (async scheduling); by default, the step ends
+        before this returns."""
+        return FinishedStep(self.execute_model(model_input))
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -111,6 +126,10 @@ class Worker(ABC):
 
     @abstractmethod
     def execute_model(self, model_input: Any) -> Any: ...
+
+    def launch(self, model_input: Any) -> Any:
+        """Start a step and return what `.result()` waits for; by default, the step ends before this returns."""
+        return FinishedStep(self.execute_model(model_input))
 
 
 class OutputProcessor(Component):

@@ -85,7 +85,9 @@ class KVCacheManager(interfaces.KVCacheManager):
             hashes = self._full_block_hashes(seq)
             full_before = seq.num_computed_tokens // self.block_size
             full_after = (seq.num_computed_tokens + num_new_tokens) // self.block_size
-            for index in range(full_before, full_after):
+            # a block whose last token was still being sampled (async scheduling) had no hash at the last call:
+            # it is cached now (cache() ignores a block already cached)
+            for index in range(max(0, full_before - 1), min(full_after, len(hashes))):
                 self.allocator.cache(seq.block_table[index], hashes[index])
         return True
 

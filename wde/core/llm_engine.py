@@ -36,6 +36,12 @@ class LLMEngine:
         self.output_processor = build("OutputProcessor")
         self.stats_tracker = StatsTracker(log=not config.args.disable_log_stats)
         self.step_times = StepTimes()
+        self.async_scheduling = config.args.async_scheduling and hasattr(self.model_pre_processor,
+                                                                        "fill_in_flight_tokens")
+        if config.args.async_scheduling:
+            logger.info("async scheduling %s", "on" if self.async_scheduling else
+                        f"off: {workflow.__qualname__} has no step whose input depends on the last one's output")
+        self.in_flight: tuple[Any, Any] | None = None  # async scheduling: (scheduler output, launched step)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
@@ -76,6 +82,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_overlapped()
         times = self.step_times
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
@@ -88,18 +96,80 @@ class LLMEngine:
             except ExecutorDeadError:
                 raise  # a lost tensor-parallel rank: no step can run any more
             except Exception as e:  # the step's requests fail with the error; the others keep being served
-                logger.exception("a model step failed; its %d requests fail", len(scheduler_output.scheduled))
-                failed = self.scheduler.fail_scheduled(scheduler_output, f"{type(e).__name__}: {e}")
-                return self.output_processor(failed, None)
+                return self._fail_step(scheduler_output, e)
             executed = time.perf_counter()
             times.schedule_s += scheduled - start
             times.execute_s += executed - scheduled
             times.num_steps += 1
             start = executed
+        outputs = self._finish_step(scheduler_output, model_output)
+        times.output_s += time.perf_counter() - start
+        return outputs
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Async scheduling: step k+1 is scheduled and built while step k runs on the device, and launched as
+        soon as step k's tokens are on the host (the rows whose input is one of them get it then); step k's
+        outputs are made while k+1 runs. A sequence that step k stops (EOS, stop string) was already in k+1:
+        that row's token is dropped. Returns step k's outputs."""
+        times = self.step_times
+        start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        previous, self.in_flight = self.in_flight, None
+        outputs: list[RequestOutput] = []
+        if previous is not None and (not scheduler_output.scheduled
+                                     or self.model_pre_processor.needs_known_tokens(scheduler_output)):
+            outputs += self._finish_in_flight(previous, self._collect(previous, outputs))
+            previous = None
+            # what that step stopped has no blocks any more: it leaves this step
+            scheduler_output.scheduled = [s for s in scheduler_output.scheduled if not s.seq.is_finished]
+        if not scheduler_output.scheduled:
+            return outputs + self._finish_step(scheduler_output, None)
+        model_input = self.model_pre_processor(scheduler_output)
+        scheduled = time.perf_counter()
+        sampled = None
+        if previous is not None:
+            sampled = self._collect(previous, outputs)
+            if sampled is not None:
+                self.model_pre_processor.fill_in_flight_tokens(model_input, scheduler_output, previous[0], sampled)
+        try:
+            self.in_flight = (scheduler_output, self.executor.launch(model_input))
+        except ExecutorDeadError:
+            raise
+        except Exception as e:
+            outputs += self._fail_step(scheduler_output, e)
+        launched = time.perf_counter()
+        times.schedule_s += scheduled - start
+        times.execute_s += launched - scheduled
+        times.num_steps += 1
+        outputs += self._finish_in_flight(previous, sampled)
+        times.output_s += time.perf_counter() - launched
+        return outputs
+
+    def _collect(self, in_flight: tuple[Any, Any], outputs: list[RequestOutput]) -> Any:
+        """The launched step's sampled tokens, or None with its requests failed into `outputs`."""
+        try:
+            return in_flight[1].result()
+        except ExecutorDeadError:
+            raise
+        except Exception as e:
+            outputs += self._fail_step(in_flight[0], e)
+            return None
+
+    def _finish_in_flight(self, in_flight: tuple[Any, Any] | None, sampled: Any) -> list[RequestOutput]:
+        """Outputs of a launched step whose tokens arrived (none for a step that failed: its requests did)."""
+        return [] if in_flight is None or sampled is None else self._finish_step(in_flight[0], sampled)
+
+    def _fail_step(self, scheduler_output: Any, error: Exception) -> list[RequestOutput]:
+        """The step's requests fail with the error; the others keep being served."""
+        logger.exception("a model step failed; its %d requests fail", len(scheduler_output.scheduled),
+                         exc_info=error)
+        failed = self.scheduler.fail_scheduled(scheduler_output, f"{type(error).__name__}: {error}")
+        return self.output_processor(failed, None)
+
+    def _finish_step(self, scheduler_output: Any, model_output: Any) -> list[RequestOutput]:
         outputs = self.output_processor(scheduler_output, model_output)
         self.scheduler.free_finished(scheduler_output)
         self.stats_tracker.on_step(self.scheduler.get_stats())
-        times.output_s += time.perf_counter() - start
         return outputs
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 import weakref
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -188,11 +188,17 @@ class MultiprocExecutor(interfaces.Executor):
         self._finalizer = weakref.finalize(self, _stop, self.broadcaster, self.workers)
 
     def execute_model(self, model_input: Any) -> Any:
+        return self._run_step(model_input, self.worker.execute_model)
+
+    def launch(self, model_input: Any) -> Any:
+        return self._run_step(model_input, self.worker.launch)
+
+    def _run_step(self, model_input: Any, run: Callable[[Any], Any]) -> Any:
         if self.dead:
             raise ExecutorDeadError(self.dead)
         try:
             self.broadcaster.send(for_workers(model_input))
-            return self.worker.execute_model(model_input)
+            return run(model_input)
         except Exception as e:  # one rank failing leaves the others stuck in a collective: end them all
             self.dead = (self.workers.first_error() if self.workers else None) or f"{type(e).__name__}: {e}"
             self.shutdown(graceful=False)

@@ -56,21 +56,54 @@ class TokenLogprobs:
     top_logprobs: list[list[float]]
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> TokenLogprobs:
-    """The model's own log-probabilities (before any sampling rule) of `token_ids`, rows of `logits`."""
+LogprobTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobTensors:
+    """The model's own log-probabilities (before any sampling rule) of `token_ids`, rows of `logits`, as the
+    tensors of a TokenLogprobs (still on the device)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids[:, None])
     ranks = (logprobs > chosen).sum(dim=-1) + 1
     top = logprobs.topk(k, dim=-1)
-    return TokenLogprobs(token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top.indices.tolist(),
-                         top.values.tolist())
+    return token_ids, chosen[:, 0], ranks, top.indices, top.values
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: TokenLogprobs | None = None  # when some row asked for logprobs
-    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # filled by the worker, per request
+    prompt_logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)  # (scheduled index, rows)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Starts the copy on the current stream, into pinned memory, and returns at once."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+class PendingSamplerOutput:
+    """A step's samples on their way to the host. The copies are queued right behind the step, so result()
+    never waits for a step launched after this one (async scheduling launches the next step first)."""
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: LogprobTensors | None,
+                 prompt_logprobs: list[tuple[int, LogprobTensors]]):
+        self.token_ids = _to_host(token_ids)
+        self.logprobs = None if logprobs is None else tuple(map(_to_host, logprobs))
+        self.prompt_logprobs = [(index, tuple(map(_to_host, parts))) for index, parts in prompt_logprobs]
+        self.copied = None
+        if token_ids.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def result(self) -> SamplerOutput:
+        if self.copied is not None:
+            self.copied.synchronize()
+        as_lists = lambda parts: TokenLogprobs(*(part.tolist() for part in parts))  # noqa: E731
+        return SamplerOutput(self.token_ids.tolist(), None if self.logprobs is None else as_lists(self.logprobs),
+                             [(index, as_lists(parts)) for index, parts in self.prompt_logprobs])
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
@@ -115,7 +148,8 @@ class Sampler(nn.Module):
         super().__init__()
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, LogprobTensors | None]:
+        """(the next token of every row, their log-probabilities when some row asked), on the device."""
         logits = logits.float()
         raw_logits = logits
         if meta.penalties is not None:
@@ -126,7 +160,7 @@ class Sampler(nn.Module):
         logprobs = None
         if meta.num_logprobs is not None:
             logprobs = token_logprobs(raw_logits, token_ids, meta.num_logprobs)
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return token_ids, logprobs
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)

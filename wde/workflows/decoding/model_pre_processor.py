@@ -5,7 +5,7 @@ import torch
 
 from wde.core import interfaces
 from wde.core.attention.metadata import PagedAttentionMetadata, build_attn_metadata, slots_of
-from wde.core.sampler import Penalties, SamplingMetadata
+from wde.core.sampler import Penalties, SamplerOutput, SamplingMetadata
 from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput
 from wde.workflows.decoding.sequence import Sequence
 from wde.workflows.decoding.stop_checker import eos_token_ids
@@ -107,7 +107,8 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
             end = start + count
             table = seq.block_table
             if count == 1:  # the common case, a decode step: no ranges to build
-                token_ids.append(seq.token_ids[start])
+                # a token still being sampled (async scheduling) is put in by fill_in_flight_tokens
+                token_ids.append(seq.token_ids[start] if start < len(seq.token_ids) else 0)
                 positions.append(start)
                 slots.append(table[start // block_size] * block_size + start % block_size)
             else:
@@ -128,3 +129,24 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
                           build_attn_metadata(slots, query_lens, seq_lens, block_tables),
                           torch.tensor(logits_indices, dtype=torch.int64),
                           build_sampling_metadata(sampled, self.vocab_size, self.eos_ids), prompt_logprobs)
+
+    def needs_known_tokens(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether some row's sampling reads its sequence's output so far (penalties, min_tokens) while its
+        last token is still in flight: async scheduling then lets that token arrive before building the step."""
+        return any(s.seq.num_pending_tokens and (s.seq.params.uses_penalties or s.seq.params.min_tokens)
+                   for s in scheduler_output.scheduled)
+
+    def fill_in_flight_tokens(self, model_input: ModelInput, scheduler_output: SchedulerOutput,
+                              previous: SchedulerOutput, sampled: SamplerOutput) -> None:
+        """Async scheduling built this step while the previous one was running: rows whose input token is one
+        that step sampled get it now."""
+        token_of = {id(s.seq): token
+                    for s, token in zip((s for s in previous.scheduled if s.samples), sampled.token_ids)}
+        rows, tokens, row = [], [], 0
+        for scheduled in scheduler_output.scheduled:
+            if scheduled.start == len(scheduled.seq.token_ids):
+                rows.append(row)
+                tokens.append(token_of[id(scheduled.seq)])
+            row += scheduled.num_tokens
+        if rows:
+            model_input.input_ids[rows] = torch.tensor(tokens, dtype=torch.int64)

@@ -33,6 +33,8 @@ class DecodingOutputProcessor(interfaces.OutputProcessor):
         sampled = [s.seq for s in scheduler_output.scheduled if s.samples]
         groups: dict[int, SequenceGroup] = {}  # the groups that moved this step, in order
         for row, seq in enumerate(sampled):
+            if seq.is_finished:  # aborted, or (async scheduling) stopped by the step before: the token is dropped
+                continue
             self._append_token(seq, sampler_output, row)
             groups[id(seq.group)] = seq.group
         for group in groups.values():
@@ -44,6 +46,7 @@ class DecodingOutputProcessor(interfaces.OutputProcessor):
     def _append_token(self, seq: Sequence, sampler_output: SamplerOutput, row: int) -> None:
         token = sampler_output.token_ids[row]
         seq.token_ids.append(token)
+        seq.num_pending_tokens -= 1
         params = seq.params
         if params.logprobs is not None:
             if seq.logprobs is None:

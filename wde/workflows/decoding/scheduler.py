@@ -26,7 +26,7 @@ class ScheduledSequence:
 
 def scheduled(seq: Sequence, num_tokens: int) -> ScheduledSequence:
     start = seq.num_computed_tokens
-    return ScheduledSequence(seq, start, num_tokens, start + num_tokens == len(seq.token_ids))
+    return ScheduledSequence(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
 
 @dataclass
@@ -97,6 +97,7 @@ class DecodingScheduler(interfaces.Scheduler):
             self.num_prompt_tokens += 0 if decoding else item.num_tokens
             self.num_generation_tokens += item.samples
             seq.num_computed_tokens += item.num_tokens
+            seq.num_pending_tokens += item.samples  # until the OutputProcessor appends the token
         return output
 
     def get_stats(self) -> SchedulerStats:
@@ -113,6 +114,9 @@ class DecodingScheduler(interfaces.Scheduler):
         block_size = self.kv_cache_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_output_tokens + seq.num_pending_tokens >= seq.max_output_tokens:
+                i += 1  # its last token is in flight (async scheduling): it finishes when that arrives
+                continue
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             # fast path of a decode step: the token fits in the last block without filling it
             if num_tokens == 1 and (seq.num_computed_tokens + 1) % block_size and \
@@ -197,3 +201,5 @@ class DecodingScheduler(interfaces.Scheduler):
             if seq.group.is_finished:
                 self.requests.pop(seq.group.request_id, None)
         self.running = [seq for seq in self.running if not seq.is_finished]
+        if any(seq.is_finished for seq in self.waiting):  # preempted while its last token was in flight
+            self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)

@@ -44,6 +44,7 @@ class Sequence:
     num_prompt_tokens: int
     max_output_tokens: int  # max_tokens, cut to what max_model_len and the KV cache allow
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_pending_tokens: int = 0  # sampled by a scheduled step, not yet in token_ids (async scheduling: in flight)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix caching)
     num_preemptions: int = 0
@@ -66,7 +67,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens and the one a scheduled step is sampling."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:

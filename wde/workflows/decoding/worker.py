@@ -4,7 +4,8 @@ import torch
 from wde.core.cuda_graphs import DecodeCudaGraphs
 from wde.core.distributed import get_tp_rank
 from wde.core.forward_context import set_forward_context
-from wde.core.sampler import Sampler, SamplerOutput, SamplingMetadata, token_logprobs
+from wde.core.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
+                              token_logprobs)
 from wde.core.worker import ModelWorker
 from wde.core.attention.metadata import dummy_paged_batch
 from wde.workflows.decoding.model_pre_processor import ModelInput
@@ -23,28 +24,37 @@ class DecodingWorker(ModelWorker):
             self.cuda_graphs = DecodeCudaGraphs(self.model, args.max_num_seqs, self.config.model.max_model_len,
                                                 args.block_size, self.device)
 
-    @torch.inference_mode()
-    def execute_model(self, model_input: ModelInput) -> SamplerOutput:
+    def execute_model(self, model_input: ModelInput) -> SamplerOutput | None:
         """The step's sampled tokens on rank 0; None on the other tensor-parallel ranks, which take part in the
         forward pass and the logits' gather but leave sampling to rank 0."""
+        pending = self.launch(model_input)
+        return pending.result() if pending is not None else None
+
+    @torch.inference_mode()
+    def launch(self, model_input: ModelInput) -> PendingSamplerOutput | None:
+        """Queue the step on the device and return without waiting for it (on rank 0: its samples to come)."""
         meta = model_input.attn_metadata
         samples = get_tp_rank() == 0
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
             logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
-            return self.sampler(logits, model_input.sampling.to(self.device)) if samples else None
+            return self._sample(logits, model_input.sampling.to(self.device), []) if samples else None
         model_input = model_input.to(self.device)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])
-        output = self.sampler(logits, model_input.sampling) if samples else None
+        prompt_logprobs = []
         for rows in model_input.prompt_logprobs:
             prompt_logits = self.model.compute_logits(hidden[rows.first_row:rows.first_row + len(rows.targets)])
             if samples:
                 targets = torch.tensor(rows.targets, device=self.device)
-                output.prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets,
-                                                                                    rows.k)))
-        return output
+                prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets, rows.k)))
+        return self._sample(logits, model_input.sampling, prompt_logprobs) if samples else None
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata,
+                prompt_logprobs: list[tuple[int, LogprobTensors]]) -> PendingSamplerOutput:
+        token_ids, logprobs = self.sampler(logits, sampling)
+        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs)
 
     def profile_run(self) -> None:
         """The largest step: max_num_batched_tokens tokens over max_num_seqs sequences, each sampling."""
