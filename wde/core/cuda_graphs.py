@@ -56,7 +56,9 @@ class DecodeCudaGraphs:
         for size in reversed(self.sizes):  # the largest first, so the smaller ones fit in its memory pool
             self._forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: CUDA calls of other threads (a finished tensor-parallel group's NCCL teardown, for
+            # one) must not invalidate this capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.logits[size] = self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
