@@ -177,10 +177,16 @@ def test_symmetric_all_reduce_sums_exactly_as_nccl_also_in_a_cuda_graph():
 
 @two_gpus
 def test_two_gpus_give_the_tokens_of_one(tiny_model_dir, caplog):
-    """float32, so that the split sums' other order cannot move a greedy choice; CUDA graphs on."""
-    from tests.test_tensor_parallel import assert_same_generation, generate
+    """float32, so that the split sums' other order cannot move a greedy choice; CUDA graphs on. The Triton
+    attention kernels' float32 dots run in TF32 and split the KV range by the number of heads a rank holds, so
+    log-probabilities agree to 1e-3 here (to 1e-4 on the CPU)."""
+    from tests.test_tensor_parallel import generate
     folder = tiny_model_dir("qwen3", num_key_value_heads=4)  # head_dim 32: the Triton kernels' dots need >= 16
     with caplog.at_level("INFO"):
         split = generate(folder, tensor_parallel_size=2, dtype="float32")
     assert "all-reduce: symmetric memory" in caplog.text
-    assert_same_generation(split, generate(folder, dtype="float32"))
+    whole = generate(folder, dtype="float32")
+    assert [c.token_ids for c in split] == [c.token_ids for c in whole]
+    for a, b in zip(split, whole):
+        for step_a, step_b, token in zip(a.logprobs, b.logprobs, a.token_ids):
+            assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-3
