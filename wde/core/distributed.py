@@ -76,6 +76,13 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_first_rank(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor`, on every rank (in place)."""
+    if _state.world_size > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Every rank's `tensor`, concatenated along `dim` in rank order."""
     if _state.world_size == 1:

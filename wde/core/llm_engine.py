@@ -37,7 +37,7 @@ class LLMEngine:
         self.stats_tracker = StatsTracker(log=not config.args.disable_log_stats)
         self.step_times = StepTimes()
         self.async_scheduling = config.args.async_scheduling and hasattr(self.model_pre_processor,
-                                                                        "fill_in_flight_tokens")
+                                                                        "needs_known_tokens")
         if config.args.async_scheduling:
             logger.info("async scheduling %s", "on" if self.async_scheduling else
                         f"off: {workflow.__qualname__} has no step whose input depends on the last one's output")
@@ -107,10 +107,10 @@ class LLMEngine:
         return outputs
 
     def _step_overlapped(self) -> list[RequestOutput]:
-        """Async scheduling: step k+1 is scheduled and built while step k runs on the device, and launched as
-        soon as step k's tokens are on the host (the rows whose input is one of them get it then); step k's
-        outputs are made while k+1 runs. A sequence that step k stops (EOS, stop string) was already in k+1:
-        that row's token is dropped. Returns step k's outputs."""
+        """Async scheduling: step k+1 is scheduled, built and launched while step k runs on the device (rows
+        whose input is a token step k samples take it from k's samples on the device), then step k's outputs
+        are made while k+1 runs. A sequence that step k stops (EOS, stop string) was already in k+1: that row's
+        token is dropped. Returns step k's outputs."""
         times = self.step_times
         start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
@@ -126,23 +126,19 @@ class LLMEngine:
             return outputs + self._finish_step(scheduler_output, None)
         model_input = self.model_pre_processor(scheduler_output)
         scheduled = time.perf_counter()
-        sampled = None
-        if previous is not None:
-            sampled = self._collect(previous, outputs)
-            if sampled is not None:
-                self.model_pre_processor.fill_in_flight_tokens(model_input, scheduler_output, previous[0], sampled)
         try:
             self.in_flight = (scheduler_output, self.executor.launch(model_input))
         except ExecutorDeadError:
             raise
         except Exception as e:
             outputs += self._fail_step(scheduler_output, e)
-        launched = time.perf_counter()
+        sampled = self._collect(previous, outputs) if previous is not None else None
+        collected = time.perf_counter()
         times.schedule_s += scheduled - start
-        times.execute_s += launched - scheduled
+        times.execute_s += collected - scheduled
         times.num_steps += 1
         outputs += self._finish_in_flight(previous, sampled)
-        times.output_s += time.perf_counter() - launched
+        times.output_s += time.perf_counter() - collected
         return outputs
 
     def _collect(self, in_flight: tuple[Any, Any], outputs: list[RequestOutput]) -> Any:

@@ -5,7 +5,7 @@ import torch
 
 from wde.core import interfaces
 from wde.core.attention.metadata import PagedAttentionMetadata, build_attn_metadata, slots_of
-from wde.core.sampler import Penalties, SamplerOutput, SamplingMetadata
+from wde.core.sampler import Penalties, SamplingMetadata
 from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput
 from wde.workflows.decoding.sequence import Sequence
 from wde.workflows.decoding.stop_checker import eos_token_ids
@@ -29,12 +29,14 @@ class ModelInput:
     logits_indices: torch.Tensor  # [num_sampled] int64: rows whose hidden state yields a next token
     sampling: SamplingMetadata | None
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
+    # async scheduling: per row, which of the last step's samples is its input token (-1: input_ids has it)
+    in_flight_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "ModelInput":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         sampling = self.sampling.to(device) if self.sampling is not None else None  # None on ranks that don't sample
         return ModelInput(move(self.input_ids), move(self.positions), self.attn_metadata.to(device),
-                          move(self.logits_indices), sampling, self.prompt_logprobs)
+                          move(self.logits_indices), sampling, self.prompt_logprobs, move(self.in_flight_rows))
 
 
 def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -76,6 +78,16 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: froz
     return meta
 
 
+def in_flight_source(rows: list[tuple[int, int]], num_tokens: int) -> torch.Tensor | None:
+    """[num_tokens] int64: for each row, the index of its input token among the last step's samples, or -1."""
+    if not rows:
+        return None
+    source = torch.full((num_tokens,), -1, dtype=torch.int64)
+    flat_rows, sample_rows = zip(*rows)
+    source[list(flat_rows)] = torch.tensor(sample_rows, dtype=torch.int64)
+    return source
+
+
 def prompt_logprob_rows(index: int, scheduled: ScheduledSequence, first_flat_row: int) -> PromptLogprobRows | None:
     """The rows of this chunk that predict prompt tokens whose log-probabilities are not known yet."""
     seq, start = scheduled.seq, scheduled.start
@@ -101,14 +113,17 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
     def __call__(self, scheduler_output: SchedulerOutput) -> ModelInput:
         block_size = self.block_size
         token_ids, positions, slots, query_lens, seq_lens, block_tables = [], [], [], [], [], []
-        logits_indices, sampled, prompt_logprobs = [], [], []
+        logits_indices, sampled, prompt_logprobs, in_flight_rows = [], [], [], []
         for index, scheduled in enumerate(scheduler_output.scheduled):
             seq, start, count = scheduled.seq, scheduled.start, scheduled.num_tokens
             end = start + count
             table = seq.block_table
             if count == 1:  # the common case, a decode step: no ranges to build
-                # a token still being sampled (async scheduling) is put in by fill_in_flight_tokens
-                token_ids.append(seq.token_ids[start] if start < len(seq.token_ids) else 0)
+                if start < len(seq.token_ids):
+                    token_ids.append(seq.token_ids[start])
+                else:  # still being sampled by the last step (async scheduling): the worker takes it there
+                    in_flight_rows.append((len(token_ids), seq.sample_row))
+                    token_ids.append(0)
                 positions.append(start)
                 slots.append(table[start // block_size] * block_size + start % block_size)
             else:
@@ -124,29 +139,16 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
             block_tables.append(table)
             if scheduled.samples:
                 logits_indices.append(len(token_ids) - 1)
+                seq.sample_row = len(sampled)
                 sampled.append(seq)
         return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                           build_attn_metadata(slots, query_lens, seq_lens, block_tables),
                           torch.tensor(logits_indices, dtype=torch.int64),
-                          build_sampling_metadata(sampled, self.vocab_size, self.eos_ids), prompt_logprobs)
+                          build_sampling_metadata(sampled, self.vocab_size, self.eos_ids), prompt_logprobs,
+                          in_flight_source(in_flight_rows, len(token_ids)))
 
     def needs_known_tokens(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether some row's sampling reads its sequence's output so far (penalties, min_tokens) while its
         last token is still in flight: async scheduling then lets that token arrive before building the step."""
         return any(s.seq.num_pending_tokens and (s.seq.params.uses_penalties or s.seq.params.min_tokens)
                    for s in scheduler_output.scheduled)
-
-    def fill_in_flight_tokens(self, model_input: ModelInput, scheduler_output: SchedulerOutput,
-                              previous: SchedulerOutput, sampled: SamplerOutput) -> None:
-        """Async scheduling built this step while the previous one was running: rows whose input token is one
-        that step sampled get it now."""
-        token_of = {id(s.seq): token
-                    for s, token in zip((s for s in previous.scheduled if s.samples), sampled.token_ids)}
-        rows, tokens, row = [], [], 0
-        for scheduled in scheduler_output.scheduled:
-            if scheduled.start == len(scheduled.seq.token_ids):
-                rows.append(row)
-                tokens.append(token_of[id(scheduled.seq)])
-            row += scheduled.num_tokens
-        if rows:
-            model_input.input_ids[rows] = torch.tensor(tokens, dtype=torch.int64)

@@ -45,6 +45,7 @@ class Sequence:
     max_output_tokens: int  # max_tokens, cut to what max_model_len and the KV cache allow
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_pending_tokens: int = 0  # sampled by a scheduled step, not yet in token_ids (async scheduling: in flight)
+    sample_row: int = -1  # its row among the samples of the last step that sampled it
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix caching)
     num_preemptions: int = 0

@@ -1,8 +1,10 @@
 """The decoding Worker: a forward pass over the flat batch, then the next token of each finished row."""
+from dataclasses import replace
+
 import torch
 
 from wde.core.cuda_graphs import DecodeCudaGraphs
-from wde.core.distributed import get_tp_rank
+from wde.core.distributed import broadcast_from_first_rank, get_tp_rank
 from wde.core.forward_context import set_forward_context
 from wde.core.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
                               token_logprobs)
@@ -15,6 +17,7 @@ class DecodingWorker(ModelWorker):
     def __init__(self, config, components):
         super().__init__(config, components)
         self.sampler = Sampler(self.device, config.args.seed)
+        self.last_sampled: torch.Tensor | None = None  # the last step's samples (async scheduling)
         self.cuda_graphs: DecodeCudaGraphs | None = None
 
     def init_kv_cache(self, num_blocks: int) -> None:
@@ -35,10 +38,12 @@ class DecodingWorker(ModelWorker):
         """Queue the step on the device and return without waiting for it (on rank 0: its samples to come)."""
         meta = model_input.attn_metadata
         samples = get_tp_rank() == 0
+        if model_input.in_flight_rows is not None:
+            model_input = self._take_in_flight_tokens(model_input)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
             logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
-            return self._sample(logits, model_input.sampling.to(self.device), []) if samples else None
+            return self._sample(logits, model_input.sampling, [], len(model_input.logits_indices))
         model_input = model_input.to(self.device)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
@@ -49,12 +54,26 @@ class DecodingWorker(ModelWorker):
             if samples:
                 targets = torch.tensor(rows.targets, device=self.device)
                 prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets, rows.k)))
-        return self._sample(logits, model_input.sampling, prompt_logprobs) if samples else None
+        return self._sample(logits, model_input.sampling, prompt_logprobs, len(model_input.logits_indices))
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata,
-                prompt_logprobs: list[tuple[int, LogprobTensors]]) -> PendingSamplerOutput:
-        token_ids, logprobs = self.sampler(logits, sampling)
-        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs)
+    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata | None,
+                prompt_logprobs: list[tuple[int, LogprobTensors]], num_rows: int) -> PendingSamplerOutput | None:
+        """Rank 0 samples. With async scheduling every rank also keeps the samples on its device, where the next
+        step (launched before these reach the host) takes its input tokens: rank 0 broadcasts them."""
+        if get_tp_rank() == 0:
+            token_ids, logprobs = self.sampler(logits, sampling.to(self.device))
+        else:
+            token_ids, logprobs = torch.empty(num_rows, dtype=torch.int64, device=self.device), None
+        if self.config.args.async_scheduling:
+            self.last_sampled = broadcast_from_first_rank(token_ids)
+        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs) if get_tp_rank() == 0 else None
+
+    def _take_in_flight_tokens(self, model_input: ModelInput) -> ModelInput:
+        """Rows whose input token the last step sampled take it from that step's samples, on the device."""
+        source = model_input.in_flight_rows.to(self.device, non_blocking=True)
+        known = model_input.input_ids.to(self.device, non_blocking=True)
+        input_ids = torch.where(source >= 0, self.last_sampled[source.clamp(min=0)], known)
+        return replace(model_input, input_ids=input_ids, in_flight_rows=None)
 
     def profile_run(self) -> None:
         """The largest step: max_num_batched_tokens tokens over max_num_seqs sequences, each sampling."""
