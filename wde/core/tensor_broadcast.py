@@ -10,6 +10,7 @@ shapes and host-side lengths back) before it could launch the step. Received on 
 its input to its device itself, like rank 0, and launches at once.
 """
 import dataclasses
+import math
 import pickle
 from functools import cache
 from typing import Any
@@ -90,10 +91,7 @@ def _unpack(buffer: torch.Tensor, header_len: int, payload_size: int) -> tuple[l
         dtype, ndim = DTYPES[header[index]], header[index + 1]
         shape = header[index + 2:index + 2 + ndim]
         index += 2 + ndim
-        numel = 1
-        for size in shape:
-            numel *= size
-        tensor = buffer[position:position + numel * dtype.itemsize].view(dtype).view(shape)
+        tensor = buffer[position:position + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         tensors.append(tensor)
         position += _padded_size(tensor)
     return tensors, buffer[header_len * 8 + payload_size:].numpy().tobytes()

@@ -114,7 +114,7 @@ class DecodingScheduler(interfaces.Scheduler):
         block_size = self.kv_cache_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.num_output_tokens + seq.num_pending_tokens >= seq.max_output_tokens:
+            if seq.num_pending_tokens and seq.num_output_tokens + seq.num_pending_tokens >= seq.max_output_tokens:
                 i += 1  # its last token is in flight (async scheduling): it finishes when that arrives
                 continue
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -201,5 +201,6 @@ class DecodingScheduler(interfaces.Scheduler):
             if seq.group.is_finished:
                 self.requests.pop(seq.group.request_id, None)
         self.running = [seq for seq in self.running if not seq.is_finished]
-        if any(seq.is_finished for seq in self.waiting):  # preempted while its last token was in flight
+        # preempted (so back to 0 computed tokens, and waiting) while its last token was in flight
+        if any(seq.num_computed_tokens == 0 for seq in finished):
             self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)
