@@ -18,11 +18,6 @@ class Penalties:
     output_tokens: torch.Tensor  # [rows, longest output] int64, padded with vocab_size
     prompt_tokens: torch.Tensor | None  # [rows, longest prompt] int64, padded with vocab_size; None: no repetition
 
-    def to(self, device: torch.device) -> "Penalties":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Penalties(move(self.presence), move(self.frequency), move(self.repetition),
-                         move(self.output_tokens), move(self.prompt_tokens))
-
 
 @dataclass
 class SamplingMetadata:
@@ -36,13 +31,6 @@ class SamplingMetadata:
     penalties: Penalties | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) that may not be sampled yet
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its request's generator
-
-    def to(self, device: torch.device) -> "SamplingMetadata":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return SamplingMetadata(
-            move(self.temperature), self.all_greedy, self.all_random, self.num_logprobs, move(self.top_k),
-            move(self.top_p), move(self.min_p), self.penalties.to(device) if self.penalties else None,
-            tuple(move(t) for t in self.banned) if self.banned else None, self.generators)
 
 
 @dataclass

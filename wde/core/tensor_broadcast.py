@@ -10,7 +10,6 @@ shapes and host-side lengths back) before it could launch the step. Received on 
 its input to its device itself, like rank 0, and launches at once.
 """
 import dataclasses
-import math
 import pickle
 from functools import cache
 from typing import Any
@@ -20,10 +19,10 @@ import torch.distributed as dist
 
 from wde.core.distributed import get_host_group
 from wde.core.dotted_path import import_object
+from wde.core.packing import layout, pack_into, padded_nbytes, views
 
 DTYPES = [torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.uint8]
 STOP = -1
-ALIGN = 8  # each tensor starts at a multiple of the widest element size, so its bytes can be viewed as its dtype
 
 
 def _flatten(obj: Any, tensors: list[torch.Tensor]):
@@ -61,40 +60,33 @@ def _class(path: str) -> type:
     return import_object(path)
 
 
-def _padded_size(tensor: torch.Tensor) -> int:
-    return -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
-
-
 def _pack(tensors: list[torch.Tensor], skeleton_bytes: bytes) -> tuple[list[int], torch.Tensor]:
-    """(sizes, buffer): the buffer is the header (int64s), each tensor padded to ALIGN, then the skeleton."""
+    """(sizes, buffer): the buffer is the header (int64s), the packed tensors, then the skeleton."""
     header = []
     for tensor in tensors:
         header += [DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
     header_bytes = torch.tensor(header, dtype=torch.int64).view(torch.uint8)
-    payload_size = sum(_padded_size(t) for t in tensors)
+    offsets, payload_size = layout(tensors)
     buffer = torch.empty(len(header_bytes) + payload_size + len(skeleton_bytes), dtype=torch.uint8)
     buffer[:len(header_bytes)] = header_bytes
-    position = len(header_bytes)
-    for tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        buffer[position:position + size] = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)
-        position += _padded_size(tensor)
+    pack_into(buffer[len(header_bytes):], [t.cpu() for t in tensors], offsets)
     if skeleton_bytes:
-        buffer[position:] = torch.frombuffer(bytearray(skeleton_bytes), dtype=torch.uint8)
+        buffer[len(header_bytes) + payload_size:] = torch.frombuffer(bytearray(skeleton_bytes), dtype=torch.uint8)
     return [len(header), payload_size, len(skeleton_bytes)], buffer
 
 
 def _unpack(buffer: torch.Tensor, header_len: int, payload_size: int) -> tuple[list[torch.Tensor], bytes]:
     header = buffer[:header_len * 8].view(torch.int64).tolist()
-    tensors, position, index = [], header_len * 8, 0
+    specs, offsets, position, index = [], [], 0, 0
     while index < len(header):
         dtype, ndim = DTYPES[header[index]], header[index + 1]
         shape = header[index + 2:index + 2 + ndim]
         index += 2 + ndim
-        tensor = buffer[position:position + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        tensors.append(tensor)
-        position += _padded_size(tensor)
-    return tensors, buffer[header_len * 8 + payload_size:].numpy().tobytes()
+        specs.append((dtype, shape))
+        offsets.append(position)
+        position += padded_nbytes(dtype, shape)
+    payload = buffer[header_len * 8:header_len * 8 + payload_size]
+    return views(payload, specs, offsets), buffer[header_len * 8 + payload_size:].numpy().tobytes()
 
 
 class TensorBroadcaster:

@@ -9,6 +9,7 @@ from wde.core.attention.layer import Attention
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from wde.core.distributed import init_device_all_reduce
 from wde.core.loader.model_loader import load_model
+from wde.core.pinned_copy import PinnedCopier
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class ModelWorker(interfaces.Worker):
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         self.kv_cache: torch.Tensor | None = None
+        self.copier = PinnedCopier(self.device)  # each step's input, to the device in one copy
 
     def kv_block_bytes(self) -> int:
         layer, args = self.kv_layers[0], self.config.args

@@ -38,11 +38,6 @@ class PagedAttentionMetadata:
     def max_seq_len(self) -> int:
         return max(self.seq_lens_host)
 
-    def to(self, device: torch.device) -> "PagedAttentionMetadata":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PagedAttentionMetadata(move(self.slot_mapping), move(self.query_start_loc), move(self.seq_lens),
-                                      move(self.block_tables), self.query_lens_host, self.seq_lens_host)
-
 
 @dataclass
 class EncoderAttentionMetadata:
@@ -58,9 +53,6 @@ class EncoderAttentionMetadata:
     @cached_property
     def max_seq_len(self) -> int:
         return max(self.seq_lens_host)
-
-    def to(self, device: torch.device) -> "EncoderAttentionMetadata":
-        return EncoderAttentionMetadata(self.cu_seqlens.to(device, non_blocking=True), self.seq_lens_host)
 
 
 def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],

@@ -32,12 +32,6 @@ class ModelInput:
     # async scheduling: per row, which of the last step's samples is its input token (-1: input_ids has it)
     in_flight_rows: torch.Tensor | None = None
 
-    def to(self, device: torch.device) -> "ModelInput":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        sampling = self.sampling.to(device) if self.sampling is not None else None  # None on ranks that don't sample
-        return ModelInput(move(self.input_ids), move(self.positions), self.attn_metadata.to(device),
-                          move(self.logits_indices), sampling, self.prompt_logprobs, move(self.in_flight_rows))
-
 
 def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
     width = max(map(len, rows), default=0)

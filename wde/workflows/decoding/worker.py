@@ -36,15 +36,15 @@ class DecodingWorker(ModelWorker):
     @torch.inference_mode()
     def launch(self, model_input: ModelInput) -> PendingSamplerOutput | None:
         """Queue the step on the device and return without waiting for it (on rank 0: its samples to come)."""
-        meta = model_input.attn_metadata
         samples = get_tp_rank() == 0
+        model_input = self.copier.to_device(model_input)
+        meta = model_input.attn_metadata
         if model_input.in_flight_rows is not None:
             model_input = self._take_in_flight_tokens(model_input)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
             logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
             return self._sample(logits, model_input.sampling, [], len(model_input.logits_indices))
-        model_input = model_input.to(self.device)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
         logits = self.model.compute_logits(hidden[model_input.logits_indices])
@@ -61,7 +61,7 @@ class DecodingWorker(ModelWorker):
         """Rank 0 samples. With async scheduling every rank also keeps the samples on its device, where the next
         step (launched before these reach the host) takes its input tokens: rank 0 broadcasts them."""
         if get_tp_rank() == 0:
-            token_ids, logprobs = self.sampler(logits, sampling.to(self.device))
+            token_ids, logprobs = self.sampler(logits, sampling)
         else:
             token_ids, logprobs = torch.empty(num_rows, dtype=torch.int64, device=self.device), None
         if self.config.args.async_scheduling:
@@ -70,8 +70,7 @@ class DecodingWorker(ModelWorker):
 
     def _take_in_flight_tokens(self, model_input: ModelInput) -> ModelInput:
         """Rows whose input token the last step sampled take it from that step's samples, on the device."""
-        source = model_input.in_flight_rows.to(self.device, non_blocking=True)
-        known = model_input.input_ids.to(self.device, non_blocking=True)
+        source, known = model_input.in_flight_rows, model_input.input_ids
         input_ids = torch.where(source >= 0, self.last_sampled[source.clamp(min=0)], known)
         return replace(model_input, input_ids=input_ids, in_flight_rows=None)
 

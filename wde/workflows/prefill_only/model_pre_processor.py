@@ -20,9 +20,6 @@ class PoolingMetadata:
     num_rows: torch.Tensor  # [num_inputs] int64
     params: list[PoolingParams]
 
-    def to(self, device: torch.device) -> "PoolingMetadata":
-        return PoolingMetadata(self.first_rows.to(device), self.num_rows.to(device), self.params)
-
 
 @dataclass
 class PrefillOnlyModelInput:
@@ -31,11 +28,6 @@ class PrefillOnlyModelInput:
     token_type_ids: torch.Tensor | None
     attn_metadata: EncoderAttentionMetadata | PagedAttentionMetadata
     pooling: PoolingMetadata
-
-    def to(self, device: torch.device) -> "PrefillOnlyModelInput":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return PrefillOnlyModelInput(move(self.input_ids), move(self.positions), move(self.token_type_ids),
-                                     self.attn_metadata.to(device), self.pooling.to(device))
 
 
 class PrefillOnlyModelPreProcessor(interfaces.ModelPreProcessor):

@@ -15,7 +15,7 @@ class PrefillOnlyWorker(ModelWorker):
 
     @torch.inference_mode()
     def execute_model(self, model_input: PrefillOnlyModelInput) -> list[torch.Tensor]:
-        model_input = model_input.to(self.device)
+        model_input = self.copier.to_device(model_input)
         extra = () if model_input.token_type_ids is None else (model_input.token_type_ids,)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions, *extra)
