@@ -127,3 +127,26 @@ def test_a_seeded_row_draws_the_same_tokens_wherever_it_sits_in_the_batch():
     alone = sample(0, 1)
     assert sample(5, 8) == alone and sample(63, 64) == alone
     assert len(set(alone)) > 1
+
+
+@pytest.mark.parametrize("vocab_size,world_size", [(7, 2), (8, 2), (10, 4), (5, 1)])
+def test_greedy_tokens_from_vocabulary_slices_are_the_argmax_of_the_whole(monkeypatch, vocab_size, world_size):
+    """Each rank's best (logit, token) decides, ties going to the lowest token id as argmax's do; the padding
+    columns of the last slice never win."""
+    import wde.core.layers.embedding as embedding
+    rows = -(-vocab_size // world_size)
+    g = torch.Generator().manual_seed(vocab_size)
+    logits = torch.randint(-3, 3, (64, vocab_size), generator=g).to(torch.bfloat16)  # many ties across slices
+    padded = torch.cat([logits, torch.full((64, rows * world_size - vocab_size), 100.0, dtype=logits.dtype)], 1)
+    slices = padded.split(rows, dim=1)
+    votes = {}
+    monkeypatch.setattr(embedding, "get_tp_size", lambda: world_size)
+    for rank in range(world_size):  # each rank's vote first, then every rank's answer from all the votes
+        monkeypatch.setattr(embedding, "get_tp_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(embedding, "all_gather", lambda tensor, dim, rank=rank: votes.setdefault(rank, tensor))
+        embedding.greedy_tokens(slices[rank], vocab_size)
+    for rank in range(world_size):
+        monkeypatch.setattr(embedding, "get_tp_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(embedding, "all_gather", lambda tensor, dim: torch.cat(
+            [votes[r] for r in range(world_size)], dim))
+        assert torch.equal(embedding.greedy_tokens(slices[rank], vocab_size), logits.float().argmax(dim=-1))

@@ -47,7 +47,7 @@ class DecodeCudaGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         with set_forward_context(self._metadata(size)):
             hidden = self.model(self.input_ids[:size], self.positions[:size])
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, gather=False)  # the sampling side gathers, or not
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -70,7 +70,7 @@ class DecodeCudaGraphs:
         return max_query_len == 1 and num_seqs <= self.sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
-        """Logits of a decode step (every row samples); inputs on the host or the device."""
+        """This rank's vocabulary slice of a decode step's logits (every row samples)."""
         count = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= count)
         self.input_ids[:count].copy_(input_ids, non_blocking=True)

@@ -32,6 +32,11 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) that may not be sampled yet
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its request's generator
 
+    @property
+    def only_argmax(self) -> bool:
+        """Every row's token is the argmax of its raw logits, and no log-probabilities are wanted."""
+        return self.all_greedy and self.num_logprobs is None and self.penalties is None and self.banned is None
+
 
 @dataclass
 class TokenLogprobs:

@@ -111,8 +111,8 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.transformer.wte.logits(hidden)  # the head is tied to the token embeddings
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        return self.transformer.wte.logits(hidden, gather)  # the head is tied to the token embeddings
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def renamed():  # checkpoints saved from GPT2Model have no "transformer." prefix

@@ -31,6 +31,8 @@ class ModelInput:
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
     # async scheduling: per row, which of the last step's samples is its input token (-1: input_ids has it)
     in_flight_rows: torch.Tensor | None = None
+    # every row takes the argmax and nothing else reads the logits: each rank reduces its vocabulary slice
+    greedy: bool = False
 
 
 def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -135,11 +137,11 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
                 logits_indices.append(len(token_ids) - 1)
                 seq.sample_row = len(sampled)
                 sampled.append(seq)
+        sampling = build_sampling_metadata(sampled, self.vocab_size, self.eos_ids)
         return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                           build_attn_metadata(slots, query_lens, seq_lens, block_tables),
-                          torch.tensor(logits_indices, dtype=torch.int64),
-                          build_sampling_metadata(sampled, self.vocab_size, self.eos_ids), prompt_logprobs,
-                          in_flight_source(in_flight_rows, len(token_ids)))
+                          torch.tensor(logits_indices, dtype=torch.int64), sampling, prompt_logprobs,
+                          in_flight_source(in_flight_rows, len(token_ids)), sampling.only_argmax)
 
     def needs_known_tokens(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether some row's sampling reads its sequence's output so far (penalties, min_tokens) while its

@@ -6,6 +6,7 @@ import torch
 from wde.core.cuda_graphs import DecodeCudaGraphs
 from wde.core.distributed import broadcast_from_first_rank, get_tp_rank
 from wde.core.forward_context import set_forward_context
+from wde.core.layers.embedding import gather_vocab, greedy_tokens
 from wde.core.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
                               token_logprobs)
 from wde.core.worker import ModelWorker
@@ -17,6 +18,7 @@ class DecodingWorker(ModelWorker):
     def __init__(self, config, components):
         super().__init__(config, components)
         self.sampler = Sampler(self.device, config.args.seed)
+        self.vocab_size = config.model.vocab_size
         self.last_sampled: torch.Tensor | None = None  # the last step's samples (async scheduling)
         self.cuda_graphs: DecodeCudaGraphs | None = None
 
@@ -43,30 +45,38 @@ class DecodingWorker(ModelWorker):
             model_input = self._take_in_flight_tokens(model_input)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
-            logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
-            return self._sample(logits, model_input.sampling, [], len(model_input.logits_indices))
+            shard_logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
+            return self._sample(shard_logits, model_input, [])
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
-        logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        shard_logits = self.model.compute_logits(hidden[model_input.logits_indices], gather=False)
         prompt_logprobs = []
         for rows in model_input.prompt_logprobs:
             prompt_logits = self.model.compute_logits(hidden[rows.first_row:rows.first_row + len(rows.targets)])
             if samples:
                 targets = torch.tensor(rows.targets, device=self.device)
                 prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets, rows.k)))
-        return self._sample(logits, model_input.sampling, prompt_logprobs, len(model_input.logits_indices))
+        return self._sample(shard_logits, model_input, prompt_logprobs)
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingMetadata | None,
-                prompt_logprobs: list[tuple[int, LogprobTensors]], num_rows: int) -> PendingSamplerOutput | None:
-        """Rank 0 samples. With async scheduling every rank also keeps the samples on its device, where the next
-        step (launched before these reach the host) takes its input tokens: rank 0 broadcasts them."""
-        if get_tp_rank() == 0:
-            token_ids, logprobs = self.sampler(logits, sampling)
+    def _sample(self, shard_logits: torch.Tensor, model_input: ModelInput,
+                prompt_logprobs: list[tuple[int, LogprobTensors]]) -> PendingSamplerOutput | None:
+        """A greedy step's tokens come from the ranks' vocabulary slices, on every rank; otherwise rank 0 gathers
+        the logits and samples. With async scheduling every rank also keeps the samples on its device, where
+        the next step (launched before these reach the host) takes its input tokens: rank 0 broadcasts them."""
+        first_rank, logprobs = get_tp_rank() == 0, None
+        if model_input.greedy:
+            token_ids = greedy_tokens(shard_logits, self.vocab_size)
         else:
-            token_ids, logprobs = torch.empty(num_rows, dtype=torch.int64, device=self.device), None
+            logits = gather_vocab(shard_logits, self.vocab_size)
+            if first_rank:
+                token_ids, logprobs = self.sampler(logits, model_input.sampling)
+            else:
+                token_ids = torch.empty(len(logits), dtype=torch.int64, device=self.device)
+            if self.config.args.async_scheduling:
+                broadcast_from_first_rank(token_ids)
         if self.config.args.async_scheduling:
-            self.last_sampled = broadcast_from_first_rank(token_ids)
-        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs) if get_tp_rank() == 0 else None
+            self.last_sampled = token_ids
+        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs) if first_rank else None
 
     def _take_in_flight_tokens(self, model_input: ModelInput) -> ModelInput:
         """Rows whose input token the last step sampled take it from that step's samples, on the device."""

@@ -119,8 +119,9 @@ class LlamaForCausalLM(nn.Module):
         """Flat batch of tokens -> final hidden states [num_tokens, hidden_size]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Logits of the whole vocabulary; gather=False: this tensor-parallel rank's slice of them."""
+        return self.lm_head.logits(hidden, gather)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def skip(name: str) -> bool:
