@@ -57,7 +57,7 @@ def test_packed_tensors_come_back_as_views_of_one_buffer(dtypes):
     shapes = [(3,), (2, 5), (), (0,), (7, 1), (1,)]
     tensors = [(torch.rand(shape, generator=g) * 100).to(dtype) for dtype, shape in zip(dtypes, shapes)]
     offsets, size = layout(tensors)
-    assert all(offset % 8 == 0 for offset in offsets)
+    assert all(offset % 16 == 0 for offset in offsets)
     buffer = torch.zeros(size, dtype=torch.uint8)
     pack_into(buffer, tensors, offsets)
     unpacked = views(buffer, [(t.dtype, list(t.shape)) for t in tensors], offsets)

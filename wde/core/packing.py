@@ -4,7 +4,9 @@ import math
 
 import torch
 
-ALIGN = 8  # the widest element size among the dtypes a step input holds
+# a multiple of every element size; and 16, because Triton compiles a kernel once per alignment of its pointer
+# arguments (16 bytes or not): views that were 16-aligned only in some steps would compile kernels mid-run
+ALIGN = 16
 
 
 def padded_nbytes(dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> int:

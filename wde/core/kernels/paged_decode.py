@@ -15,7 +15,8 @@ from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# the block-table width and the split count change from step to step: not specialized on (one compile serves)
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    block_tables_ptr, seq_lens_ptr, query_start_ptr,
                    stride_qt, stride_qh, stride_ot, stride_oh,

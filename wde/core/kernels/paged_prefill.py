@@ -28,7 +28,8 @@ def _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
     return low - 1
 
 
-@triton.jit
+# the batch's sequence count and block-table width change every step: not specialized on, so one compile serves
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
                     scale_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
