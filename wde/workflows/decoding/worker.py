@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import torch
 
+from wde.core.attention.metadata import dummy_paged_batch
 from wde.core.cuda_graphs import DecodeCudaGraphs
 from wde.core.distributed import broadcast_from_first_rank, get_tp_rank
 from wde.core.forward_context import set_forward_context
@@ -10,7 +11,6 @@ from wde.core.layers.embedding import gather_vocab, greedy_tokens
 from wde.core.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
                               token_logprobs)
 from wde.core.worker import ModelWorker
-from wde.core.attention.metadata import dummy_paged_batch
 from wde.workflows.decoding.model_pre_processor import ModelInput
 
 
@@ -31,14 +31,13 @@ class DecodingWorker(ModelWorker):
 
     def execute_model(self, model_input: ModelInput) -> SamplerOutput | None:
         """The step's sampled tokens on rank 0; None on the other tensor-parallel ranks, which take part in the
-        forward pass and the logits' gather but leave sampling to rank 0."""
+        forward pass and in choosing the tokens (the logits' gather, or the greedy vote) but report nothing."""
         pending = self.launch(model_input)
         return pending.result() if pending is not None else None
 
     @torch.inference_mode()
     def launch(self, model_input: ModelInput) -> PendingSamplerOutput | None:
         """Queue the step on the device and return without waiting for it (on rank 0: its samples to come)."""
-        samples = get_tp_rank() == 0
         model_input = self.copier.to_device(model_input)
         meta = model_input.attn_metadata
         if model_input.in_flight_rows is not None:
@@ -53,7 +52,7 @@ class DecodingWorker(ModelWorker):
         prompt_logprobs = []
         for rows in model_input.prompt_logprobs:
             prompt_logits = self.model.compute_logits(hidden[rows.first_row:rows.first_row + len(rows.targets)])
-            if samples:
+            if get_tp_rank() == 0:
                 targets = torch.tensor(rows.targets, device=self.device)
                 prompt_logprobs.append((rows.scheduled_index, token_logprobs(prompt_logits, targets, rows.k)))
         return self._sample(shard_logits, model_input, prompt_logprobs)
@@ -62,7 +61,8 @@ class DecodingWorker(ModelWorker):
                 prompt_logprobs: list[tuple[int, LogprobTensors]]) -> PendingSamplerOutput | None:
         """A greedy step's tokens come from the ranks' vocabulary slices, on every rank; otherwise rank 0 gathers
         the logits and samples. With async scheduling every rank also keeps the samples on its device, where
-        the next step (launched before these reach the host) takes its input tokens: rank 0 broadcasts them."""
+        the next step (launched before these reach the host) takes its input tokens: after rank 0 sampled, it
+        broadcasts them."""
         first_rank, logprobs = get_tp_rank() == 0, None
         if model_input.greedy:
             token_ids = greedy_tokens(shard_logits, self.vocab_size)
