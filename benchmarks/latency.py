@@ -39,6 +39,8 @@ def stream_one(engine, request_id: str, prompt: list[int], max_tokens: int) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--async-scheduling", action="store_true", help="launch each step before the last one's "
+                                                                         "tokens reach the host")
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -46,7 +48,7 @@ def main() -> None:
     prompt = w5()
     start = time.perf_counter()
     engine = LLMEngine.from_engine_args(model=model_folder(W5_SHAPE), load_format="dummy", dtype="bfloat16",
-                                        disable_log_stats=True)
+                                        disable_log_stats=True, async_scheduling=args.async_scheduling)
     startup_first_token = stream_one(engine, "startup", prompt, 1)[0] + (time.perf_counter() - start)
     stream_one(engine, "warm-up", prompt, 32)
     runs = [stream_one(engine, f"run-{i}", prompt, NEW_TOKENS) for i in range(args.runs)]
@@ -63,7 +65,7 @@ def main() -> None:
         return single_stream(W5_SHAPE, prompt, NEW_TOKENS)
     peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": W5_SHAPE, "weights": "random bf16", "prompt_len": len(prompt), "new_tokens": NEW_TOKENS,
-              "batch": 1, "runs": args.runs, "statistic": "median"}
+              "batch": 1, "async_scheduling": args.async_scheduling, "runs": args.runs, "statistic": "median"}
     path = write_result("W5", "cuda", wde, peer, peer_error, workload_detail=detail)
     print_table(f"W5 single stream ({torch.cuda.get_device_name(0)})", "output tok/s", wde["tok_per_s"],
                 peer["tok_per_s"] if peer else None)

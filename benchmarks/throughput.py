@@ -76,7 +76,7 @@ def run_gpu(args) -> None:
     from wde import LLM, SamplingParams
     prompts, output_lens = w1(args.num_prompts)
     llm = LLM(model=model_folder(W1_SHAPE), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-              attention_backend=args.attention_backend)
+              attention_backend=args.attention_backend, async_scheduling=args.async_scheduling)
     warm_up(llm, prompts)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     runs = []
@@ -101,7 +101,8 @@ def run_gpu(args) -> None:
     peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": W1_SHAPE, "weights": "random bf16", "num_requests": args.num_prompts,
               "prompt_len": "U[100,1024] seed 0", "output_len": "U[100,1024] seed 0", "sampling": "greedy",
-              "max_num_seqs": args.max_num_seqs, "runs": args.runs, "statistic": "median"}
+              "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "runs": args.runs,
+              "statistic": "median"}
     path = write_result("W1", "cuda", wde, peer, peer_error, workload_detail=detail)
     print_table(f"W1 throughput ({torch.cuda.get_device_name(0)})", "output tok/s", wde["out_tok_per_s"],
                 peer["out_tok_per_s"] if peer else None)
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64, help="CPU only")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--async-scheduling", action="store_true", help="launch each step before the last one's "
+                                                                         "tokens reach the host")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a profile of decode steps")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")

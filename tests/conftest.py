@@ -80,3 +80,12 @@ def run_to_completion(engine) -> dict:
                 finished[output.request_id] = output
     assert_all_blocks_free(engine)
     return finished
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.fuzz import PROFILE, cases_tried
+    if cases_tried:
+        terminalreporter.section(f"fuzz cases tried (profile {PROFILE})")
+        for test, count in sorted(cases_tried.items()):
+            terminalreporter.write_line(f"{count:7d}  {test}")
+        terminalreporter.write_line(f"{sum(cases_tried.values()):7d}  in all")

@@ -195,6 +195,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
     engine = LLMEngine.from_workflow(Faulty, model=tiny_model_dir("qwen3"), num_kv_blocks=16)
     engine.add_request("bad", [5, 13, 6], GOOD)
     outputs = run_to_completion(engine)
-    assert outputs["bad"].error == "RuntimeError: token 13 breaks this model"
+    assert outputs["bad"].error == "the model step failed: RuntimeError: token 13 breaks this model"
+    assert outputs["bad"].internal_error
     engine.add_request("good", [5, 6], GOOD)
     assert len(run_to_completion(engine)["good"].outputs[0].token_ids) == 5

@@ -151,6 +151,32 @@ BAD_INPUTS = [  # (what, path, body or raw bytes, status, in the message)
     ("body too large", "/v1/completions", {"model": "smollm2", "prompt": "x" * (MAX_BODY + 10)}, 413,
      "over 65536 bytes"),
     ("unknown endpoint", "/v1/fine_tuning/jobs", {}, 404, "no such endpoint"),
+    # each of these was a 500 (or a 200 with nothing in it) before
+    ("JSON nested 5,000 deep", "/v1/completions", b'{"model": "smollm2", "prompt": ' + b"[" * 5000 + b"]" * 5000
+     + b"}", 400, "nested too deeply"),
+    ("no prompt at all", "/v1/completions", {"model": "smollm2", "prompt": []}, 400, "must not be an empty list"),
+    ("a lone surrogate in the prompt", "/v1/completions", b'{"model": "smollm2", "prompt": "a\\ud800"}', 400,
+     "not valid Unicode: character 1 is '\\ud800'"),
+    ("a lone surrogate in a stop string", "/v1/completions", b'{"model": "smollm2", "prompt": "a", "stop": '
+     b'["\\udc00"]}', 400, "not valid Unicode"),
+    ("a lone surrogate in chat content", "/v1/chat/completions",
+     b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud83d"}]}', 400, "not valid Unicode"),
+    ("a seed beyond 64 bits", "/v1/completions", {"model": "smollm2", "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("no embedding input", "/v1/embeddings", {"model": "minilm", "input": []}, 400, "must not be an empty list"),
+    ("a lone surrogate in an embedding input", "/v1/embeddings", b'{"model": "minilm", "input": ["ok", '
+     b'"\\ud800"]}', 400, "input.1: Value error, the text is not valid Unicode"),
+    ("a lone surrogate in a rerank query", "/v1/rerank", b'{"model": "minilm", "query": "\\ud800", '
+     b'"documents": ["a"]}', 400, "query: Value error, the text is not valid Unicode"),
+    ("embedding dimensions beyond 32 bits", "/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 2**40},
+     400, "dimensions"),
+    ("true as a token id", "/v1/completions", {"model": "smollm2", "prompt": [True]}, 400, "prompt"),
+    ("max_tokens as a string", "/v1/completions", {"model": "smollm2", "prompt": "x", "max_tokens": "5"}, 400,
+     "max_tokens: Input should be a valid integer"),
+    ("NaN temperature", "/v1/completions", b'{"model": "smollm2", "prompt": "x", "temperature": NaN}', 400,
+     "temperature: Input should be a finite number"),
+    ("an empty rerank document", "/v1/rerank", {"model": "minilm", "query": "q", "documents": ["a", ""]}, 400,
+     "documents.1: the prompt is empty"),
+    ("body not UTF-8", "/v1/completions", b'{"model": "smollm2", "prompt": "\xff\xfe"}', 400, "not valid JSON"),
 ]
 
 
@@ -164,6 +190,65 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(url, client
     error = response.json()["error"]
     assert message in error["message"] and error["type"] in ("invalid_request_error", "server_error")
     assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_a_header_that_is_not_utf8_is_ignored_without_a_key(url):
+    response = httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 1},
+                          headers={"Authorization": b"Bearer \xff\xfe"})
+    assert response.status_code == 200
+
+
+def assert_disconnect_logged_at_info(caplog, hang_up) -> None:
+    """Run `hang_up` (a client leaving mid-request) and check the server logs it as one INFO line, no error."""
+    import logging
+    caplog.set_level(logging.INFO)
+    for name in ("uvicorn", "uvicorn.error"):  # uvicorn's loggers do not propagate to the root logger
+        logging.getLogger(name).addHandler(caplog.handler)
+    try:
+        hang_up()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("disconnected" in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        time.sleep(0.3)  # anything logged after the abort has been logged by now
+    finally:
+        for name in ("uvicorn", "uvicorn.error"):
+            logging.getLogger(name).removeHandler(caplog.handler)
+    assert any(r.levelno == logging.INFO and "disconnected" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_an_abandoned_request_is_an_info_line_not_an_error(url, caplog):
+    """A client that hangs up on a non-streamed request aborts it: an expected end, logged at INFO."""
+    def hang_up():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Once upon a time",
+                                                      "max_tokens": 200, "temperature": 0}, timeout=0.5)
+    assert_disconnect_logged_at_info(caplog, hang_up)
+
+
+def test_a_prompt_alone_over_the_limit_names_the_prompt(url):
+    response = httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "word " * 400,
+                                                         "max_tokens": 4})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_a_client_that_hangs_up_while_sending_its_body_is_an_info_line(url, caplog):
+    from urllib.parse import urlparse
+
+    def hang_up():
+        address = urlparse(url)
+        with socket.create_connection((address.hostname, address.port)) as connection:
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 500\r\n\r\n{\"model\": \"smollm2\"")  # 480 bytes short
+    assert_disconnect_logged_at_info(caplog, hang_up)
+
+
+def test_latencies_are_kept_as_a_histogram(url):
+    from wde.entrypoints.openai.metrics import LATENCY_BUCKETS
+    text = httpx.get(f"{url}/metrics").text
+    buckets = [int(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('wde_request_latency_seconds_bucket{model="smollm2"')]
+    assert len(buckets) == len(LATENCY_BUCKETS) + 1 and buckets == sorted(buckets) and buckets[-1] > 0
 
 
 def test_wrong_method_is_405(url):
@@ -181,8 +266,25 @@ def tiny_url(tiny_engine):
     yield from serve({"tiny": AsyncEngine(tiny_engine, "tiny")}, api_key="secret")
 
 
+def test_the_api_key_is_compared_in_constant_time_and_any_header_bytes_are_refused(tiny_url, monkeypatch):
+    import hmac
+
+    from wde.entrypoints.openai import api_server
+    compared, real = [], hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((a, b))
+        return real(a, b)
+    monkeypatch.setattr(api_server.hmac, "compare_digest", compare_digest)
+    for header in (b"Bearer \xff\xfe", b"Bearer secre", "Bearer secret"):
+        response = httpx.get(f"{tiny_url}/v1/models", headers={"Authorization": header})
+        assert response.status_code == (200 if header == "Bearer secret" else 401)
+    assert [given for given, _ in compared] == [b"Bearer \xff\xfe", b"Bearer secre", b"Bearer secret"]
+
+
 def test_api_key_is_required(tiny_url):
-    assert httpx.get(f"{tiny_url}/health").status_code == 401
+    assert httpx.get(f"{tiny_url}/health").status_code == 200  # health probes need no key
+    assert httpx.get(f"{tiny_url}/v1/models").status_code == 401
     denied = httpx.post(f"{tiny_url}/v1/completions", json={"model": "tiny", "prompt": "w5"},
                         headers={"Authorization": "Bearer wrong"})
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
@@ -221,3 +323,40 @@ def test_64_concurrent_streams_some_abandoned_and_every_block_freed(tiny_url, ti
     assert not tiny_engine.has_unfinished_requests()
     manager = tiny_engine.kv_cache_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+class FaultyWorker(__import__("wde.workflows.decoding.worker", fromlist=["DecodingWorker"]).DecodingWorker):
+    """Fails any step whose batch holds token 13: a fault of the engine's, found once the request runs."""
+
+    def execute_model(self, model_input):
+        if (model_input.input_ids == 13).any():
+            raise RuntimeError("token 13 breaks this model")
+        return super().execute_model(model_input)
+
+
+@pytest.fixture(scope="module")
+def faulty_url(tiny_model_dir):
+    from wde.tasks.chat.workflow import ChatWorkflow
+
+    class Faulty(ChatWorkflow):
+        Worker = f"{__name__}:FaultyWorker"
+    engine = LLMEngine.from_workflow(Faulty, model=tiny_model_dir("qwen3"), num_kv_blocks=64, disable_log_stats=True)
+    yield from serve({"faulty": AsyncEngine(engine, "faulty")})
+
+
+def test_a_request_that_fails_in_the_engine_says_why_streamed_or_not(faulty_url):
+    body = {"model": "faulty", "prompt": [5, 13, 6], "max_tokens": 4}
+    whole = httpx.post(f"{faulty_url}/v1/completions", json=body)
+    assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
+    assert "token 13 breaks this model" in whole.json()["error"]["message"]
+    with httpx.stream("POST", f"{faulty_url}/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200  # sent before the engine ran it
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "token 13 breaks this model" in error["message"] and error["type"] == "server_error"
+    client = openai.OpenAI(base_url=f"{faulty_url}/v1", api_key="unused")
+    with pytest.raises(openai.APIError, match="token 13 breaks this model"):
+        for _ in client.completions.create(model="faulty", prompt=[5, 13, 6], max_tokens=4, stream=True):
+            pass
+    assert client.completions.create(model="faulty", prompt=[5, 6], max_tokens=3).usage.completion_tokens == 3

@@ -64,3 +64,16 @@ class BlockAllocator:
         if block_hash not in self._cached and self.block_hashes[block] is None:
             self._cached[block_hash] = block
             self.block_hashes[block] = block_hash
+
+    def uncache(self, block: int) -> None:
+        """`block` no longer holds what its hash says (the step that was to write it failed): no lookup finds it
+        again, and once free it is a plain free block."""
+        block_hash = self.block_hashes[block]
+        if block_hash is None:
+            return
+        if self._cached.get(block_hash) == block:
+            del self._cached[block_hash]
+        self.block_hashes[block] = None
+        if block in self._evictable:
+            del self._evictable[block]
+            self._free.append(block)

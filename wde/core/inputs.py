@@ -1,4 +1,5 @@
 """Checks on what users submit as a prompt, shared by every workflow's InputProcessor."""
+import reprlib
 from typing import Any, Union
 
 import numpy as np
@@ -18,7 +19,7 @@ def parse_prompt(prompt: Any, vocab_size: int) -> tuple[str | None, list[int] | 
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("the prompt is empty")
-        return prompt, None
+        return check_text(prompt, "the prompt"), None
     if isinstance(prompt, (list, tuple)):
         return None, check_token_ids(list(prompt), vocab_size)
     raise TypeError(f"a prompt must be a str or a list of token ids, not {type(prompt).__name__}")
@@ -28,15 +29,32 @@ def check_token_ids(token_ids: list, vocab_size: int) -> list[int]:
     if not token_ids:
         raise ValueError("the prompt is empty (no token ids)")
     # numpy checks a long prompt at C speed; the element-by-element pass below only runs to name the culprit
-    values = np.asarray(token_ids)
-    if values.dtype.kind in "iu" and values.ndim == 1 and values.min() >= 0 and values.max() < vocab_size:
+    try:
+        values = np.asarray(token_ids)
+    except (ValueError, TypeError, OverflowError):  # ragged or exotic elements: the pass below names them
+        values = None
+    if values is not None and values.dtype.kind in "iu" and values.ndim == 1 and values.min() >= 0 \
+            and values.max() < vocab_size:
         return token_ids
     for i, token in enumerate(token_ids):
         if not isinstance(token, int) or isinstance(token, bool):
-            raise TypeError(f"prompt token {i} is {token!r}, not an int")
+            raise TypeError(f"prompt token {i} is {reprlib.repr(token)}, not an int")
         if not 0 <= token < vocab_size:
-            raise ValueError(f"prompt token {i} is {token}, outside the vocabulary [0, {vocab_size})")
+            raise ValueError(f"prompt token {i} is {reprlib.repr(token)}, outside the vocabulary [0, {vocab_size})")
     raise TypeError("prompt token ids must be a flat list of ints")
+
+
+def check_text(text: str, what: str) -> str:
+    """`text`, if it can be encoded as UTF-8 (a lone surrogate such as "\\ud800" cannot: no tokenizer takes
+    it); else a ValueError that names `what` and where the bad character is."""
+    if text.isascii():  # the usual case, checked without copying
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: character {e.start} is {text[e.start]!r} "
+                         f"({e.reason})") from None
+    return text
 
 
 def coerce_params(params: Any, kind: type) -> Any:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wde.core.config import EngineConfig
+    from wde.core.failures import Failure
     from wde.core.stats import SchedulerStats
     from wde.core.llm_engine import LLMEngine
     from wde.core.request import Request
@@ -55,7 +56,12 @@ class KVCacheManager(Component):
 
 
 class Scheduler(Component):
-    """Decides what runs at each step within the token, sequence and KV-block budgets."""
+    """Decides what runs at each step within the token, sequence and KV-block budgets.
+
+    It tokenizes a request (through `engine.process_request`) only when it is about to admit it; a request
+    that fails there comes back as None and is forgotten (the engine reports it). `abort_request` frees all a
+    request holds, whatever its state: the engine also calls it for every request that failed in a step.
+    """
 
     @abstractmethod
     def add_request(self, request: "Request") -> None: ...
@@ -72,11 +78,6 @@ class Scheduler(Component):
     @abstractmethod
     def free_finished(self, scheduler_output: Any) -> None:
         """Release what the requests the OutputProcessor finished in this step held."""
-
-    @abstractmethod
-    def fail_scheduled(self, scheduler_output: Any, error: str) -> Any:
-        """A step failed: drop its requests (freeing what they held) and return a scheduler output that lists
-        them as failed with `error`, for the OutputProcessor."""
 
     @abstractmethod
     def get_stats(self) -> "SchedulerStats": ...
@@ -133,10 +134,19 @@ class Worker(ABC):
 
 
 class OutputProcessor(Component):
-    """Model results -> RequestOutputs (appends tokens, detokenizes, decides what finished)."""
+    """Model results -> RequestOutputs (appends tokens, detokenizes, decides what finished).
+
+    The part of each request's work runs on its own: one that raises is recorded with
+    `engine.failures.record(request, stage, error)` and left out, never let out of the call (which would fail
+    the whole step's requests).
+    """
 
     @abstractmethod
     def __call__(self, scheduler_output: Any, model_output: Any) -> Any: ...
+
+    @abstractmethod
+    def failed_output(self, failure: "Failure") -> Any:
+        """The finished output of a request that failed, carrying `failure.message`."""
 
 
 class AttentionBackend(ABC):

@@ -96,6 +96,12 @@ class KVCacheManager(interfaces.KVCacheManager):
             self.allocator.decref(block)
         seq.block_table = []
 
+    def forget(self, blocks: set[int]) -> None:
+        """Blocks a failed step was to write: their K/V are not what their hashes promise, so the prefix cache
+        must never hand them out (a later request with the same prompt would read garbage)."""
+        for block in blocks:
+            self.allocator.uncache(block)
+
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0

@@ -37,6 +37,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None  # why the request failed, when finish_reason is "error"
+    internal_error: bool = False  # the failure was the engine's, not caused by what the request asked
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # None for the first prompt token
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
@@ -78,6 +79,7 @@ class PoolingRequestOutput:
     prompt_token_ids: list[int]
     finished: bool = True
     error: str | None = None
+    internal_error: bool = False  # the failure was the engine's, not caused by what the request asked
     num_cached_tokens: int = 0  # tokens whose KV came from the prefix cache (decoder models)
 
 

@@ -3,7 +3,16 @@ import enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from wde.core.inputs import check_text
+
 MAX_LOGPROBS = 20
+MAX_N = 1024
+INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -2**63, 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# as vLLM: a temperature this small means greedy (dividing logits by it would overflow float32 into inf / NaN)
+GREEDY_BELOW = 1e-5
+# a penalized logit is divided or multiplied by repetition_penalty: outside this range it over- or underflows
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
 class RequestOutputKind(enum.Enum):
@@ -17,27 +26,34 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    n: int = Field(1, ge=1, description="independent completions per prompt")
-    temperature: float = Field(1.0, ge=0.0, description="0 picks the most likely token (greedy)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sample from the smallest set of most likely tokens "
-                                                          "whose probabilities add up to top_p")
-    top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens; 0 or -1: all")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p times the most "
-                                                          "likely one")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every token "
-                                                                      "already generated")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from a token's logit once per "
-                                                                       "time it was generated")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="divides positive (multiplies negative) logits of "
-                                                               "tokens in the prompt or output; 1: off")
-    seed: int | None = Field(None, description="seed of this request's own random generator")
+    n: int = Field(1, ge=1, le=MAX_N, description="independent completions per prompt")
+    temperature: float = Field(1.0, ge=0.0, le=FLOAT32_MAX, allow_inf_nan=False,
+                               description=f"0 (or below {GREEDY_BELOW}) picks the most likely token (greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                         description="sample from the smallest set of most likely tokens whose probabilities add "
+                                     "up to top_p")
+    top_k: int = Field(0, ge=-1, le=INT32_MAX, description="sample from the k most likely tokens; 0 or -1: all")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description="drop tokens less likely than min_p times the most likely one")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+                                    description="subtracted from the logit of every token already generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+                                     description="subtracted from a token's logit once per time it was generated")
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                      allow_inf_nan=False,
+                                      description="divides positive (multiplies negative) logits of tokens in the "
+                                                  "prompt or output; 1: off")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
+                             description="seed of this request's own random generator")
     stop: list[str] = Field(default_factory=list, description="strings that end the output")
-    stop_token_ids: list[int] = Field(default_factory=list, description="tokens that end the output")
+    stop_token_ids: list[int] = Field(default_factory=list, description="tokens that end the output (checked "
+                                                                        "against the vocabulary when submitted)")
     include_stop_str_in_output: bool = Field(False, description="keep the stop string in the text")
     ignore_eos: bool = Field(False, description="keep generating after the end-of-sequence token")
-    max_tokens: int | None = Field(16, ge=1, description="most tokens to generate; None: up to max_model_len")
-    min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or a stop "
-                                                 "token may end the output")
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX,
+                                   description="most tokens to generate; None: up to max_model_len")
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX, description="generate at least this many tokens before EOS or a "
+                                                               "stop token may end the output")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="also return the log-probability of each sampled token and of "
                                              "this many most likely tokens (with their ranks)")
@@ -60,7 +76,14 @@ class SamplingParams(BaseModel):
     def _no_empty_stop_string(cls, value: list[str]) -> list[str]:
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
+        for i, stop in enumerate(value):
+            check_text(stop, f"stop string {i}")
         return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float) -> float:
+        return 0.0 if value < GREEDY_BELOW else value
 
     @model_validator(mode="after")
     def _consistent(self) -> "SamplingParams":
@@ -69,6 +92,13 @@ class SamplingParams(BaseModel):
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         return self
+
+    def __setattr__(self, name: str, value) -> None:
+        """A new value is checked on a copy first: pydantic stores it before the checks across fields run, so
+        a refused value would otherwise stay."""
+        if name in type(self).model_fields:
+            BaseModel.__setattr__(self.model_copy(), name, value)
+        super().__setattr__(name, value)
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 
 from wde.core import interfaces
 from wde.core.config import EngineConfig, split_model_path
+from wde.core.inputs import check_text
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,28 @@ class HFTokenizer(interfaces.Tokenizer):
         return IncrementalDecoder(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it; ValueError naming what is wrong with it
+        (a template may refuse a conversation, e.g. one whose roles do not alternate)."""
         if not self.hf.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise TypeError(f"message {i} is a {type(message).__name__}, not a dict with a role and content")
+            for key, value in message.items():
+                if isinstance(value, str):
+                    check_text(value, f"message {i}'s {key}")
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja's TemplateError) or a message of
+            # a shape it cannot render: either way, what the conversation carries
+            raise ValueError(f"the chat template could not render the conversation: {type(e).__name__}: {e}") \
+                from e
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The token ids of the conversation's chat prompt (the template already holds the special tokens:
+        tokenizing must not add a second BOS)."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
 
 class IncrementalDecoder:

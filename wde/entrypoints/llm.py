@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from wde.core.inputs import coerce_params
 from wde.core.llm_engine import LLMEngine
 from wde.core.outputs import PoolingRequestOutput, RequestOutput
 from wde.core.pooling_params import PoolingParams
@@ -41,7 +42,8 @@ class LLM:
         """
         self._require_task("generate")
         prompts = _as_prompt_list(prompts)
-        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts), SamplingParams), use_tqdm)
+        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts), SamplingParams), SamplingParams,
+                         use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -49,25 +51,25 @@ class LLM:
         """Answer one conversation (a list of {"role", "content"} dicts) or several, with the chat template."""
         self._require_task("generate")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tokenizer = self.get_tokenizer()
-        # the template already holds the special tokens: tokenizing must not add a second BOS
-        prompts = [tokenizer.encode(tokenizer.apply_chat_template(conv), add_special_tokens=False)
-                   for conv in conversations]
-        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts), SamplingParams), use_tqdm)
+        prompts = [self.get_tokenizer().encode_chat(conv) for conv in conversations]
+        return self._run(prompts, _params_per_prompt(sampling_params, len(prompts), SamplingParams), SamplingParams,
+                         use_tqdm)
 
     def embed(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
         """One vector per input (`.outputs.embedding`), in input order."""
         self._require_task("embed")
         prompts = _as_prompt_list(prompts)
-        return self._run(prompts, _params_per_prompt(pooling_params, len(prompts), PoolingParams), use_tqdm)
+        return self._run(prompts, _params_per_prompt(pooling_params, len(prompts), PoolingParams), PoolingParams,
+                         use_tqdm)
 
     def classify(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
                  use_tqdm: bool = True) -> list[PoolingRequestOutput]:
         """Class probabilities per input (`.outputs.probs`), in input order."""
         self._require_task("classify")
         prompts = _as_prompt_list(prompts)
-        return self._run(prompts, _params_per_prompt(pooling_params, len(prompts), PoolingParams), use_tqdm)
+        return self._run(prompts, _params_per_prompt(pooling_params, len(prompts), PoolingParams), PoolingParams,
+                         use_tqdm)
 
     def score(self, queries: Any, documents: Any, pooling_params: PoolingParams | None = None,
               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
@@ -81,7 +83,8 @@ class LLM:
             raise ValueError(f"{len(queries)} queries for {len(documents)} documents: give one query, or one per "
                              "document")
         pairs = list(zip(queries, documents))
-        return self._run(pairs, _params_per_prompt(pooling_params, len(pairs), PoolingParams), use_tqdm)
+        return self._run(pairs, _params_per_prompt(pooling_params, len(pairs), PoolingParams), PoolingParams,
+                         use_tqdm)
 
     def _require_task(self, task: str) -> None:
         workflow = self.engine.workflow
@@ -89,11 +92,12 @@ class LLM:
             raise ValueError(f"this engine's model is served for {workflow.task!r} ({workflow.__name__}), not "
                              f"{task!r}: load a model made for it, or pass task={task!r} if the model can do it")
 
-    def _run(self, prompts: list, params: list, use_tqdm: bool) -> list:
+    def _run(self, prompts: list, params: list, kind: type, use_tqdm: bool) -> list:
         request_ids = []
         try:
             for prompt, prompt_params in zip(prompts, params):
                 request_id = str(next(self._request_counter))
+                prompt_params = coerce_params(prompt_params, kind)
                 if isinstance(prompt_params, SamplingParams):  # only the final output of each is wanted
                     prompt_params = prompt_params.model_copy(update={"output_kind": RequestOutputKind.FINAL_ONLY})
                 self.engine.add_request(request_id, prompt, prompt_params)
@@ -101,7 +105,9 @@ class LLM:
         except (ValueError, TypeError) as e:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
-            raise type(e)(f"prompt {len(request_ids)}: {e}") from e
+            # as a plain ValueError / TypeError: not every exception type can be made from a message
+            # (pydantic's ValidationError cannot)
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {len(request_ids)}: {e}") from e
         finished = self._run_engine(len(request_ids), use_tqdm)
         return [finished[request_id] for request_id in request_ids]
 
@@ -132,7 +138,8 @@ class LLM:
 def _as_prompt_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int):
+    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int) \
+            and not isinstance(prompts[0], bool):
         return [list(prompts)]  # one prompt given as token ids
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
@@ -140,11 +147,14 @@ def _as_prompt_list(prompts: Any) -> list:
 
 
 def _params_per_prompt(params: Any, count: int, kind: type) -> list:
+    """One `kind` (or dict of its fields) for every prompt, or a list of one per prompt."""
     if params is None:
         return [kind()] * count
-    if isinstance(params, kind):
+    if isinstance(params, (kind, dict)):
         return [params] * count
-    params = list(params)
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be {kind.__name__}, a dict of its fields, or a list of one per prompt; not "
+                        f"{type(params).__name__}")
     if len(params) != count:
         raise ValueError(f"{len(params)} {kind.__name__} for {count} prompts")
-    return params
+    return list(params)

@@ -5,7 +5,7 @@ wde's own scheduling. A prompt's length is known without tokenizing when it come
 estimated from its characters, so that submission stays free of tokenization.
 """
 from wde.core.request import Request
-from wde.workflows.decoding.scheduler import DecodingScheduler, SchedulerOutput
+from wde.workflows.decoding.scheduler import DecodingScheduler
 from wde.workflows.decoding.sequence import Sequence
 
 CHARS_PER_TOKEN = 4  # a rough estimate for English text
@@ -18,9 +18,9 @@ def prompt_length(request: Request) -> float:
 
 
 class ShortestFirstScheduler(DecodingScheduler):
-    def _next_waiting(self, output: SchedulerOutput) -> Sequence | None:
+    def _next_waiting(self) -> Sequence | None:
         if not self.waiting and len(self.new_requests) > 1:
             shortest = min(self.new_requests, key=prompt_length)
             self.new_requests.remove(shortest)
             self.new_requests.appendleft(shortest)
-        return super()._next_waiting(output)
+        return super()._next_waiting()

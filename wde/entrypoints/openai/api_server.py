@@ -2,12 +2,16 @@
 /health and /metrics, over one engine per served model.
 
 Every request body is checked by a pydantic model (unknown fields and out-of-range values get a 400 in OpenAI's
-error shape), its size is bounded (413), and with an API key every request needs `Authorization: Bearer KEY`
-(401). A client that disconnects aborts its request, which frees its KV blocks.
+error shape), its size is bounded (413), and with an API key every request but /health needs
+`Authorization: Bearer KEY` (401). A client's mistake is always a 4xx, also when it is found once the request
+runs (a streamed request then ends with an error event); 5xx means the server is at fault. A client that
+disconnects aborts its request, which frees its KV blocks.
 """
 import asyncio
 import base64
+import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -15,7 +19,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -26,6 +30,7 @@ from wde.entrypoints.openai.errors import APIError, from_validation_error
 from wde.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                                              RerankRequest)
 
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -43,20 +48,28 @@ class Server:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise APIError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                raise APIError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_body_bytes:
+                    raise APIError(413, f"the request body is over {self.max_body_bytes} bytes",
+                                   code="request_too_large")
+        except ClientDisconnect:  # it hung up while sending: an expected end, nobody to answer
+            raise ClientDisconnected from None
         try:
             data = json.loads(body)
-        except ValueError as e:
+        except ValueError as e:  # UnicodeDecodeError (bytes that are not UTF-8) included
             raise APIError(400, f"the request body is not valid JSON: {e}") from e
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:
             return model_class.model_validate(data)
         except ValidationError as e:
             raise from_validation_error(e) from e
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
 
     def engine(self, name: str, *tasks: str) -> AsyncEngine:
         if name not in self.engines:
@@ -70,17 +83,22 @@ class Server:
             raise APIError(503, f"the engine of {name!r} stopped: {engine.failure}", type="server_error")
         return engine
 
-    async def submit(self, engine: AsyncEngine, prompts: list, params) -> list[tuple[str, asyncio.Queue]]:
-        """Add one request per prompt (all or none: a refused one aborts those already added)."""
+    async def submit(self, engine: AsyncEngine, prompts: list, params, names: list[str] | None = None
+                     ) -> list[tuple[str, asyncio.Queue]]:
+        """Add one request per prompt (all or none: a refused one aborts those already added). A refusal names
+        the prompt as `names` does (default: "input i" when there are several)."""
         added = []
         try:
             for prompt in prompts:
                 request_id = uuid.uuid4().hex
                 added.append((request_id, await engine.add_request(request_id, prompt, params)))
-        except (ValueError, TypeError) as e:
+        except BaseException as e:  # refused, or the client went away: none of them runs
             for request_id, _ in added:
                 engine.abort(request_id)
-            raise APIError(400, str(e)) from e
+            if isinstance(e, (ValueError, TypeError)):
+                which = names[len(added)] if names else f"input {len(added)}" if len(prompts) > 1 else ""
+                raise APIError(400, f"{which}: {e}" if which else str(e)) from e
+            raise
         return added
 
     async def finals(self, request: Request, engine: AsyncEngine, submitted: list[tuple[str, asyncio.Queue]]) -> list:
@@ -93,21 +111,20 @@ class Server:
                         output = await asyncio.wait_for(queue.get(), POLL_S)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
-                            raise asyncio.CancelledError from None
+                            raise ClientDisconnected from None
                         continue
                     if isinstance(output, Exception):
                         raise APIError(503, f"the engine stopped: {output}", type="server_error")
                     if output.finished:
                         results.append(output)
                         break
-        except asyncio.CancelledError:
+        except (ClientDisconnected, asyncio.CancelledError):
             for request_id, _ in submitted[len(results):]:
                 engine.abort(request_id)
             raise
         for output in results:
             if output.error:
-                raise APIError(400, output.error, code="context_length_exceeded" if "max_model_len" in output.error
-                               else None)
+                raise output_error(output)
         return results
 
     async def merged(self, engine: AsyncEngine, submitted: list[tuple[str, asyncio.Queue]]) -> AsyncIterator:
@@ -131,18 +148,23 @@ class Server:
         finally:
             for task in pending:
                 task.cancel()
-            for index, (request_id, _) in enumerate(submitted):
-                if index not in finished:
-                    engine.abort(request_id)
+            unfinished = [request_id for index, (request_id, _) in enumerate(submitted) if index not in finished]
+            for request_id in unfinished:
+                engine.abort(request_id)
+            if unfinished:
+                logger.info("a stream closed before its end (the client went away, or a request failed); %d "
+                            "unfinished requests aborted", len(unfinished))
 
-    def check_length(self, engine: AsyncEngine, prompt_ids: list[int], max_tokens: int | None) -> None:
+    def check_length(self, engine: AsyncEngine, prompt_ids: list[int], max_tokens: int | None,
+                     prompt_field: str) -> None:
         limit = engine.engine.config.model.max_model_len
         wanted = len(prompt_ids) + (max_tokens or 1)
         if len(prompt_ids) >= limit or wanted > limit:
+            # the field to change: the prompt when it alone is too long, else max_tokens
+            field = prompt_field if len(prompt_ids) >= limit or max_tokens is None else "max_tokens"
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{wanted} tokens ({len(prompt_ids)} in the prompt, {max_tokens or 1} for the "
-                                "completion).", param="messages" if max_tokens is None else "max_tokens",
-                           code="context_length_exceeded")
+                                "completion).", param=field, code="context_length_exceeded")
 
     @staticmethod
     def sse(stream: AsyncIterator[dict]) -> StreamingResponse:
@@ -176,12 +198,10 @@ class Server:
         tokenizer = engine.engine.tokenizer
         prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts()]
         for prompt in prompts:
-            self.check_length(engine, prompt, body.max_tokens)
-        try:
-            params = body.sampling_params(body.max_tokens, body.logprobs)
-        except ValidationError as e:
-            raise from_validation_error(e) from e
-        submitted = await self.submit(engine, prompts, params)
+            self.check_length(engine, prompt, body.max_tokens, "prompt")
+        params = body.sampling_params(body.max_tokens, body.logprobs)  # a refused value: 400 (invalid_params)
+        submitted = await self.submit(engine, prompts, params,
+                                      [f"prompt.{i}" for i in range(len(prompts))] if len(prompts) > 1 else None)
         head = {"id": f"cmpl-{submitted[0][0]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         prompt_tokens = sum(map(len, prompts))
@@ -196,6 +216,9 @@ class Server:
     async def _stream_completion(self, engine, submitted, head, body, prompt_tokens) -> AsyncIterator[dict]:
         generated = 0
         async for index, output in self.merged(engine, submitted):
+            if output.error:  # the status line went out already: the error is the stream's last event
+                yield output_error(output).body()
+                return
             for c in output.outputs:
                 generated += len(c.token_ids)
                 if c.text or c.token_ids or c.finish_reason:
@@ -208,18 +231,13 @@ class Server:
     async def chat_completions(self, request: Request) -> Response:
         body = await self.read(request, ChatCompletionRequest)
         engine = self.engine(body.model, "generate")
-        tokenizer = engine.engine.tokenizer
         try:
-            text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])
-        except ValueError as e:
+            prompt = engine.engine.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+        except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from e
-        prompt = tokenizer.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        self.check_length(engine, prompt, max_tokens)
-        try:
-            params = body.sampling_params(max_tokens, body.token_logprobs())
-        except ValidationError as e:
-            raise from_validation_error(e) from e
+        self.check_length(engine, prompt, max_tokens, "messages")
+        params = body.sampling_params(max_tokens, body.token_logprobs())
         submitted = await self.submit(engine, [prompt], params)
         head = {"id": f"chatcmpl-{submitted[0][0]}", "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -237,6 +255,9 @@ class Server:
                                         "finish_reason": None, "logprobs": None}]}
         generated = 0
         async for _, output in self.merged(engine, submitted):
+            if output.error:
+                yield output_error(output).body()
+                return
             for c in output.outputs:
                 generated += len(c.token_ids)
                 if c.text or c.token_ids:
@@ -251,8 +272,10 @@ class Server:
     async def embeddings(self, request: Request) -> Response:
         body = await self.read(request, EmbeddingRequest)
         engine = self.engine(body.model, "embed")
+        inputs = body.inputs()
         outputs = await self.finals(request, engine, await self.submit(
-            engine, body.inputs(), PoolingParams(dimensions=body.dimensions)))
+            engine, inputs, PoolingParams(dimensions=body.dimensions),
+            [f"input {i}" for i in range(len(inputs))] if len(inputs) > 1 else None))
         data = [{"object": "embedding", "index": i,
                  "embedding": encode_vector(o.outputs.data, body.encoding_format)} for i, o in enumerate(outputs)]
         tokens = sum(len(o.prompt_token_ids) for o in outputs)
@@ -267,11 +290,13 @@ class Server:
         documents = body.texts()
         if engine.engine.workflow.task == "score":
             outputs = await self.finals(request, engine, await self.submit(
-                engine, [(body.query, d) for d in documents], PoolingParams()))
+                engine, [(body.query, d) for d in documents], PoolingParams(),
+                [f"documents.{i}" for i in range(len(documents))]))
             scores = [o.outputs.score for o in outputs]
         else:
             outputs = await self.finals(request, engine, await self.submit(
-                engine, [body.query, *documents], PoolingParams(normalize=True)))
+                engine, [body.query, *documents], PoolingParams(normalize=True),
+                ["query"] + [f"documents.{i}" for i in range(len(documents))]))
             query = outputs[0].outputs.data
             scores = [float(query @ o.outputs.data) for o in outputs[1:]]
         ranked = sorted(range(len(documents)), key=lambda i: -scores[i])[:body.top_n]
@@ -279,6 +304,17 @@ class Server:
                     **({"document": {"text": documents[i]}} if body.return_documents else {})} for i in ranked]
         return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": body.model, "results": results,
                              "usage": {"total_tokens": sum(len(o.prompt_token_ids) for o in outputs)}})
+
+
+class ClientDisconnected(Exception):
+    """The client of a non-streaming request went away before its answer was ready."""
+
+
+def output_error(output) -> APIError:
+    """A failed request's error: the client's (400) unless the engine says the fault was its own (500)."""
+    if output.internal_error:
+        return APIError(500, output.error, type="server_error")
+    return APIError(400, output.error, code="context_length_exceeded" if "max_model_len" in output.error else None)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -326,15 +362,21 @@ def encode_vector(vector, encoding_format: str) -> Any:
 
 
 class BearerAuth:
-    """ASGI middleware: with an API key, every request needs `Authorization: Bearer <key>`."""
+    """ASGI middleware: with an API key, every request but health probes needs `Authorization: Bearer <key>`.
+
+    The header is compared as bytes (it may hold any bytes, not only UTF-8), in constant time, so its
+    timing tells nothing about how much of the key it matched."""
+
+    OPEN_PATHS = frozenset({"/health"})  # load balancers and orchestrators probe without a key
 
     def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.api_key is not None:
-            headers = dict(scope["headers"])
-            if headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
+        if scope["type"] == "http" and self.expected is not None and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
                 response = APIError(401, "a valid API key is needed: Authorization: Bearer <key>",
                                     code="invalid_api_key").response()
                 return await response(scope, receive, send)
@@ -343,6 +385,23 @@ class BearerAuth:
 
 async def api_error(request: Request, error: APIError) -> Response:
     return error.response()
+
+
+async def client_disconnected(request: Request, error: ClientDisconnected) -> Response:
+    """An expected end: the client went away, its requests were aborted. Nobody reads the answer."""
+    logger.info("client %s disconnected from %s; its requests were aborted", request.client, request.url.path)
+    return Response(status_code=499)
+
+
+async def invalid_params(request: Request, error: ValidationError) -> Response:
+    """Params built from what the client sent (SamplingParams, PoolingParams) that refuse a value: a 400."""
+    return from_validation_error(error).response()
+
+
+async def internal_error(request: Request, error: Exception) -> Response:
+    """A fault of ours (never a client's mistake: those are 4xx): OpenAI's shape, no traceback to the client."""
+    logger.error("internal error on %s", request.url.path, exc_info=error)
+    return APIError(500, f"internal server error: {type(error).__name__}", type="server_error").response()
 
 
 async def http_error(request: Request, error) -> Response:
@@ -362,6 +421,8 @@ def build_app(engines: dict[str, AsyncEngine], api_key: str | None = None,
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     app = Starlette(routes=routes, middleware=[Middleware(BearerAuth, api_key=api_key)],
-                    exception_handlers={APIError: api_error, HTTPException: http_error})
+                    exception_handlers={APIError: api_error, HTTPException: http_error,
+                                        ClientDisconnected: client_disconnected, ValidationError: invalid_params,
+                                        Exception: internal_error})
     app.state.server = server
     return app

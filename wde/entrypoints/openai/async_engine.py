@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wde.core.llm_engine import LLMEngine
+from wde.entrypoints.openai.metrics import LatencyHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class AsyncEngine:
         self._streams: dict[str, Stream] = {}
         self._wake = threading.Event()
         self._stopped = False
-        self.latencies: list[float] = []  # seconds from add to finish, of every finished request
+        self.latency = LatencyHistogram()  # seconds from add to finish, of every finished request
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"wde-engine-{name}", daemon=True)
         self._thread.start()
@@ -41,7 +42,8 @@ class AsyncEngine:
         return self._thread.is_alive() and self.failure is None
 
     async def add_request(self, request_id: str, prompt: Any, params: Any) -> asyncio.Queue:
-        """Queue a request; raises the engine's ValueError / TypeError if it refuses it."""
+        """Queue a request; raises the engine's ValueError / TypeError if it refuses it (or, for a fault of the
+        engine's own, whatever it raised)."""
         loop = asyncio.get_running_loop()
         accepted, stream = loop.create_future(), Stream(loop, asyncio.Queue())
         self._commands.append(("add", request_id, prompt, params, accepted, stream))
@@ -69,7 +71,8 @@ class AsyncEngine:
             _, request_id, prompt, params, accepted, stream = command
             try:
                 self.engine.add_request(request_id, prompt, params)
-            except (ValueError, TypeError) as e:
+            except Exception as e:  # noqa: BLE001 - refused (ValueError / TypeError: the client's) or not: the
+                # handler that submitted it gets the error, and the engine thread goes on
                 stream.loop.call_soon_threadsafe(_settle, accepted, e)
                 continue
             self._streams[request_id] = stream
@@ -96,7 +99,7 @@ class AsyncEngine:
                     continue
                 if output.finished:
                     del self._streams[output.request_id]
-                    self.latencies.append(time.monotonic() - stream.started)
+                    self.latency.observe(time.monotonic() - stream.started)
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
 
 

@@ -1,10 +1,30 @@
 """GET /metrics: the engines' state in Prometheus' text format."""
-from wde.entrypoints.openai.async_engine import AsyncEngine
+import bisect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wde.entrypoints.openai.async_engine import AsyncEngine
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def render(engines: list[AsyncEngine]) -> str:
+@dataclass
+class LatencyHistogram:
+    """Request latencies as Prometheus keeps them: a count per bucket, their sum and number (a server that
+    runs for weeks must not keep one float per request)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # the last: above all
+    total_s: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total_s += seconds
+        self.count += 1
+
+
+def render(engines: list["AsyncEngine"]) -> str:
     lines = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -29,12 +49,11 @@ def render(engines: list[AsyncEngine]) -> str:
     lines += ["# HELP wde_request_latency_seconds Time from a request's arrival to its last output.",
               "# TYPE wde_request_latency_seconds histogram"]
     for labels, engine, _ in stats:
-        latencies = list(engine.latencies)
-        model = labels[1:-1]
-        for bound in LATENCY_BUCKETS:
-            lines.append(f'wde_request_latency_seconds_bucket{{{model},le="{bound}"}} '
-                         f'{sum(1 for x in latencies if x <= bound)}')
-        lines.append(f'wde_request_latency_seconds_bucket{{{model},le="+Inf"}} {len(latencies)}')
-        lines.append(f"wde_request_latency_seconds_sum{labels} {round(sum(latencies), 6)}")
-        lines.append(f"wde_request_latency_seconds_count{labels} {len(latencies)}")
+        histogram, model, below = engine.latency, labels[1:-1], 0
+        for bound, count in zip(LATENCY_BUCKETS, histogram.counts):
+            below += count
+            lines.append(f'wde_request_latency_seconds_bucket{{{model},le="{bound}"}} {below}')
+        lines.append(f'wde_request_latency_seconds_bucket{{{model},le="+Inf"}} {histogram.count}')
+        lines.append(f"wde_request_latency_seconds_sum{labels} {round(histogram.total_s, 6)}")
+        lines.append(f"wde_request_latency_seconds_count{labels} {histogram.count}")
     return "\n".join(lines) + "\n"

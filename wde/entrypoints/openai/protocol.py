@@ -1,16 +1,32 @@
 """Request bodies of the OpenAI API (and the Cohere / Jina rerank API), as pydantic models that refuse unknown
 fields and out-of-range values; and the sampling settings each one asks for."""
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from wde.core.sampling_params import RequestOutputKind, SamplingParams
+from wde.core.inputs import check_text
+from wde.core.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams
 
 TokenIds = list[int]
 
 
+def valid_text(text: str) -> str:
+    return check_text(text, "the text")
+
+
+# text the engine reads: JSON can carry a lone surrogate ("\\ud800"), which no tokenizer takes
+Text = Annotated[str, AfterValidator(valid_text)]
+
+
+def not_empty(value: list | str) -> list | str:
+    if isinstance(value, list) and not value:
+        raise ValueError("must not be an empty list")
+    return value
+
+
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON's types as sent (true is no token id, "5" no max_tokens), as the Python API takes them
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(Request):
@@ -22,12 +38,12 @@ class SamplingFields(Request):
 
     model: str
     n: int = Field(1, ge=1, le=16)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -41,8 +57,8 @@ class SamplingFields(Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Annotated[Text | list[Text] | TokenIds | list[TokenIds], AfterValidator(not_empty)]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: Literal[False] = False
 
@@ -54,14 +70,14 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -71,9 +87,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class EmbeddingRequest(Request):
     model: str
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: Annotated[Text | list[Text] | TokenIds | list[TokenIds], AfterValidator(not_empty)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
     user: str | None = None
 
     def inputs(self) -> list[str | TokenIds]:
@@ -83,15 +99,15 @@ class EmbeddingRequest(Request):
 
 
 class RerankDocument(Request):
-    text: str
+    text: Text
 
 
 class RerankRequest(Request):
     """Cohere's and Jina's rerank request."""
 
     model: str
-    query: str
-    documents: list[str | RerankDocument] = Field(min_length=1)
+    query: Text
+    documents: list[Text | RerankDocument] = Field(min_length=1)
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = True
 

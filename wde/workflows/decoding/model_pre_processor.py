@@ -51,7 +51,7 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: froz
     if not special:  # nothing below applies to any row (the usual case): skip the per-row scans
         return meta
     if any(p.top_k > 0 for p in params):
-        meta.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
+        meta.top_k = torch.tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params])
     if any(p.top_p < 1 for p in params):
         meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     if any(p.min_p > 0 for p in params):
@@ -135,9 +135,11 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
             block_tables.append(table)
             if scheduled.samples:
                 logits_indices.append(len(token_ids) - 1)
-                seq.sample_row = len(sampled)
                 sampled.append(seq)
         sampling = build_sampling_metadata(sampled, self.vocab_size, self.eos_ids)
+        # only once the whole step is built: a build that fails leaves every sequence as it was
+        for row, seq in enumerate(sampled):
+            seq.sample_row = row
         return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                           build_attn_metadata(slots, query_lens, seq_lens, block_tables),
                           torch.tensor(logits_indices, dtype=torch.int64), sampling, prompt_logprobs,

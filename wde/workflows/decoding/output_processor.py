@@ -1,7 +1,7 @@
 """Sampled tokens -> sequences grown by one token, stop decisions, text, and RequestOutputs."""
 from wde.core import interfaces
+from wde.core.failures import Failure, RequestFailures
 from wde.core.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from wde.core.request import Request
 from wde.core.sampler import SamplerOutput
 from wde.core.sampler import TokenLogprobs as BatchLogprobs
 from wde.core.sampling_params import RequestOutputKind
@@ -11,37 +11,59 @@ from wde.workflows.decoding.stop_checker import StopChecker, eos_token_ids, visi
 
 
 class DecodingOutputProcessor(interfaces.OutputProcessor):
+    STAGE = "making the outputs"
+
     @classmethod
     def from_engine(cls, engine) -> "DecodingOutputProcessor":
-        return cls(engine.config, engine.tokenizer)
+        return cls(engine.config, engine.tokenizer, engine.failures)
 
-    def __init__(self, config, tokenizer):
+    def __init__(self, config, tokenizer, failures: RequestFailures | None = None):
         super().__init__(config)
         self.tokenizer = tokenizer
+        self.failures = failures if failures is not None else RequestFailures()  # standalone: its own
         self.stop_checker = StopChecker(eos_token_ids(tokenizer, config.model.hf_config))
 
-    def __call__(self, scheduler_output: SchedulerOutput, sampler_output: SamplerOutput | None
-                 ) -> list[RequestOutput]:
-        outputs = [failed_output(request, error) for request, error in scheduler_output.failed]
-        if sampler_output is None:
-            return outputs
+    def __call__(self, scheduler_output: SchedulerOutput, sampler_output: SamplerOutput) -> list[RequestOutput]:
+        """Each request's part runs on its own: one that raises (detokenizing, a stop check, its logprobs) is
+        recorded as failed and left out; the engine then aborts it and reports why."""
+        failures = self.failures
         for index, logprobs in sampler_output.prompt_logprobs:
             seq = scheduler_output.scheduled[index].seq
-            detokenize = seq.params.detokenize
-            seq.prompt_logprobs.extend(self._logprob_entry(logprobs, row, seq.params.prompt_logprobs, detokenize)
-                                       for row in range(len(logprobs.token_ids)))
+            try:
+                self._add_prompt_logprobs(seq, logprobs)
+            except Exception as e:  # noqa: BLE001
+                failures.record(seq.request, self.STAGE, e)
         sampled = [s.seq for s in scheduler_output.scheduled if s.samples]
         groups: dict[int, SequenceGroup] = {}  # the groups that moved this step, in order
         for row, seq in enumerate(sampled):
             if seq.is_finished:  # aborted, or (async scheduling) stopped by the step before: the token is dropped
                 continue
-            self._append_token(seq, sampler_output, row)
+            try:
+                self._append_token(seq, sampler_output, row)
+            except Exception as e:  # noqa: BLE001
+                failures.record(seq.request, self.STAGE, e)
             groups[id(seq.group)] = seq.group
+        outputs = []
         for group in groups.values():
-            output = request_output(group)
+            try:
+                output = None if failures.has_failed(group.request_id) else request_output(group)
+            except Exception as e:  # noqa: BLE001
+                failures.record(group.request, self.STAGE, e)
+                continue
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def failed_output(self, failure: Failure) -> RequestOutput:
+        request = failure.request
+        completion = CompletionOutput(0, "", [], finish_reason="error")
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids or [], [completion],
+                             finished=True, error=failure.message, internal_error=failure.internal)
+
+    def _add_prompt_logprobs(self, seq: Sequence, logprobs: BatchLogprobs) -> None:
+        detokenize, k = seq.params.detokenize, seq.params.prompt_logprobs
+        seq.prompt_logprobs.extend(self._logprob_entry(logprobs, row, k, detokenize)
+                                   for row in range(len(logprobs.token_ids)))
 
     def _append_token(self, seq: Sequence, sampler_output: SamplerOutput, row: int) -> None:
         token = sampler_output.token_ids[row]
@@ -97,9 +119,3 @@ def completion_output(seq: Sequence, delta: bool) -> CompletionOutput:
     seq.num_emitted_tokens, seq.num_emitted_chars = seq.num_output_tokens, visible
     return CompletionOutput(seq.index, seq.text[first_char:visible], token_ids, seq.cumulative_logprob, logprobs,
                             seq.finish_reason, seq.stop_reason)
-
-
-def failed_output(request: Request, error: str) -> RequestOutput:
-    completion = CompletionOutput(0, "", [], finish_reason="error")
-    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids or [], [completion],
-                         finished=True, error=error)

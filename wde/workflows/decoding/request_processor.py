@@ -42,8 +42,9 @@ class DecodingRequestProcessor(interfaces.RequestProcessor):
     def _sequence(self, group: SequenceGroup, index: int, max_output: int) -> Sequence:
         params, prompt_ids = group.params, group.prompt_token_ids
         seq = Sequence(group, index, list(prompt_ids), len(prompt_ids), max_output)
-        if params.seed is not None:  # completion i of a seeded request draws from seed + i
-            seq.generator = torch.Generator(self.config.device).manual_seed(params.seed + index)
+        if params.seed is not None:  # completion i of a seeded request draws from seed + i (as an unsigned
+            # 64-bit seed, the range torch takes: a negative seed or one near the top wraps instead of overflowing)
+            seq.generator = torch.Generator(self.config.device).manual_seed((params.seed + index) % 2**64)
         if params.prompt_logprobs is not None and index == 0:  # the prompt is the same for all completions
             seq.prompt_logprobs = [None]
         return seq

@@ -6,10 +6,12 @@ So prefill and decode share a step, and a long prompt is prefilled in chunks acr
 """
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 from wde.core import interfaces
 from wde.core.request import Request
+from wde.core.scheduler_output import SchedulerOutput as BaseSchedulerOutput
 from wde.core.stats import SchedulerStats
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -23,6 +25,9 @@ class ScheduledSequence:
     num_tokens: int  # tokens computed in this step
     samples: bool  # the step reaches the end of the sequence, so it yields the next token
 
+    def written_blocks(self, block_size: int) -> list[int]:
+        return self.seq.block_table[self.start // block_size:(self.start + self.num_tokens - 1) // block_size + 1]
+
 
 def scheduled(seq: Sequence, num_tokens: int) -> ScheduledSequence:
     start = seq.num_computed_tokens
@@ -30,10 +35,7 @@ def scheduled(seq: Sequence, num_tokens: int) -> ScheduledSequence:
 
 
 @dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)  # refused at schedule time, and why
-
+class SchedulerOutput(BaseSchedulerOutput[ScheduledSequence]):
     @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
@@ -42,12 +44,12 @@ class SchedulerOutput:
 class DecodingScheduler(interfaces.Scheduler):
     @classmethod
     def from_engine(cls, engine) -> "DecodingScheduler":
-        return cls(engine.config, engine.kv_cache_manager, engine.request_processor)
+        return cls(engine.config, engine.kv_cache_manager, engine.process_request)
 
-    def __init__(self, config, kv_cache_manager, request_processor):
+    def __init__(self, config, kv_cache_manager, process_request: Callable[[Request], SequenceGroup | None]):
         super().__init__(config)
         self.kv_cache_manager = kv_cache_manager
-        self.request_processor = request_processor
+        self.process_request = process_request  # tokenizes; None when the request failed (the engine reports it)
         self.max_num_seqs = config.args.max_num_seqs
         self.max_num_batched_tokens = config.args.max_num_batched_tokens
         self.new_requests: deque[Request] = deque()  # submitted, not yet tokenized
@@ -72,7 +74,8 @@ class DecodingScheduler(interfaces.Scheduler):
         if entry is None:
             return False
         if isinstance(entry, Request):
-            self.new_requests.remove(entry)
+            if entry in self.new_requests:  # (not when it failed while being tokenized)
+                self.new_requests.remove(entry)
             return True
         for seq in entry.sequences:
             if seq.status is SequenceStatus.WAITING:
@@ -149,7 +152,7 @@ class DecodingScheduler(interfaces.Scheduler):
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self._next_waiting(output)
+            seq = self._next_waiting()
             if seq is None:
                 return
             cached = 0
@@ -170,26 +173,17 @@ class DecodingScheduler(interfaces.Scheduler):
             output.scheduled.append(scheduled(seq, num_tokens))
             budget -= num_tokens
 
-    def _next_waiting(self, output: SchedulerOutput) -> Sequence | None:
+    def _next_waiting(self) -> Sequence | None:
         """The first waiting sequence, tokenizing new requests (lazily, only now) when none is waiting."""
         while not self.waiting and self.new_requests:
             request = self.new_requests.popleft()
-            try:
-                group = self.request_processor(request)
-            except ValueError as e:
+            group = self.process_request(request)
+            if group is None:
                 del self.requests[request.request_id]
-                output.failed.append((request, str(e)))
-                logger.warning("request %s refused: %s", request.request_id, e)
                 continue
             self.requests[request.request_id] = group
             self.waiting.extend(group.sequences)
         return self.waiting[0] if self.waiting else None
-
-    def fail_scheduled(self, output: SchedulerOutput, error: str) -> SchedulerOutput:
-        groups = {id(s.seq.group): s.seq.group for s in output.scheduled}.values()
-        for group in groups:
-            self.abort_request(group.request_id)
-        return SchedulerOutput(failed=output.failed + [(group.request, error) for group in groups])
 
     def free_finished(self, output: SchedulerOutput) -> None:
         """Release the blocks of sequences the OutputProcessor finished in this step."""
@@ -198,8 +192,10 @@ class DecodingScheduler(interfaces.Scheduler):
             return
         for seq in finished:
             self.kv_cache_manager.free(seq)
-            if seq.group.is_finished:
-                self.requests.pop(seq.group.request_id, None)
+            # by identity: an id may be in use again by a newer request (async scheduling finishes a step
+            # launched for sequences that had stopped, after their request ended and its id came back)
+            if seq.group.is_finished and self.requests.get(seq.group.request_id) is seq.group:
+                del self.requests[seq.group.request_id]
         self.running = [seq for seq in self.running if not seq.is_finished]
         # preempted (so back to 0 computed tokens, and waiting) while its last token was in flight
         if any(seq.num_computed_tokens == 0 for seq in finished):

@@ -63,6 +63,10 @@ class Sequence:
     num_emitted_chars: int = 0
 
     @property
+    def request(self) -> Request:
+        return self.group.request
+
+    @property
     def params(self) -> SamplingParams:
         return self.group.request.params
 

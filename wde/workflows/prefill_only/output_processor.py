@@ -2,6 +2,7 @@
 import torch
 
 from wde.core import interfaces
+from wde.core.failures import Failure, RequestFailures
 from wde.core.outputs import ClassificationOutput, EmbeddingOutput, PoolingRequestOutput, ScoringOutput
 from wde.workflows.prefill_only.scheduler import PrefillOnlySchedulerOutput
 
@@ -12,18 +13,26 @@ WRAP = {"embed": EmbeddingOutput, "classify": ClassificationOutput,
 class PrefillOnlyOutputProcessor(interfaces.OutputProcessor):
     @classmethod
     def from_engine(cls, engine) -> "PrefillOnlyOutputProcessor":
-        return cls(engine.config, engine.workflow.task)
+        return cls(engine.config, engine.workflow.task, engine.failures)
 
-    def __init__(self, config, task: str):
+    def __init__(self, config, task: str, failures: RequestFailures | None = None):
         super().__init__(config)
         self.wrap = WRAP[task]
+        self.failures = failures if failures is not None else RequestFailures()  # standalone: its own
 
-    def __call__(self, scheduler_output: PrefillOnlySchedulerOutput, results: list[torch.Tensor] | None
+    def __call__(self, scheduler_output: PrefillOnlySchedulerOutput, results: list[torch.Tensor]
                  ) -> list[PoolingRequestOutput]:
-        outputs = [PoolingRequestOutput(request.request_id, None, request.prompt_token_ids or [], error=error)
-                   for request, error in scheduler_output.failed]
-        for item, result in zip(scheduler_output.scheduled, results or []):
+        outputs = []
+        for item, result in zip(scheduler_output.scheduled, results):
             seq = item.seq
-            outputs.append(PoolingRequestOutput(seq.request_id, self.wrap(result), seq.prompt_token_ids,
-                                                num_cached_tokens=item.num_cached_tokens))
+            try:
+                outputs.append(PoolingRequestOutput(seq.request_id, self.wrap(result), seq.prompt_token_ids,
+                                                    num_cached_tokens=item.num_cached_tokens))
+            except Exception as e:  # noqa: BLE001 - only this input fails
+                self.failures.record(seq.request, "making the outputs", e)
         return outputs
+
+    def failed_output(self, failure: Failure) -> PoolingRequestOutput:
+        request = failure.request
+        return PoolingRequestOutput(request.request_id, None, request.prompt_token_ids or [], error=failure.message,
+                                    internal_error=failure.internal)

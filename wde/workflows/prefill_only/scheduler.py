@@ -4,16 +4,15 @@ Each input is computed in one step and then finished, so nothing waits mid-way a
 Decoder models (with a KV cache) first look up the start of each input in the prefix cache: an instruction or
 a query shared by many inputs is computed once, and each input computes only what follows it.
 """
-import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 from wde.core import interfaces
 from wde.core.request import Request
+from wde.core.scheduler_output import SchedulerOutput
 from wde.core.stats import SchedulerStats
 from wde.workflows.prefill_only.sequence import PrefillOnlySequence
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,27 +20,30 @@ class ScheduledInput:
     seq: PrefillOnlySequence
     num_cached_tokens: int  # tokens the prefix cache supplied; the step computes the rest
 
+    def written_blocks(self, block_size: int) -> list[int]:
+        return self.seq.block_table[self.num_cached_tokens // block_size:]
+
 
 @dataclass
-class PrefillOnlySchedulerOutput:
-    scheduled: list[ScheduledInput] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)
+class PrefillOnlySchedulerOutput(SchedulerOutput[ScheduledInput]):
+    pass
 
 
 class PrefillOnlyScheduler(interfaces.Scheduler):
     @classmethod
     def from_engine(cls, engine) -> "PrefillOnlyScheduler":
-        return cls(engine.config, engine.kv_cache_manager, engine.request_processor)
+        return cls(engine.config, engine.kv_cache_manager, engine.process_request)
 
-    def __init__(self, config, kv_cache_manager, request_processor):
+    def __init__(self, config, kv_cache_manager, process_request: Callable[[Request], PrefillOnlySequence | None]):
         super().__init__(config)
         self.kv_cache_manager = kv_cache_manager
         self.uses_kv_cache = kv_cache_manager.num_blocks > 0
-        self.request_processor = request_processor
+        self.process_request = process_request  # tokenizes; None when the request failed (the engine reports it)
         self.max_num_seqs = config.args.max_num_seqs
         self.max_num_batched_tokens = config.args.max_num_batched_tokens
         self.waiting: deque[Request | PrefillOnlySequence] = deque()  # requests are tokenized when they come up
         self.request_ids: set[str] = set()
+        self.in_step: dict[str, PrefillOnlySequence] = {}  # scheduled, holding KV blocks until their step ends
         self.num_prompt_tokens = 0
 
     def add_request(self, request: Request) -> None:
@@ -51,10 +53,14 @@ class PrefillOnlyScheduler(interfaces.Scheduler):
         self.waiting.append(request)
 
     def abort_request(self, request_id: str) -> bool:
-        """O(1): the request leaves the live set now, and the queue when it reaches the front."""
+        """O(1): the request leaves the live set now, and the queue when it reaches the front; if its step was
+        scheduled, its KV blocks are freed now."""
         if request_id not in self.request_ids:
             return False
         self.request_ids.remove(request_id)
+        seq = self.in_step.pop(request_id, None)
+        if seq is not None and self.uses_kv_cache:
+            self.kv_cache_manager.free(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -68,7 +74,7 @@ class PrefillOnlyScheduler(interfaces.Scheduler):
         output = PrefillOnlySchedulerOutput()
         budget = self.max_num_batched_tokens
         while self.waiting and len(output.scheduled) < self.max_num_seqs:
-            seq = self._tokenized_head(output)
+            seq = self._tokenized_head()
             if seq is None:
                 continue
             cached = self.kv_cache_manager.allocate_cached_prefix(seq) if self.uses_kv_cache else 0
@@ -84,35 +90,29 @@ class PrefillOnlyScheduler(interfaces.Scheduler):
             if self.kv_cache_manager.enable_prefix_caching:
                 self.kv_cache_manager.count_prefix_lookup(seq.num_tokens, cached)
             output.scheduled.append(ScheduledInput(seq, cached))
+            self.in_step[seq.request_id] = seq
             budget -= new_tokens
             self.num_prompt_tokens += new_tokens
         return output
 
-    def _tokenized_head(self, output: PrefillOnlySchedulerOutput) -> PrefillOnlySequence | None:
+    def _tokenized_head(self) -> PrefillOnlySequence | None:
         head = self.waiting[0]
         if head.request_id not in self.request_ids:  # aborted while it waited
             self.waiting.popleft()
             return None
         if isinstance(head, PrefillOnlySequence):
             return head
-        try:
-            self.waiting[0] = self.request_processor(head)
-            return self.waiting[0]
-        except (ValueError, TypeError) as e:
+        seq = self.process_request(head)
+        if seq is None:
             self.waiting.popleft()
             self.request_ids.discard(head.request_id)
-            output.failed.append((head, str(e)))
-            logger.warning("request %s refused: %s", head.request_id, e)
             return None
-
-    def fail_scheduled(self, output: PrefillOnlySchedulerOutput, error: str) -> PrefillOnlySchedulerOutput:
-        self.free_finished(output)
-        return PrefillOnlySchedulerOutput(failed=output.failed + [(item.seq.request, error)
-                                                                  for item in output.scheduled])
+        self.waiting[0] = seq
+        return seq
 
     def free_finished(self, output: PrefillOnlySchedulerOutput) -> None:
         for item in output.scheduled:  # every input finishes in its step
-            if self.uses_kv_cache:
+            if self.in_step.pop(item.seq.request_id, None) is not None and self.uses_kv_cache:
                 self.kv_cache_manager.free(item.seq)  # full blocks stay findable in the prefix cache
             self.request_ids.discard(item.seq.request_id)
 
