@@ -11,7 +11,7 @@ if not torch.cuda.is_available():  # Triton kernels run through the interpreter 
 
 from tests.tiny_models import write_tiny_model
 from wde.core.config import DEFAULT_MODEL_FILE, default_model_path
-from wde.core.llm_engine import LLMEngine
+from wde.core.engine.llm_engine import LLMEngine
 
 logging.getLogger("wde").setLevel(logging.INFO)
 

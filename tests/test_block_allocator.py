@@ -1,6 +1,6 @@
 import pytest
 
-from wde.core.block_allocator import BlockAllocator
+from wde.core.kv_cache.block_allocator import BlockAllocator
 
 
 def test_blocks_are_free_again_after_the_last_reference():

@@ -7,8 +7,8 @@ import pytest
 
 from wde.core.config import EngineArgs, EngineConfig
 from wde.core.request import Request
-from wde.core.sampler import SamplerOutput
-from wde.core.sampling_params import RequestOutputKind, SamplingParams
+from wde.core.sampling.sampler import SamplerOutput
+from wde.core.sampling.sampling_params import RequestOutputKind, SamplingParams
 from wde.core.tokenizer import HFTokenizer
 from wde.workflows.decoding.output_processor import DecodingOutputProcessor
 from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput

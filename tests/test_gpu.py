@@ -143,7 +143,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two G
 
 def _symmetric_all_reduce_rank(rank: int, port: int) -> None:
     import torch.distributed as dist
-    from wde.core.symmetric_all_reduce import SymmetricAllReduce
+    from wde.core.parallel.symmetric_all_reduce import SymmetricAllReduce
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -171,7 +171,7 @@ def _symmetric_all_reduce_rank(rank: int, port: int) -> None:
 
 @two_gpus
 def test_symmetric_all_reduce_sums_exactly_as_nccl_also_in_a_cuda_graph():
-    from wde.core.multiproc_executor import free_port
+    from wde.core.parallel.multiproc_executor import free_port
     torch.multiprocessing.spawn(_symmetric_all_reduce_rank, args=(free_port(),), nprocs=2)
 
 

@@ -6,7 +6,7 @@ import torch
 from wde.core.attention.metadata import build_attn_metadata
 from wde.core.packing import layout, pack_into, views
 from wde.core.pinned_copy import PinnedCopier, map_tensors
-from wde.core.sampler import Penalties, SamplingMetadata
+from wde.core.sampling.sampler import Penalties, SamplingMetadata
 from wde.workflows.decoding.model_pre_processor import ModelInput, PromptLogprobRows
 
 

@@ -75,7 +75,7 @@ def test_taking_an_architecture_wde_has_needs_override(fresh_plugins):
     status = next(s for s in plugins.load_plugins() if s.name == "clash")
     assert status.status == "failed"
     assert "'LlamaForCausalLM' is already registered" in status.error and "override=True" in status.error
-    assert registry.get_model_entry("LlamaForCausalLM").model.startswith("wde.tasks.chat")
+    assert registry.get_model_entry("LlamaForCausalLM").model.startswith("wde.models.")
     register_model("LlamaForCausalLM", model="elsewhere:Model", workflow="elsewhere:Workflow", override=True)
     assert registry.get_model_entry("LlamaForCausalLM").model == "elsewhere:Model"
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from wde.core.sampler import Penalties, Sampler, SamplingMetadata, apply_penalties
+from wde.core.sampling.sampler import Penalties, Sampler, SamplingMetadata, apply_penalties
 
 DRAWS = 20_000
 TOLERANCE = 0.02

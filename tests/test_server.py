@@ -15,7 +15,7 @@ import uvicorn
 
 from wde import LLM
 from wde.core.config import default_embed_model_path
-from wde.core.llm_engine import LLMEngine
+from wde.core.engine.llm_engine import LLMEngine
 from wde.entrypoints.openai.api_server import build_app
 from wde.entrypoints.openai.async_engine import AsyncEngine
 

@@ -15,7 +15,7 @@ def test_stats_count_what_ran_and_are_logged_every_interval(tiny_model_dir, capl
     stats = engine.get_stats()
     assert (stats.num_running, stats.num_waiting) == (2, 1)
     assert stats.kv_blocks_used == 5 and stats.kv_blocks_total == 32  # 2 + 3 blocks of 16 for 20 and 35 tokens
-    with caplog.at_level(logging.INFO, logger="wde.core.stats"):
+    with caplog.at_level(logging.INFO, logger="wde.core.engine.stats"):
         run_to_completion(engine)
     stats = engine.get_stats()
     assert stats.num_prompt_tokens == 63 and stats.num_generation_tokens == 15

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wde.core.tensor_broadcast import _flatten, _pack, _rebuild, _unpack
+from wde.core.parallel.tensor_broadcast import _flatten, _pack, _rebuild, _unpack
 
 
 @dataclass

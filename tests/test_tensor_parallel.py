@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_parity_random import random_prompts
 from wde import LLM, SamplingParams
-from wde.core.multiproc_executor import ExecutorDeadError
+from wde.core.parallel.multiproc_executor import ExecutorDeadError
 from wde.workflows.decoding.worker import DecodingWorker
 from wde.tasks.chat.workflow import ChatWorkflow
 
@@ -95,7 +95,7 @@ def test_torchrun_joins_its_process_group(tiny_model_dir, tmp_path):
 
 class FailingOnRankOne(DecodingWorker):
     def execute_model(self, model_input):
-        from wde.core.distributed import get_tp_rank
+        from wde.core.parallel.distributed import get_tp_rank
         if get_tp_rank() == 1 and (model_input.input_ids == 13).any():
             raise RuntimeError("rank one cannot read token 13")
         return super().execute_model(model_input)

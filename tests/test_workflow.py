@@ -61,7 +61,7 @@ def test_from_workflow_accepts_a_dotted_path_and_rejects_non_workflows():
 
 def test_components_are_imported_only_when_an_engine_resolves_them():
     code = ("import sys, wde; from wde.tasks.chat.workflow import ChatWorkflow\n"
-            "slots = ['wde.workflows.decoding.scheduler', 'wde.workflows.decoding.worker', 'wde.core.sampler',"
+            "slots = ['wde.workflows.decoding.scheduler', 'wde.workflows.decoding.worker', 'wde.core.sampling.sampler',"
             " 'wde.core.attention.torch_backend']\n"
             "assert not [m for m in slots if m in sys.modules], [m for m in slots if m in sys.modules]\n"
             "ChatWorkflow.resolve()\n"

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wde.core.config import EngineConfig
-    from wde.core.failures import Failure
-    from wde.core.stats import SchedulerStats
-    from wde.core.llm_engine import LLMEngine
+    from wde.core.engine.failures import Failure
+    from wde.core.engine.stats import SchedulerStats
+    from wde.core.engine.llm_engine import LLMEngine
     from wde.core.request import Request
 
 

@@ -1,7 +1,7 @@
 """PoolingParams: what a prefill-only request returns, with vLLM's names and meanings."""
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from wde.core.sampling_params import INT32_MAX
+from wde.core.sampling.sampling_params import INT32_MAX
 
 
 class PoolingParams(BaseModel):

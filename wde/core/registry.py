@@ -30,21 +30,21 @@ def _decoder(model: str) -> dict[str, ModelEntry]:
 
 
 _MODELS: dict[str, dict[str, ModelEntry]] = {
-    "LlamaForCausalLM": _decoder("wde.tasks.chat.models.llama:LlamaForCausalLM"),
-    "Qwen2ForCausalLM": _decoder("wde.tasks.chat.models.qwen2:Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": _decoder("wde.tasks.chat.models.qwen3:Qwen3ForCausalLM"),
+    "LlamaForCausalLM": _decoder("wde.models.llama:LlamaForCausalLM"),
+    "Qwen2ForCausalLM": _decoder("wde.models.qwen2:Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": _decoder("wde.models.qwen3:Qwen3ForCausalLM"),
     # decoders saved without their LM head (gte-Qwen2, Qwen3-Embedding): last-token embedders
-    "Qwen2Model": {"embed": ModelEntry("wde.tasks.chat.models.qwen2:Qwen2ForCausalLM", DECODER_EMBED)},
-    "Qwen3Model": {"embed": ModelEntry("wde.tasks.chat.models.qwen3:Qwen3ForCausalLM", DECODER_EMBED)},
-    "BertModel": {"embed": ModelEntry("wde.tasks.embed.models.bert:BertModel", ENCODE)},
-    "XLMRobertaModel": {"embed": ModelEntry("wde.tasks.embed.models.xlm_roberta:XLMRobertaModel", ENCODE)},
+    "Qwen2Model": {"embed": ModelEntry("wde.models.qwen2:Qwen2ForCausalLM", DECODER_EMBED)},
+    "Qwen3Model": {"embed": ModelEntry("wde.models.qwen3:Qwen3ForCausalLM", DECODER_EMBED)},
+    "BertModel": {"embed": ModelEntry("wde.models.bert:BertModel", ENCODE)},
+    "XLMRobertaModel": {"embed": ModelEntry("wde.models.xlm_roberta:XLMRobertaModel", ENCODE)},
     "BertForSequenceClassification": {
-        "score": ModelEntry("wde.tasks.embed.models.bert:BertForSequenceClassification", ENCODE_SCORE),
-        "classify": ModelEntry("wde.tasks.embed.models.bert:BertForSequenceClassification", ENCODE_CLASSIFY)},
+        "score": ModelEntry("wde.models.bert:BertForSequenceClassification", ENCODE_SCORE),
+        "classify": ModelEntry("wde.models.bert:BertForSequenceClassification", ENCODE_CLASSIFY)},
     "XLMRobertaForSequenceClassification": {
-        "score": ModelEntry("wde.tasks.embed.models.xlm_roberta:XLMRobertaForSequenceClassification",
+        "score": ModelEntry("wde.models.xlm_roberta:XLMRobertaForSequenceClassification",
                             ENCODE_SCORE),
-        "classify": ModelEntry("wde.tasks.embed.models.xlm_roberta:XLMRobertaForSequenceClassification",
+        "classify": ModelEntry("wde.models.xlm_roberta:XLMRobertaForSequenceClassification",
                                ENCODE_CLASSIFY)},
 }
 

@@ -7,7 +7,7 @@ import torch
 from wde.core import interfaces
 from wde.core.attention.layer import Attention
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from wde.core.distributed import init_device_all_reduce
+from wde.core.parallel.distributed import init_device_all_reduce
 from wde.core.loader.model_loader import load_model
 from wde.core.pinned_copy import PinnedCopier
 

@@ -44,7 +44,7 @@ class Workflow:
     causal: ClassVar[bool] = True  # a decoder (causal attention over a KV cache) rather than an encoder
 
     Tokenizer: ClassVar[str] = "wde.core.tokenizer:HFTokenizer"
-    Executor: ClassVar[str] = "wde.core.executor:LocalExecutor"
+    Executor: ClassVar[str] = "wde.core.engine.executor:LocalExecutor"
     InputProcessor: ClassVar[str]
     RequestProcessor: ClassVar[str]
     KVCacheManager: ClassVar[str]

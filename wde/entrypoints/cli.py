@@ -51,7 +51,7 @@ def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:
 
 
 def sampling_params_from(namespace: argparse.Namespace):
-    from wde.core.sampling_params import SamplingParams
+    from wde.core.sampling.sampling_params import SamplingParams
     return SamplingParams(temperature=namespace.temperature, max_tokens=namespace.max_tokens)
 
 
@@ -126,7 +126,7 @@ def run_serve(namespace: argparse.Namespace) -> None:
     import uvicorn
 
     from wde.core.config import default_model_path
-    from wde.core.llm_engine import LLMEngine
+    from wde.core.engine.llm_engine import LLMEngine
     from wde.entrypoints.openai.api_server import build_app
     from wde.entrypoints.openai.async_engine import AsyncEngine
     args = engine_args_from(namespace)

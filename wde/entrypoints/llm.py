@@ -7,10 +7,10 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from wde.core.inputs import coerce_params
-from wde.core.llm_engine import LLMEngine
+from wde.core.engine.llm_engine import LLMEngine
 from wde.core.outputs import PoolingRequestOutput, RequestOutput
 from wde.core.pooling_params import PoolingParams
-from wde.core.sampling_params import RequestOutputKind, SamplingParams
+from wde.core.sampling.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wde.core.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
+from wde.core.parallel.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
 
 
 def materialize(loaded) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from wde.core.llm_engine import LLMEngine
+from wde.core.engine.llm_engine import LLMEngine
 from wde.entrypoints.openai.metrics import LatencyHistogram
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from wde.core.inputs import check_text
-from wde.core.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams
+from wde.core.sampling.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams
 
 TokenIds = list[int]
 

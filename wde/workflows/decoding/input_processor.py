@@ -4,7 +4,7 @@ from typing import Any
 from wde.core import interfaces
 from wde.core.inputs import coerce_params, parse_prompt
 from wde.core.request import Request
-from wde.core.sampling_params import SamplingParams
+from wde.core.sampling.sampling_params import SamplingParams
 
 
 class DecodingInputProcessor(interfaces.InputProcessor):

@@ -5,7 +5,7 @@ import torch
 
 from wde.core import interfaces
 from wde.core.attention.metadata import PagedAttentionMetadata, build_attn_metadata, slots_of
-from wde.core.sampler import Penalties, SamplingMetadata
+from wde.core.sampling.sampler import Penalties, SamplingMetadata
 from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput
 from wde.workflows.decoding.sequence import Sequence
 from wde.workflows.decoding.stop_checker import eos_token_ids

@@ -1,10 +1,10 @@
 """Sampled tokens -> sequences grown by one token, stop decisions, text, and RequestOutputs."""
 from wde.core import interfaces
-from wde.core.failures import Failure, RequestFailures
+from wde.core.engine.failures import Failure, RequestFailures
 from wde.core.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from wde.core.sampler import SamplerOutput
-from wde.core.sampler import TokenLogprobs as BatchLogprobs
-from wde.core.sampling_params import RequestOutputKind
+from wde.core.sampling.sampler import SamplerOutput
+from wde.core.sampling.sampler import TokenLogprobs as BatchLogprobs
+from wde.core.sampling.sampling_params import RequestOutputKind
 from wde.workflows.decoding.scheduler import SchedulerOutput
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup
 from wde.workflows.decoding.stop_checker import StopChecker, eos_token_ids, visible_text_length

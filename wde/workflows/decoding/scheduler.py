@@ -11,8 +11,8 @@ from typing import Callable
 
 from wde.core import interfaces
 from wde.core.request import Request
-from wde.core.scheduler_output import SchedulerOutput as BaseSchedulerOutput
-from wde.core.stats import SchedulerStats
+from wde.core.engine.scheduler_output import SchedulerOutput as BaseSchedulerOutput
+from wde.core.engine.stats import SchedulerStats
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = logging.getLogger(__name__)

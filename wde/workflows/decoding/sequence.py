@@ -6,7 +6,7 @@ import torch
 
 from wde.core.outputs import TokenLogprobs
 from wde.core.request import Request
-from wde.core.sampling_params import SamplingParams
+from wde.core.sampling.sampling_params import SamplingParams
 from wde.core.tokenizer import IncrementalDecoder
 
 

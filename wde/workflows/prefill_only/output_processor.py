@@ -2,7 +2,7 @@
 import torch
 
 from wde.core import interfaces
-from wde.core.failures import Failure, RequestFailures
+from wde.core.engine.failures import Failure, RequestFailures
 from wde.core.outputs import ClassificationOutput, EmbeddingOutput, PoolingRequestOutput, ScoringOutput
 from wde.workflows.prefill_only.scheduler import PrefillOnlySchedulerOutput
 

@@ -10,8 +10,8 @@ from typing import Callable
 
 from wde.core import interfaces
 from wde.core.request import Request
-from wde.core.scheduler_output import SchedulerOutput
-from wde.core.stats import SchedulerStats
+from wde.core.engine.scheduler_output import SchedulerOutput
+from wde.core.engine.stats import SchedulerStats
 from wde.workflows.prefill_only.sequence import PrefillOnlySequence
 
 

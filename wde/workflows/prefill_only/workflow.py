@@ -31,7 +31,7 @@ class EncoderWorkflow(PrefillOnlyWorkflow):
     """BERT-like encoders: bidirectional attention within each input, no KV cache."""
 
     causal = False
-    KVCacheManager = "wde.workflows.prefill_only.no_kv_cache:NoKVCacheManager"
+    KVCacheManager = "wde.core.kv_cache.no_kv_cache:NoKVCacheManager"
     AttentionBackend = "wde.core.attention.encoder_backends:EncoderTorchBackend"
 
 
@@ -40,5 +40,5 @@ class DecoderPrefillWorkflow(PrefillOnlyWorkflow):
     instruction or query shared by many inputs is computed once."""
 
     causal = True
-    KVCacheManager = "wde.core.kv_cache_manager:KVCacheManager"
+    KVCacheManager = "wde.core.kv_cache.kv_cache_manager:KVCacheManager"
     AttentionBackend = "wde.core.attention.torch_backend:TorchAttentionBackend"

@@ -1,7 +1,7 @@
 """Qwen2: Llama with a bias on the q/k/v projections (and none on the output projection)."""
 from transformers import PretrainedConfig
 
-from wde.tasks.chat.models.llama import LlamaForCausalLM
+from wde.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -1,7 +1,7 @@
 """Qwen3: Llama with an RMSNorm over each head of q and k before the rotation."""
 from transformers import PretrainedConfig
 
-from wde.tasks.chat.models.llama import LlamaForCausalLM
+from wde.models.llama import LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

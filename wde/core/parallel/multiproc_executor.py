@@ -27,11 +27,11 @@ import torch.distributed as dist
 from wde.core import interfaces
 from wde.core.attention.selector import select_attention_backend
 from wde.core.config import EngineConfig
-from wde.core.distributed import TIMEOUT, destroy_tensor_parallel, init_tensor_parallel
+from wde.core.parallel.distributed import TIMEOUT, destroy_tensor_parallel, init_tensor_parallel
 from wde.core.dotted_path import import_object
 from wde.core.layers.linear import check_tensor_parallel_shapes
 from wde.core.registry import resolve_model_class
-from wde.core.tensor_broadcast import TensorBroadcaster
+from wde.core.parallel.tensor_broadcast import TensorBroadcaster
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def serve_steps(config: EngineConfig, workflow_path: str, rank: int) -> None:
 
 
 class WorkerProcesses:
-    """The spawned ranks 1..N-1 (`python -m wde.core.tp_worker`), stopped by close()."""
+    """The spawned ranks 1..N-1 (`python -m wde.core.parallel.tp_worker`), stopped by close()."""
 
     def __init__(self, world_size: int, port: int, config: EngineConfig, workflow_path: str):
         self.error_dir = tempfile.mkdtemp(prefix="wde-tp-")
@@ -105,7 +105,7 @@ class WorkerProcesses:
                     "workflow_path": workflow_path, "error_file": self.error_file(rank)}
             # the parent's import path, so workflows and plugins defined anywhere it can import resolve there too
             environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            process = subprocess.Popen([sys.executable, "-m", "wde.core.tp_worker"], stdin=subprocess.PIPE,
+            process = subprocess.Popen([sys.executable, "-m", "wde.core.parallel.tp_worker"], stdin=subprocess.PIPE,
                                        env=environment)
             process.stdin.write(pickle.dumps(args))
             process.stdin.close()

@@ -10,7 +10,7 @@ class LocalExecutor(interfaces.Executor):
     @classmethod
     def from_engine(cls, engine) -> interfaces.Executor:
         if engine.config.args.tensor_parallel_size > 1:
-            from wde.core.multiproc_executor import MultiprocExecutor
+            from wde.core.parallel.multiproc_executor import MultiprocExecutor
             return MultiprocExecutor(engine.config, engine.components, engine.workflow)
         return cls(engine.config, engine.components)
 

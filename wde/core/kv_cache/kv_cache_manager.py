@@ -10,7 +10,7 @@ from array import array  # noqa: F401 (also the token_ids type of prefill-only s
 from typing import Protocol
 
 from wde.core import interfaces
-from wde.core.block_allocator import BlockAllocator
+from wde.core.kv_cache.block_allocator import BlockAllocator
 from wde.core.config import EngineConfig
 
 logger = logging.getLogger(__name__)

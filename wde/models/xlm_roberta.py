@@ -5,7 +5,7 @@ from torch import nn
 
 from wde.core.config import ModelConfig
 from wde.core.layers.linear import Linear
-from wde.tasks.embed.models.bert import BertForSequenceClassification, BertModel
+from wde.models.bert import BertForSequenceClassification, BertModel
 
 
 class XLMRobertaModel(BertModel):

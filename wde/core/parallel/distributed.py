@@ -7,7 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from wde.core.symmetric_all_reduce import SymmetricAllReduce, try_symmetric_all_reduce
+from wde.core.parallel.symmetric_all_reduce import SymmetricAllReduce, try_symmetric_all_reduce
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A tensor-parallel rank's process: `python -m wde.core.tp_worker`, its arguments pickled on stdin.
+"""A tensor-parallel rank's process: `python -m wde.core.parallel.tp_worker`, its arguments pickled on stdin.
 
 Started as a plain subprocess rather than through multiprocessing, so the user's main script is never
 imported again in it. It exits when rank 0 says stop, when rank 0's process disappears, or on any error (which
@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from wde.core.distributed import destroy_tensor_parallel, init_tensor_parallel
+from wde.core.parallel.distributed import destroy_tensor_parallel, init_tensor_parallel
 
 
 def exit_when_orphaned(parent_pid: int) -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = pickle.load(sys.stdin.buffer)
     threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
-        from wde.core.multiproc_executor import rank_device, serve_steps
+        from wde.core.parallel.multiproc_executor import rank_device, serve_steps
         rank, world_size, config = args["rank"], args["world_size"], args["config"]
         if config.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

@@ -7,13 +7,13 @@ from typing import Any
 from wde.core.attention.selector import select_attention_backend
 from wde.core.config import EngineArgs, EngineConfig
 from wde.core.dotted_path import import_object
-from wde.core.failures import RequestFailures
-from wde.core.multiproc_executor import ExecutorDeadError
+from wde.core.engine.failures import RequestFailures
+from wde.core.parallel.multiproc_executor import ExecutorDeadError
 from wde.core.outputs import RequestOutput
 from wde.core.plugins import load_plugins
 from wde.core.registry import resolve_model_class, resolve_workflow, workflow_path
 from wde.core.request import Request
-from wde.core.stats import EngineStats, StatsTracker, StepTimes
+from wde.core.engine.stats import EngineStats, StatsTracker, StepTimes
 from wde.core.workflow import Workflow, WorkflowError
 
 logger = logging.getLogger(__name__)

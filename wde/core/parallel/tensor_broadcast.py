@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wde.core.distributed import get_host_group
+from wde.core.parallel.distributed import get_host_group
 from wde.core.dotted_path import import_object
 from wde.core.packing import layout, pack_into, padded_nbytes, views
 

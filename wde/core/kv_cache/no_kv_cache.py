@@ -1,5 +1,5 @@
 """The KVCacheManager of encoders: they keep nothing between steps, so there are no blocks to manage."""
-from wde.core.kv_cache_manager import KVCacheManager
+from wde.core.kv_cache.kv_cache_manager import KVCacheManager
 
 
 class NoKVCacheManager(KVCacheManager):
