@@ -56,7 +56,7 @@ def test_an_abort_while_its_step_is_in_flight_leaves_the_others_unchanged():
         if abort_after is not None:
             for _ in range(abort_after):
                 assert not any(o.request_id == "1" and o.finished for o in engine.step())
-            assert engine.in_flight is not None  # a step is on its way while the caller aborts
+            assert engine.stepper.in_flight is not None  # a step is on its way while the caller aborts
             assert engine.abort_request("1")
         outputs = run_to_completion(engine)
         return {rid: o.outputs[0].token_ids for rid, o in outputs.items()}

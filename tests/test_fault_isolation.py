@@ -385,6 +385,6 @@ def test_a_request_id_used_again_right_after_an_early_stop_is_a_new_request(tiny
     stop_early = SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[alone[2]])
     engine.add_request("a", [7, 8, 9], stop_early)
     assert run_bounded(engine)["a"].outputs[0].token_ids == alone[:3]
-    assert engine.in_flight is not None  # the step launched with it, still to be finished
+    assert engine.stepper.in_flight is not None  # the step launched with it, still to be finished
     engine.add_request("a", [7, 8, 9], GOOD)
     assert run_bounded(engine)["a"].outputs[0].token_ids == alone

@@ -13,8 +13,8 @@ import pytest
 from tests.test_parity_random import random_prompts
 from wde import LLM, SamplingParams
 from wde.core.parallel.multiproc_executor import ExecutorDeadError
-from wde.workflows.decoding.worker import DecodingWorker
 from wde.tasks.chat.workflow import ChatWorkflow
+from wde.workflows.decoding.worker import DecodingWorker
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)  # rank 0 gathers the logits
 ARGMAX = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)  # each rank's vocabulary slice votes

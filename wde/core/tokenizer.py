@@ -30,8 +30,15 @@ class HFTokenizer(interfaces.Tokenizer):
     def __len__(self) -> int:
         return len(self.hf)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        return self.hf(text, add_special_tokens=add_special_tokens, truncation=max_length is not None,
+                       max_length=max_length)["input_ids"]
+
+    def encode_pair(self, first: str, second: str, max_length: int | None = None,
+                    token_type_ids: bool = False) -> tuple[list[int], list[int] | None]:
+        encoded = self.hf(first, second, truncation="only_second" if max_length else False, max_length=max_length,
+                          return_token_type_ids=token_type_ids)
+        return encoded["input_ids"], encoded.get("token_type_ids")
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -7,8 +7,8 @@ import torch
 from wde.core import interfaces
 from wde.core.attention.layer import Attention
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from wde.core.parallel.distributed import init_device_all_reduce
 from wde.core.loader.model_loader import load_model
+from wde.core.parallel.distributed import init_device_all_reduce
 from wde.core.pinned_copy import PinnedCopier
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,9 @@ class ModelWorker(interfaces.Worker):
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_layers = [layer for layer in self.attn_layers if layer.uses_kv_cache]
         self.attn_backend = components["AttentionBackend"](config)  # chosen by the engine's selector
+        if (self.attn_backend.kind == "paged") != bool(self.kv_layers):
+            raise ValueError(f"{type(self.model).__name__} has {'' if self.kv_layers else 'no '}attention layers "
+                             f"with a KV cache, but its workflow runs {self.attn_backend.kind} attention")
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         self.kv_cache: torch.Tensor | None = None

@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from wde.core.inputs import coerce_params
 from wde.core.engine.llm_engine import LLMEngine
+from wde.core.inputs import coerce_params
 from wde.core.outputs import PoolingRequestOutput, RequestOutput
 from wde.core.pooling_params import PoolingParams
 from wde.core.sampling.sampling_params import RequestOutputKind, SamplingParams

@@ -32,7 +32,7 @@ def test_wde_finds_the_plugin_through_its_entry_point():
 
 def test_gpt2_generation_matches_transformers(gpt2_folder):
     llm = LLM(model=gpt2_folder, num_kv_blocks=64, max_num_seqs=3, max_num_batched_tokens=48)
-    assert llm.engine.workflow.__name__ == "GPT2Workflow"
+    assert llm.engine.workflow.__name__ == "ChatWorkflow"  # the workflow its registration names
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 512) for _ in range(n)] for n in (4, 30, 70, 11)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0))

@@ -4,4 +4,4 @@ from wde import register_model
 
 def register() -> None:
     register_model("GPT2LMHeadModel", model="wde_gpt2.model:GPT2LMHeadModel",
-                   workflow="wde_gpt2.workflow:GPT2Workflow")
+                   workflow="wde.tasks.chat.workflow:ChatWorkflow")  # generates as every decoder does

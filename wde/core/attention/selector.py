@@ -1,4 +1,9 @@
-"""Which attention backend an engine runs: the `attention_backend` engine argument, by name, or "auto"."""
+"""Which attention backend an engine runs: the `attention_backend` engine argument, by name, or "auto".
+
+"auto" runs the Workflow's AttentionBackend slot, except where the slot is one of the portable torch
+references the workflow families name: on a GPU the first faster backend of the same kind that can run
+replaces it. A Workflow that names a backend of its own always gets it.
+"""
 import logging
 
 from wde.core.config import EngineConfig
@@ -10,6 +15,7 @@ logger = logging.getLogger(__name__)
 # "auto" on a GPU: the first of these that can run and computes the workflow's kind of attention ("paged" for
 # decoders, "encoder" for encoders); on a CPU: the workflow's own AttentionBackend slot
 GPU_PREFERENCE = ("flash_attn", "triton", "encoder_flash")
+PORTABLE_REFERENCES = ("torch", "encoder_torch")
 
 
 def select_attention_backend(config: EngineConfig, workflow_backend: type) -> type:
@@ -18,30 +24,28 @@ def select_attention_backend(config: EngineConfig, workflow_backend: type) -> ty
         if name not in known:
             raise ValueError(f"unknown attention_backend {name!r}; known: auto, {', '.join(known)}")
         backend = import_object(known[name])
-        if getattr(backend, "kind", None) != getattr(workflow_backend, "kind", None):
+        if backend.kind != workflow_backend.kind:
             raise ValueError(f"attention_backend {name!r} computes {backend.kind} attention; this workflow needs "
-                             f"{getattr(workflow_backend, 'kind', '?')} attention")
-        reason = unavailable(backend, config)
+                             f"{workflow_backend.kind} attention")
+        reason = backend.is_available(config)
         if reason:
             raise ValueError(f"attention_backend {name!r} cannot run here: {reason}")
         logger.info("attention backend: %s (asked for)", name)
         return backend
-    if config.device.type == "cuda":
+    portable = workflow_backend in {import_object(known[name]) for name in PORTABLE_REFERENCES}
+    if config.device.type == "cuda" and portable:
         skipped = []
         for candidate in GPU_PREFERENCE:
             backend = import_object(known[candidate])
-            if getattr(backend, "kind", None) != getattr(workflow_backend, "kind", None):
+            if backend.kind != workflow_backend.kind:
                 continue  # another kind of attention: not a candidate
-            reason = unavailable(backend, config)
+            reason = backend.is_available(config)
             if reason is None:
                 logger.info("attention backend: %s (auto; %s)", candidate,
                             "; ".join(skipped) or "the first choice")
                 return backend
             skipped.append(f"not {candidate}: {reason}")
-    logger.info("attention backend: %s (auto: the workflow's)", workflow_backend.__name__)
+    logger.info("attention backend: %s (auto: the workflow's%s)", workflow_backend.__name__,
+                "" if portable else ", its own choice")
     return workflow_backend
 
-
-def unavailable(backend: type, config: EngineConfig) -> str | None:
-    check = getattr(backend, "is_available", None)
-    return check(config) if check else None

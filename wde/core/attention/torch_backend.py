@@ -10,8 +10,8 @@ from wde.core.attention.metadata import PagedAttentionMetadata
 from wde.core.interfaces import AttentionBackend
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write each new token's K and V into its cache slot."""
+def store_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write each new token's K and V into its cache slot (the torch reference of kernels/store_kv.py)."""
     num_kv_heads, head_dim = k.shape[1:]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -31,7 +31,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
-        store_kv(k, v, layer.kv_cache, attn_metadata.slot_mapping)
+        store_kv_torch(k, v, layer.kv_cache, attn_metadata.slot_mapping)
         out = torch.empty_like(q)
         starts = attn_metadata.query_start_loc.tolist()
         decoding = [i for i, n in enumerate(attn_metadata.query_lens_host) if n == 1]

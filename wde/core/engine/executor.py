@@ -1,5 +1,5 @@
-"""The default Executor: the Worker in the engine's own process, or, with tensor_parallel_size > 1, one Worker
-per device over several processes (multiproc_executor.py)."""
+"""The default Executor: the Worker in the engine's own process. With tensor_parallel_size > 1 the pipeline
+runs MultiprocExecutor (wde/core/parallel/) in its place, one Worker per device over several processes."""
 from typing import Any
 
 from wde.core import interfaces
@@ -7,15 +7,8 @@ from wde.core.config import EngineConfig
 
 
 class LocalExecutor(interfaces.Executor):
-    @classmethod
-    def from_engine(cls, engine) -> interfaces.Executor:
-        if engine.config.args.tensor_parallel_size > 1:
-            from wde.core.parallel.multiproc_executor import MultiprocExecutor
-            return MultiprocExecutor(engine.config, engine.components, engine.workflow)
-        return cls(engine.config, engine.components)
-
     def __init__(self, config: EngineConfig, components: dict[str, type]):
-        super().__init__(config)
+        super().__init__(config, components)
         self.worker = components["Worker"](config, components)
         self.num_kv_blocks = self.worker.determine_num_kv_blocks()
         self.worker.init_kv_cache(self.num_kv_blocks)

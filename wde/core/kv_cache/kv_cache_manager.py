@@ -10,8 +10,8 @@ from array import array  # noqa: F401 (also the token_ids type of prefill-only s
 from typing import Protocol
 
 from wde.core import interfaces
-from wde.core.kv_cache.block_allocator import BlockAllocator
 from wde.core.config import EngineConfig
+from wde.core.kv_cache.block_allocator import BlockAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class CachedSequence(Protocol):
     token_ids: "list[int] | array"  # ints, as a list or an array("q")
     block_table: list[int]
     block_hashes: list[bytes]  # of its full blocks, filled in by the manager
-    num_computed_tokens: int  # tokens whose K/V are in its blocks
+    num_computed_tokens: int  # tokens whose K/V are in its blocks (the scheduler writes it)
 
 
 class KVCacheManager(interfaces.KVCacheManager):
@@ -66,8 +66,7 @@ class KVCacheManager(interfaces.KVCacheManager):
         for block in hits:
             self.allocator.incref(block)
         seq.block_table = hits
-        seq.num_computed_tokens = len(hits) * self.block_size
-        return seq.num_computed_tokens
+        return len(hits) * self.block_size  # the scheduler's to record: it owns num_computed_tokens
 
     def count_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Account one admitted sequence's lookup in the hit rate (failed admissions are retried, not counted)."""

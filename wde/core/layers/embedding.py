@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wde.core.parallel.distributed import all_gather, all_reduce, get_tp_rank, get_tp_size
 from wde.core.layers.linear import default_weight_loader, narrow
+from wde.core.parallel.distributed import all_gather, all_reduce, get_tp_rank, get_tp_size
 
 
 class VocabParallelEmbedding(nn.Module):

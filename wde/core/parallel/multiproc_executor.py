@@ -25,13 +25,11 @@ import torch
 import torch.distributed as dist
 
 from wde.core import interfaces
-from wde.core.attention.selector import select_attention_backend
 from wde.core.config import EngineConfig
-from wde.core.parallel.distributed import TIMEOUT, destroy_tensor_parallel, init_tensor_parallel
-from wde.core.dotted_path import import_object
 from wde.core.layers.linear import check_tensor_parallel_shapes
-from wde.core.registry import resolve_model_class
+from wde.core.parallel.distributed import TIMEOUT, destroy_tensor_parallel, init_tensor_parallel
 from wde.core.parallel.tensor_broadcast import TensorBroadcaster
+from wde.core.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +65,8 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def build_rank_worker(config: EngineConfig, workflow_path: str) -> interfaces.Worker:
-    """This rank's Worker, from the workflow's components (resolved and chosen as the engine did)."""
-    workflow = import_object(workflow_path)
-    components = workflow.resolve()
-    components["AttentionBackend"] = select_attention_backend(config, components["AttentionBackend"])
+def build_rank_worker(config: EngineConfig, components: dict[str, type]) -> interfaces.Worker:
+    """This rank's Worker, from the engine's resolved pipeline (the classes rank 0 chose)."""
     return components["Worker"](config, components)
 
 
@@ -83,11 +78,11 @@ def agree_on_kv_blocks(worker: interfaces.Worker) -> int:
     return int(count)
 
 
-def serve_steps(config: EngineConfig, workflow_path: str, rank: int) -> None:
+def serve_steps(config: EngineConfig, components: dict[str, type], rank: int) -> None:
     """A worker rank's life: build the shard, then run every step rank 0 sends until it says stop."""
     from wde.core.plugins import load_plugins
     load_plugins()  # plugins' registrations must exist in every rank
-    worker = build_rank_worker(config, workflow_path)
+    worker = build_rank_worker(config, components)
     agree_on_kv_blocks(worker)
     receiver = TensorBroadcaster()
     while (model_input := receiver.receive()) is not None:
@@ -97,12 +92,12 @@ def serve_steps(config: EngineConfig, workflow_path: str, rank: int) -> None:
 class WorkerProcesses:
     """The spawned ranks 1..N-1 (`python -m wde.core.parallel.tp_worker`), stopped by close()."""
 
-    def __init__(self, world_size: int, port: int, config: EngineConfig, workflow_path: str):
+    def __init__(self, world_size: int, port: int, config: EngineConfig, components: dict[str, type]):
         self.error_dir = tempfile.mkdtemp(prefix="wde-tp-")
         self.processes = []
         for rank in range(1, world_size):
             args = {"rank": rank, "world_size": world_size, "port": port, "config": config,
-                    "workflow_path": workflow_path, "error_file": self.error_file(rank)}
+                    "components": components, "error_file": self.error_file(rank)}
             # the parent's import path, so workflows and plugins defined anywhere it can import resolve there too
             environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
             process = subprocess.Popen([sys.executable, "-m", "wde.core.parallel.tp_worker"], stdin=subprocess.PIPE,
@@ -155,11 +150,12 @@ def free_port() -> int:
 
 
 class MultiprocExecutor(interfaces.Executor):
-    def __init__(self, config: EngineConfig, components: dict[str, type], workflow: type):
-        super().__init__(config)
+    supports_tensor_parallel = True
+
+    def __init__(self, config: EngineConfig, components: dict[str, type]):
+        super().__init__(config, components)
         check_can_split(config)
         world_size = config.args.tensor_parallel_size
-        workflow_path = f"{workflow.__module__}:{workflow.__qualname__}"
         self.workers: WorkerProcesses | None = None
         store = None
         if under_torchrun():
@@ -171,17 +167,17 @@ class MultiprocExecutor(interfaces.Executor):
             rank, port = 0, free_port()
             store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=TIMEOUT,
                                   wait_for_workers=False)
-            self.workers = WorkerProcesses(world_size, port, config, workflow_path)
+            self.workers = WorkerProcesses(world_size, port, config, components)
             self.workers.wait_until_ready(store)
         rank_config = replace(config, device=rank_device(config, rank))
         init_tensor_parallel(rank, world_size, rank_config.device, store)
         logger.info("tensor parallel: rank %d of %d on %s (%s)", rank, world_size, rank_config.device,
                     "torchrun" if under_torchrun() else "spawned workers")
         if rank != 0:  # under torchrun, ranks 1..N-1 serve rank 0's steps and then end their process
-            serve_steps(rank_config, workflow_path, rank)
+            serve_steps(rank_config, components, rank)
             destroy_tensor_parallel()
             sys.exit(0)
-        self.worker = build_rank_worker(rank_config, workflow_path)
+        self.worker = build_rank_worker(rank_config, components)
         self.num_kv_blocks = agree_on_kv_blocks(self.worker)
         self.broadcaster = TensorBroadcaster()
         self.dead: str | None = None
@@ -197,7 +193,7 @@ class MultiprocExecutor(interfaces.Executor):
         if self.dead:
             raise ExecutorDeadError(self.dead)
         try:
-            self.broadcaster.send(for_workers(model_input))
+            self.broadcaster.send(model_input.for_workers())
             return run(model_input)
         except Exception as e:  # one rank failing leaves the others stuck in a collective: end them all
             self.dead = (self.workers.first_error() if self.workers else None) or f"{type(e).__name__}: {e}"
@@ -212,16 +208,6 @@ class MultiprocExecutor(interfaces.Executor):
             if self.workers:
                 self.workers.close(timeout_s=0.0)
             destroy_tensor_parallel()
-
-
-def for_workers(model_input: Any) -> Any:
-    """What the other ranks need of a step: everything but the sampling settings (rank 0 samples) and the
-    pooling parameters (rank 0 pools)."""
-    if hasattr(model_input, "sampling"):
-        model_input = replace(model_input, sampling=None)
-    if hasattr(model_input, "pooling"):
-        model_input = replace(model_input, pooling=replace(model_input.pooling, params=[]))
-    return model_input
 
 
 def _stop(broadcaster: TensorBroadcaster, workers: WorkerProcesses | None) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wde.core.parallel.distributed import get_host_group
 from wde.core.dotted_path import import_object
 from wde.core.packing import layout, pack_into, padded_nbytes, views
+from wde.core.parallel.distributed import get_host_group
 
 DTYPES = [torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.uint8]
 STOP = -1

@@ -37,7 +37,7 @@ def main() -> None:
         store = dist.TCPStore("127.0.0.1", args["port"], world_size, is_master=False)
         store.set(f"ready-{rank}", "1")  # rank 0 waits for this, watching that we are still alive
         init_tensor_parallel(rank, world_size, config.device, store)
-        serve_steps(config, args["workflow_path"], rank)
+        serve_steps(config, args["components"], rank)
         destroy_tensor_parallel()
     except BaseException:
         with open(args["error_file"], "w") as f:

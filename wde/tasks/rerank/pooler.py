@@ -2,7 +2,6 @@
 import torch
 
 from wde.core import interfaces
-from wde.core.tokenizer import HFTokenizer
 from wde.tasks.classify.pooler import ClassificationPooler
 from wde.workflows.prefill_only.model_pre_processor import PoolingMetadata
 from wde.workflows.prefill_only.pooling import pool
@@ -30,10 +29,13 @@ class YesNoPooler(interfaces.Pooler):
 
     tokens = ("yes", "no")
 
-    def __init__(self, config, model):
+    @classmethod
+    def from_worker(cls, config, model, components: dict[str, type]) -> "YesNoPooler":
+        return cls(config, model, components["Tokenizer"](config))
+
+    def __init__(self, config, model, tokenizer: interfaces.Tokenizer):
         super().__init__(config, model)
         self.model = model
-        tokenizer = HFTokenizer(config)
         ids = [tokenizer.encode(word, add_special_tokens=False) for word in self.tokens]
         if any(len(token_ids) != 1 for token_ids in ids):
             raise ValueError(f"the reranker's words {self.tokens} must each be one token; they are {ids}")

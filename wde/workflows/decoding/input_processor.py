@@ -20,11 +20,14 @@ class DecodingInputProcessor(interfaces.InputProcessor):
         if bad_stops:
             raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary [0, {vocab_size})")
         text, token_ids = parse_prompt(prompt, vocab_size)
-        if token_ids is not None and len(token_ids) >= self.max_model_len:
-            raise ValueError(too_long_message(len(token_ids), self.max_model_len))
+        if token_ids is not None:
+            check_prompt_fits(len(token_ids), self.max_model_len)
         return Request(request_id, text, token_ids, params, arrival_time)
 
 
-def too_long_message(prompt_len: int, max_model_len: int) -> str:
-    return (f"the prompt has {prompt_len} tokens; it must be shorter than max_model_len={max_model_len} "
-            "to leave room for output")
+def check_prompt_fits(prompt_len: int, max_model_len: int) -> None:
+    """The one rule of a decoding prompt's length, at submission (token ids) and once tokenized (text): it must
+    leave room for an output token."""
+    if prompt_len >= max_model_len:
+        raise ValueError(f"the prompt has {prompt_len} tokens; it must be shorter than max_model_len="
+                         f"{max_model_len} to leave room for output")

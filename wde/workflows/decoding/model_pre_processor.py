@@ -1,5 +1,5 @@
 """Scheduler output -> one flat batch of tokens with the metadata attention and sampling need."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,10 @@ class ModelInput:
     in_flight_rows: torch.Tensor | None = None
     # every row takes the argmax and nothing else reads the logits: each rank reduces its vocabulary slice
     greedy: bool = False
+
+    def for_workers(self) -> "ModelInput":
+        """Everything but the sampling settings: rank 0 samples."""
+        return replace(self, sampling=None)
 
 
 def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -95,7 +99,7 @@ def prompt_logprob_rows(index: int, scheduled: ScheduledSequence, first_flat_row
                              seq.params.prompt_logprobs)
 
 
-class DecodingModelPreProcessor(interfaces.ModelPreProcessor):
+class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, ModelInput]):
     @classmethod
     def from_engine(cls, engine) -> "DecodingModelPreProcessor":
         return cls(engine.config, eos_token_ids(engine.tokenizer, engine.config.model.hf_config))

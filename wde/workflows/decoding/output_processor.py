@@ -10,7 +10,7 @@ from wde.workflows.decoding.sequence import Sequence, SequenceGroup
 from wde.workflows.decoding.stop_checker import StopChecker, eos_token_ids, visible_text_length
 
 
-class DecodingOutputProcessor(interfaces.OutputProcessor):
+class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, SamplerOutput, RequestOutput]):
     STAGE = "making the outputs"
 
     @classmethod

@@ -3,11 +3,11 @@ import torch
 
 from wde.core import interfaces
 from wde.core.request import Request
-from wde.workflows.decoding.input_processor import too_long_message
+from wde.workflows.decoding.input_processor import check_prompt_fits
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup
 
 
-class DecodingRequestProcessor(interfaces.RequestProcessor):
+class DecodingRequestProcessor(interfaces.RequestProcessor[SequenceGroup]):
     @classmethod
     def from_engine(cls, engine) -> "DecodingRequestProcessor":
         return cls(engine.config, engine.tokenizer, engine.kv_cache_manager)
@@ -27,8 +27,7 @@ class DecodingRequestProcessor(interfaces.RequestProcessor):
             if not prompt_ids:
                 raise ValueError("the prompt is empty after tokenization")
         prompt_len = len(prompt_ids)
-        if prompt_len >= self.max_model_len:
-            raise ValueError(too_long_message(prompt_len, self.max_model_len))
+        check_prompt_fits(prompt_len, self.max_model_len)
         if prompt_len >= self.max_seq_len:
             raise ValueError(f"the prompt has {prompt_len} tokens, and the KV cache holds only {self.max_seq_len} "
                              "tokens of one sequence: raise num_kv_blocks or kv_cache_memory_bytes")

@@ -9,10 +9,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from wde.core import interfaces
-from wde.core.request import Request
+from wde.core.engine.budgeted_scheduler import BudgetedScheduler
 from wde.core.engine.scheduler_output import SchedulerOutput as BaseSchedulerOutput
 from wde.core.engine.stats import SchedulerStats
+from wde.core.request import Request
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -41,17 +41,12 @@ class SchedulerOutput(BaseSchedulerOutput[ScheduledSequence]):
         return sum(s.num_tokens for s in self.scheduled)
 
 
-class DecodingScheduler(interfaces.Scheduler):
-    @classmethod
-    def from_engine(cls, engine) -> "DecodingScheduler":
-        return cls(engine.config, engine.kv_cache_manager, engine.process_request)
+class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
+    """The one writer of a sequence's scheduling state (`status`, `num_computed_tokens`, `num_preemptions`);
+    its blocks are the KVCacheManager's to write."""
 
     def __init__(self, config, kv_cache_manager, process_request: Callable[[Request], SequenceGroup | None]):
-        super().__init__(config)
-        self.kv_cache_manager = kv_cache_manager
-        self.process_request = process_request  # tokenizes; None when the request failed (the engine reports it)
-        self.max_num_seqs = config.args.max_num_seqs
-        self.max_num_batched_tokens = config.args.max_num_batched_tokens
+        super().__init__(config, kv_cache_manager, process_request)
         self.new_requests: deque[Request] = deque()  # submitted, not yet tokenized
         self.waiting: deque[Sequence] = deque()  # tokenized (or preempted), waiting for KV blocks
         self.running: list[Sequence] = []  # in admission order
@@ -61,8 +56,7 @@ class DecodingScheduler(interfaces.Scheduler):
         self.num_generation_tokens = 0
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_new_id(request, self.requests)
         self.requests[request.request_id] = request
         self.new_requests.append(request)
 
@@ -82,7 +76,7 @@ class DecodingScheduler(interfaces.Scheduler):
                 self.waiting.remove(seq)
             elif seq.status is SequenceStatus.RUNNING:
                 self.running.remove(seq)
-                self.kv_cache_manager.free(seq)
+                self._release_blocks(seq)
             else:
                 continue  # finished earlier
             seq.finish("abort")
@@ -104,13 +98,10 @@ class DecodingScheduler(interfaces.Scheduler):
         return output
 
     def get_stats(self) -> SchedulerStats:
-        kv = self.kv_cache_manager
-        return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting) + len(self.new_requests),
-            num_preempted=sum(seq.num_preemptions > 0 for seq in self.waiting),
-            num_preemptions=self.num_preemptions, kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
-            kv_blocks_total=kv.num_blocks, prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
-            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens)
+        return self.stats(num_running=len(self.running), num_waiting=len(self.waiting) + len(self.new_requests),
+                          num_preempted=sum(seq.num_preemptions > 0 for seq in self.waiting),
+                          num_preemptions=self.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
+                          num_generation_tokens=self.num_generation_tokens)
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted, i = False, 0
@@ -141,8 +132,7 @@ class DecodingScheduler(interfaces.Scheduler):
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits at the front and recomputes its tokens when readmitted."""
-        self.kv_cache_manager.free(seq)
-        seq.num_computed_tokens = 0
+        self._release_blocks(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -157,11 +147,10 @@ class DecodingScheduler(interfaces.Scheduler):
                 return
             cached = 0
             if seq.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
-                cached = self.kv_cache_manager.allocate_cached_prefix(seq)
+                cached = seq.num_computed_tokens = self.kv_cache_manager.allocate_cached_prefix(seq)
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv_cache_manager.allocate_slots(seq, num_tokens):
-                self.kv_cache_manager.free(seq)  # give back the cached prefix too; it waits
-                seq.num_computed_tokens = 0
+                self._release_blocks(seq)  # give back the cached prefix too; it waits
                 return
             if self.kv_cache_manager.enable_prefix_caching:
                 self.kv_cache_manager.count_prefix_lookup(seq.num_tokens, cached)
@@ -172,6 +161,11 @@ class DecodingScheduler(interfaces.Scheduler):
             self.running.append(seq)
             output.scheduled.append(scheduled(seq, num_tokens))
             budget -= num_tokens
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        """Its blocks go back; nothing of it is in the cache any more, so all its tokens are to compute."""
+        self.kv_cache_manager.free(seq)
+        seq.num_computed_tokens = 0
 
     def _next_waiting(self) -> Sequence | None:
         """The first waiting sequence, tokenizing new requests (lazily, only now) when none is waiting."""

@@ -5,11 +5,11 @@ import torch
 
 from wde.core.attention.metadata import dummy_paged_batch
 from wde.core.cuda_graphs import DecodeCudaGraphs
-from wde.core.parallel.distributed import broadcast_from_first_rank, get_tp_rank
 from wde.core.forward_context import set_forward_context
 from wde.core.layers.embedding import gather_vocab, greedy_tokens
+from wde.core.parallel.distributed import broadcast_from_first_rank, get_tp_rank
 from wde.core.sampling.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
-                              token_logprobs)
+                                       token_logprobs)
 from wde.core.worker import ModelWorker
 from wde.workflows.decoding.model_pre_processor import ModelInput
 

@@ -5,7 +5,8 @@ class DecodingWorkflow(Workflow):
     """Autoregressive generation with continuous batching over a paged KV cache.
 
     add_request -> DecodingInputProcessor (checks the prompt and SamplingParams)
-    step:  DecodingScheduler (admits, prefills in chunks, decodes; tokenizes new requests through
+    step (DecodingStepper: each step to its end, or with async_scheduling the next one launched first):
+           DecodingScheduler (admits, prefills in chunks, decodes; tokenizes new requests through
            DecodingRequestProcessor; KV blocks from KVCacheManager)
         -> DecodingModelPreProcessor (one flat batch + paged-attention metadata)
         -> LocalExecutor -> DecodingWorker (model forward with the AttentionBackend, then Sampler)
@@ -23,3 +24,4 @@ class DecodingWorkflow(Workflow):
     Worker = "wde.workflows.decoding.worker:DecodingWorker"
     OutputProcessor = "wde.workflows.decoding.output_processor:DecodingOutputProcessor"
     AttentionBackend = "wde.core.attention.torch_backend:TorchAttentionBackend"
+    Stepper = "wde.workflows.decoding.stepping:DecodingStepper"  # synchronous, or overlapped (async_scheduling)

@@ -1,6 +1,6 @@
 """Scheduler output -> one flat, unpadded batch of the new tokens of every input, with what pooling needs."""
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,8 +29,12 @@ class PrefillOnlyModelInput:
     attn_metadata: EncoderAttentionMetadata | PagedAttentionMetadata
     pooling: PoolingMetadata
 
+    def for_workers(self) -> "PrefillOnlyModelInput":
+        """Everything but the pooling parameters: rank 0 pools."""
+        return replace(self, pooling=replace(self.pooling, params=[]))
 
-class PrefillOnlyModelPreProcessor(interfaces.ModelPreProcessor):
+
+class PrefillOnlyModelPreProcessor(interfaces.ModelPreProcessor[PrefillOnlySchedulerOutput, PrefillOnlyModelInput]):
     def __init__(self, config):
         super().__init__(config)
         self.block_size = config.args.block_size

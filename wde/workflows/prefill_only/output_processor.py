@@ -10,7 +10,8 @@ WRAP = {"embed": EmbeddingOutput, "classify": ClassificationOutput,
         "score": lambda value: ScoringOutput(float(value))}
 
 
-class PrefillOnlyOutputProcessor(interfaces.OutputProcessor):
+class PrefillOnlyOutputProcessor(
+        interfaces.OutputProcessor[PrefillOnlySchedulerOutput, list[torch.Tensor], PoolingRequestOutput]):
     @classmethod
     def from_engine(cls, engine) -> "PrefillOnlyOutputProcessor":
         return cls(engine.config, engine.workflow.task, engine.failures)

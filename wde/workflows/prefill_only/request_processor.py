@@ -6,7 +6,7 @@ from wde.core.request import Request
 from wde.workflows.prefill_only.sequence import PrefillOnlySequence
 
 
-class PrefillOnlyRequestProcessor(interfaces.RequestProcessor):
+class PrefillOnlyRequestProcessor(interfaces.RequestProcessor[PrefillOnlySequence]):
     @classmethod
     def from_engine(cls, engine) -> "PrefillOnlyRequestProcessor":
         return cls(engine.config, engine.tokenizer, engine.workflow.causal, engine.kv_cache_manager)
@@ -43,8 +43,7 @@ class PrefillOnlyRequestProcessor(interfaces.RequestProcessor):
     def _encode(self, request: Request, limit: int | None) -> list[int]:
         if request.prompt_token_ids is not None:
             return request.prompt_token_ids[:limit] if limit else request.prompt_token_ids
-        encoded = self.tokenizer.hf(request.prompt, truncation=limit is not None, max_length=limit)
-        return encoded["input_ids"]
+        return self.tokenizer.encode(request.prompt, max_length=limit)
 
     def _encode_pair(self, query, document, limit: int | None) -> tuple[list[int], list[int] | None]:
         if self.causal:
@@ -56,6 +55,4 @@ class PrefillOnlyRequestProcessor(interfaces.RequestProcessor):
             return (token_ids[:limit] if limit else token_ids), None
         if isinstance(query, list) or isinstance(document, list):
             raise TypeError("a cross-encoder scores text pairs (its tokenizer places the separators)")
-        encoded = self.tokenizer.hf(query, document, truncation="only_second" if limit else False, max_length=limit,
-                                    return_token_type_ids=self.uses_token_types)
-        return encoded["input_ids"], encoded.get("token_type_ids")
+        return self.tokenizer.encode_pair(query, document, max_length=limit, token_type_ids=self.uses_token_types)

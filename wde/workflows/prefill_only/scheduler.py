@@ -8,10 +8,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from wde.core import interfaces
-from wde.core.request import Request
+from wde.core.engine.budgeted_scheduler import BudgetedScheduler
 from wde.core.engine.scheduler_output import SchedulerOutput
 from wde.core.engine.stats import SchedulerStats
+from wde.core.request import Request
 from wde.workflows.prefill_only.sequence import PrefillOnlySequence
 
 
@@ -29,26 +29,22 @@ class PrefillOnlySchedulerOutput(SchedulerOutput[ScheduledInput]):
     pass
 
 
-class PrefillOnlyScheduler(interfaces.Scheduler):
+class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
     @classmethod
     def from_engine(cls, engine) -> "PrefillOnlyScheduler":
-        return cls(engine.config, engine.kv_cache_manager, engine.process_request)
+        return cls(engine.config, engine.kv_cache_manager, engine.process_request, engine.workflow.causal)
 
-    def __init__(self, config, kv_cache_manager, process_request: Callable[[Request], PrefillOnlySequence | None]):
-        super().__init__(config)
-        self.kv_cache_manager = kv_cache_manager
-        self.uses_kv_cache = kv_cache_manager.num_blocks > 0
-        self.process_request = process_request  # tokenizes; None when the request failed (the engine reports it)
-        self.max_num_seqs = config.args.max_num_seqs
-        self.max_num_batched_tokens = config.args.max_num_batched_tokens
+    def __init__(self, config, kv_cache_manager, process_request: Callable[[Request], PrefillOnlySequence | None],
+                 causal: bool):
+        super().__init__(config, kv_cache_manager, process_request)
+        self.uses_kv_cache = causal  # a decoder's inputs hold KV blocks (and may share cached prefixes)
         self.waiting: deque[Request | PrefillOnlySequence] = deque()  # requests are tokenized when they come up
         self.request_ids: set[str] = set()
         self.in_step: dict[str, PrefillOnlySequence] = {}  # scheduled, holding KV blocks until their step ends
         self.num_prompt_tokens = 0
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.request_ids:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.check_new_id(request, self.request_ids)
         self.request_ids.add(request.request_id)
         self.waiting.append(request)
 
@@ -77,7 +73,8 @@ class PrefillOnlyScheduler(interfaces.Scheduler):
             seq = self._tokenized_head()
             if seq is None:
                 continue
-            cached = self.kv_cache_manager.allocate_cached_prefix(seq) if self.uses_kv_cache else 0
+            cached = seq.num_computed_tokens = (self.kv_cache_manager.allocate_cached_prefix(seq)
+                                                if self.uses_kv_cache else 0)
             new_tokens = seq.num_tokens - cached
             fits = new_tokens <= budget and (not self.uses_kv_cache
                                              or self.kv_cache_manager.allocate_slots(seq, new_tokens))
@@ -117,7 +114,4 @@ class PrefillOnlyScheduler(interfaces.Scheduler):
             self.request_ids.discard(item.seq.request_id)
 
     def get_stats(self) -> SchedulerStats:
-        kv = self.kv_cache_manager
-        return SchedulerStats(num_waiting=self.num_waiting, kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
-                              kv_blocks_total=kv.num_blocks, prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
-                              num_prompt_tokens=self.num_prompt_tokens)
+        return self.stats(num_waiting=self.num_waiting, num_prompt_tokens=self.num_prompt_tokens)

@@ -11,7 +11,7 @@ from wde.workflows.prefill_only.model_pre_processor import PoolingMetadata, Pref
 class PrefillOnlyWorker(ModelWorker):
     def __init__(self, config, components):
         super().__init__(config, components)
-        self.pooler = components["Pooler"](config, self.model)
+        self.pooler = components["Pooler"].from_worker(config, self.model, components)
 
     @torch.inference_mode()
     def execute_model(self, model_input: PrefillOnlyModelInput) -> list[torch.Tensor]:

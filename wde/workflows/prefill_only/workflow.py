@@ -8,7 +8,8 @@ class PrefillOnlyWorkflow(Workflow):
     """One forward pass per input, never a decoding step: embeddings, scores, classes.
 
     add_request -> PrefillOnlyInputProcessor (checks the input or (query, document) pair and PoolingParams)
-    step:  PrefillOnlyScheduler (packs whole inputs by token budget; tokenizes them through
+    step (SyncStepper):
+           PrefillOnlyScheduler (packs whole inputs by token budget; tokenizes them through
            PrefillOnlyRequestProcessor only now; decoders: KV blocks and prefix hits from KVCacheManager)
         -> PrefillOnlyModelPreProcessor (one flat unpadded batch, cu_seqlens / paged metadata)
         -> LocalExecutor -> PrefillOnlyWorker (model forward with the AttentionBackend, then the Pooler)
@@ -20,18 +21,19 @@ class PrefillOnlyWorkflow(Workflow):
 
     InputProcessor = "wde.workflows.prefill_only.input_processor:PrefillOnlyInputProcessor"
     RequestProcessor = "wde.workflows.prefill_only.request_processor:PrefillOnlyRequestProcessor"
+    KVCacheManager = "wde.core.kv_cache.kv_cache_manager:KVCacheManager"  # encoders: with no blocks
     Scheduler = "wde.workflows.prefill_only.scheduler:PrefillOnlyScheduler"
     ModelPreProcessor = "wde.workflows.prefill_only.model_pre_processor:PrefillOnlyModelPreProcessor"
     Worker = "wde.workflows.prefill_only.worker:PrefillOnlyWorker"
     OutputProcessor = "wde.workflows.prefill_only.output_processor:PrefillOnlyOutputProcessor"
+    Stepper = "wde.core.engine.stepping:SyncStepper"  # each input is done in one step: nothing to overlap
     Pooler: ClassVar[str]
 
 
 class EncoderWorkflow(PrefillOnlyWorkflow):
     """BERT-like encoders: bidirectional attention within each input, no KV cache."""
 
-    causal = False
-    KVCacheManager = "wde.core.kv_cache.no_kv_cache:NoKVCacheManager"
+    causal = False  # so its KV cache has no blocks
     AttentionBackend = "wde.core.attention.encoder_backends:EncoderTorchBackend"
 
 
@@ -40,5 +42,4 @@ class DecoderPrefillWorkflow(PrefillOnlyWorkflow):
     instruction or query shared by many inputs is computed once."""
 
     causal = True
-    KVCacheManager = "wde.core.kv_cache.kv_cache_manager:KVCacheManager"
     AttentionBackend = "wde.core.attention.torch_backend:TorchAttentionBackend"

@@ -1,0 +1,115 @@
+"""The resolved pipeline: each slot's contract checked, each decision made once, the whole of it logged."""
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from wde import LLMEngine
+from wde.core import interfaces
+from wde.core.attention.selector import select_attention_backend
+from wde.core.attention.torch_backend import TorchAttentionBackend
+from wde.core.config import EngineArgs, EngineConfig, default_embed_model_path
+from wde.core.engine.executor import LocalExecutor
+from wde.core.engine.pipeline import choose_executor
+from wde.core.workflow import WorkflowError
+from wde.tasks.chat.workflow import ChatWorkflow
+from wde.tasks.embed.workflow import EncoderEmbedWorkflow
+
+
+class HalfAScheduler(interfaces.Scheduler):
+    """Implements add_request only: a plugin author's unfinished scheduler."""
+
+    def add_request(self, request) -> None: ...
+
+
+class MyTorchBackend(TorchAttentionBackend):
+    """A workflow's own backend: "auto" must keep it, on any device."""
+
+
+class UnfinishedScheduler(ChatWorkflow):
+    Scheduler = "tests.test_pipeline:HalfAScheduler"
+
+
+class EncoderBackendForADecoder(ChatWorkflow):
+    AttentionBackend = "wde.core.attention.encoder_backends:EncoderTorchBackend"
+
+
+def test_a_slot_that_leaves_abstract_methods_is_refused_naming_them():
+    with pytest.raises(WorkflowError, match="HalfAScheduler does not implement abort_request, free_finished, "
+                                            "get_stats, has_unfinished_requests, schedule"):
+        UnfinishedScheduler.resolve()
+
+
+def test_a_backend_of_the_wrong_kind_for_causal_is_refused_at_resolve():
+    with pytest.raises(WorkflowError, match="'encoder' attention; a workflow with causal=True needs 'paged'"):
+        EncoderBackendForADecoder.resolve()
+
+
+def test_every_built_in_workflow_resolves():
+    from wde.tasks.classify.workflow import EncoderClassifyWorkflow
+    from wde.tasks.embed.workflow import DecoderEmbedWorkflow
+    from wde.tasks.rerank.workflow import CrossEncoderWorkflow, DecoderRerankWorkflow
+    for workflow in (ChatWorkflow, EncoderEmbedWorkflow, DecoderEmbedWorkflow, CrossEncoderWorkflow,
+                     DecoderRerankWorkflow, EncoderClassifyWorkflow):
+        components = workflow.resolve()
+        assert set(components) == set(workflow.SLOT_KINDS)
+
+
+def test_auto_on_a_gpu_keeps_a_workflows_own_backend(tiny_model_dir):
+    config = EngineConfig.from_args(EngineArgs(model=tiny_model_dir("qwen3")))
+    on_gpu = replace(config, device=torch.device("cuda"))  # the selector only reads the device's type here
+    assert select_attention_backend(on_gpu, MyTorchBackend) is MyTorchBackend
+    assert select_attention_backend(on_gpu, TorchAttentionBackend) is not TorchAttentionBackend  # the reference
+    assert select_attention_backend(config, TorchAttentionBackend) is TorchAttentionBackend  # CPU: the slot
+
+
+def test_the_task_is_resolved_once(tiny_model_dir):
+    assert EngineConfig.from_args(EngineArgs(model=tiny_model_dir("qwen3"))).model.task == "generate"
+    assert EngineConfig.from_args(EngineArgs(model=default_embed_model_path())).model.task == "embed"
+    config = EngineConfig.from_args(EngineArgs(model=tiny_model_dir("qwen3"), task="embed"))
+    with pytest.raises(ValueError, match="workflow ChatWorkflow does 'generate', but the engine was asked to "
+                                         "'embed'"):
+        LLMEngine(ChatWorkflow, config)
+
+
+def test_the_executor_is_chosen_in_one_place(tiny_model_dir):
+    from wde.core.parallel.multiproc_executor import MultiprocExecutor
+    config = EngineConfig.from_args(EngineArgs(model=tiny_model_dir("qwen3")))
+    assert choose_executor(config, LocalExecutor) is LocalExecutor
+    split = EngineConfig.from_args(EngineArgs(model=tiny_model_dir("qwen3"), tensor_parallel_size=2))
+    assert choose_executor(split, LocalExecutor) is MultiprocExecutor
+
+    class SingleDevice(LocalExecutor):
+        pass
+    with pytest.raises(ValueError, match="SingleDevice cannot run tensor_parallel_size=2"):
+        choose_executor(split, SingleDevice)
+
+
+def test_the_resolved_pipeline_is_logged_slot_by_slot(tiny_model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="wde.core.engine.pipeline"):
+        engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=8)
+    text = caplog.text
+    assert "pipeline of ChatWorkflow for Qwen3ForCausalLM (Qwen3ForCausalLM, decoder)" in text
+    for slot, cls in engine.components.items():
+        assert f"{slot:<17} {cls.__module__}.{cls.__qualname__}" in text
+    assert type(engine.stepper).__name__ == "DecodingStepper"
+
+
+def test_an_encoder_has_a_kv_cache_without_blocks_and_a_synchronous_stepper(caplog):
+    with caplog.at_level(logging.INFO, logger="wde.core.engine.pipeline"):
+        engine = LLMEngine.from_engine_args(model=default_embed_model_path(), async_scheduling=True)
+    assert engine.kv_cache_manager.num_blocks == 0 and not engine.scheduler.uses_kv_cache
+    assert type(engine.stepper).__name__ == "SyncStepper"
+    assert "async scheduling off: EncoderEmbedWorkflow" in caplog.text
+
+
+def test_what_the_other_ranks_receive_leaves_sampling_and_pooling_to_rank_0(tiny_model_dir):
+    from wde import SamplingParams
+    from wde.core.request import Request
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=8)
+    engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0.5, max_tokens=2))
+    model_input = engine.model_pre_processor(engine.scheduler.schedule())
+    assert model_input.sampling is not None and model_input.for_workers().sampling is None
+    assert isinstance(engine.scheduler.requests["a"].request, Request)
+    engine.abort_request("a")

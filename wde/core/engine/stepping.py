@@ -1,0 +1,133 @@
+"""One step of any workflow: schedule, build the model input, run it, make the outputs.
+
+Every stage that works on the whole step is guarded here: a request that breaks building the step's tensors
+is found and fails alone; a step whose forward pass, sampling or pooling fails fails its own requests (the
+prefix cache forgets the blocks it was to write), and the engine goes on with the next step.
+"""
+import logging
+import time
+from typing import Any
+
+from wde.core import interfaces
+from wde.core.engine.scheduler_output import SchedulerOutput
+from wde.core.engine.stats import StepTimes
+from wde.core.parallel.multiproc_executor import ExecutorDeadError
+
+logger = logging.getLogger(__name__)
+
+
+class SyncStepper(interfaces.Stepper):
+    """Each step runs to its end before the next is scheduled."""
+
+    @classmethod
+    def from_engine(cls, engine) -> "SyncStepper":
+        return cls(engine.config, engine.scheduler, engine.model_pre_processor, engine.executor,
+                   engine.output_processor, engine.kv_cache_manager, engine.failures, engine.stats_tracker)
+
+    def __init__(self, config, scheduler: interfaces.Scheduler, model_pre_processor: interfaces.ModelPreProcessor,
+                 executor: interfaces.Executor, output_processor: interfaces.OutputProcessor, kv_cache_manager,
+                 failures, stats_tracker):
+        super().__init__(config)
+        self.scheduler = scheduler
+        self.model_pre_processor = model_pre_processor
+        self.executor = executor
+        self.output_processor = output_processor
+        self.kv_cache_manager = kv_cache_manager
+        self.failures = failures
+        self.stats_tracker = stats_tracker
+        self.times = StepTimes()
+
+    def step(self) -> list[Any]:
+        times = self.times
+        start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        model_output = None
+        if scheduler_output.scheduled:
+            model_input, scheduler_output = self.build_model_input(scheduler_output)
+            scheduled = time.perf_counter()
+            if model_input is not None:
+                try:
+                    model_output = self.executor.execute_model(model_input)
+                except ExecutorDeadError:
+                    raise  # a lost tensor-parallel rank: no step can run any more
+                except Exception as e:  # noqa: BLE001 - the step's requests fail; the others keep being served
+                    self.fail_step(scheduler_output, e)
+            executed = time.perf_counter()
+            times.schedule_s += scheduled - start
+            times.execute_s += executed - scheduled
+            times.num_steps += 1
+            start = executed
+        outputs = self.finish_step(scheduler_output, model_output)
+        times.output_s += time.perf_counter() - start
+        return outputs
+
+    def build_model_input(self, scheduler_output: SchedulerOutput) -> tuple[Any, SchedulerOutput]:
+        """(model input, the scheduler output it was built from). If building fails, each request is built
+        alone, on a detached copy, to find the ones that fail (building is host work on the requests' own data,
+        so it can be retried); they fail, and the step runs without them. (None, ...) when no request is
+        left. A ModelPreProcessor writes nothing to a sequence unless its whole step is built."""
+        try:
+            return self.model_pre_processor(scheduler_output), scheduler_output
+        except Exception as error:  # noqa: BLE001
+            requests = scheduler_output.requests()
+            culprits = {r.request_id: e for r in requests
+                        if (e := self._build_error(scheduler_output.only({r.request_id}).detached())) is not None}
+            if not culprits:  # none fails alone: their combination does, so they all fail
+                culprits = {r.request_id: error for r in requests}
+            for request in requests:
+                if request.request_id in culprits:
+                    self.failures.record(request, "building the step", culprits[request.request_id])
+            rest = self._drop_from_step(scheduler_output, set(culprits))
+            if not rest.scheduled:
+                return None, rest
+            try:
+                return self.model_pre_processor(rest), rest
+            except Exception as again:  # noqa: BLE001
+                self.fail_step(rest, again, stage="building the step")
+                return None, rest
+
+    def _build_error(self, scheduler_output: SchedulerOutput) -> Exception | None:
+        try:
+            self.model_pre_processor(scheduler_output)
+        except Exception as e:  # noqa: BLE001
+            return e
+        return None
+
+    def _drop_from_step(self, scheduler_output: SchedulerOutput, failed: set[str]) -> SchedulerOutput:
+        """The step without the failed requests. The blocks they were to write now stay unwritten: a request
+        of the same step that shares one (a prefix it found cached, admitted after them) cannot run either,
+        and the prefix cache forgets them all."""
+        block_size = self.kv_cache_manager.block_size
+        while True:
+            unwritten = scheduler_output.written_blocks(failed, block_size)
+            readers = scheduler_output.without(failed).requests_reading(unwritten)
+            if not readers:
+                break
+            for reader in readers:
+                self.failures.record(reader, "building the step", RuntimeError(
+                    "the KV of its cached prefix was to be computed in this step by a request that failed"))
+                failed.add(reader.request_id)
+        self.kv_cache_manager.forget(unwritten)
+        return scheduler_output.without(failed)
+
+    def fail_step(self, scheduler_output: SchedulerOutput, error: Exception, stage: str = "the model step") -> None:
+        """A stage that works on the whole step failed: each of its requests fails with the error, and the
+        prefix cache forgets the blocks the step was to write."""
+        requests = scheduler_output.requests()
+        logger.error("%s failed; its %d requests fail", stage, len(requests), exc_info=error)
+        for request in requests:
+            self.failures.record(request, stage, error, log=False)
+        self.kv_cache_manager.forget(scheduler_output.written_blocks({r.request_id for r in requests},
+                                                                     self.kv_cache_manager.block_size))
+
+    def finish_step(self, scheduler_output: SchedulerOutput, model_output: Any) -> list[Any]:
+        """The step's outputs (none if it failed), then what it finished is freed."""
+        outputs = []
+        if model_output is not None:
+            try:
+                outputs = self.output_processor(scheduler_output, model_output)
+            except Exception as e:  # noqa: BLE001 - a component that let a request's failure out: the step's fail
+                self.fail_step(scheduler_output, e, stage="making the outputs")
+        self.scheduler.free_finished(scheduler_output)
+        self.stats_tracker.on_step(self.scheduler.get_stats())
+        return outputs
