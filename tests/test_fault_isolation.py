@@ -388,3 +388,19 @@ def test_a_request_id_used_again_right_after_an_early_stop_is_a_new_request(tiny
     assert engine.stepper.in_flight is not None  # the step launched with it, still to be finished
     engine.add_request("a", [7, 8, 9], GOOD)
     assert run_bounded(engine)["a"].outputs[0].token_ids == alone
+
+
+def test_a_pair_whose_query_alone_is_longer_than_the_cut_is_refused_naming_it(tmp_path):
+    """Found by the long fuzz run: the tokenizer's truncation error was an internal failure (a 500)."""
+    from tests.encoder_models import write_encoder
+    engine = LLMEngine.from_engine_args(model=str(write_encoder(tmp_path, "bert", num_labels=1)), max_model_len=16,
+                                        disable_log_stats=True)
+    engine.add_request("long-query", ("w5 " * 15, "w2"), PoolingParams(truncate_prompt_tokens=-1))
+    engine.add_request("fine", ("what is wde?", "an engine"), None)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step())
+    refused = outputs["long-query"]
+    assert "only the document can be cut" in refused.error and not refused.internal_error
+    assert outputs["fine"].error is None and outputs["fine"].outputs.score is not None
+    assert_all_blocks_free(engine)

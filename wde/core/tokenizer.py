@@ -36,8 +36,15 @@ class HFTokenizer(interfaces.Tokenizer):
 
     def encode_pair(self, first: str, second: str, max_length: int | None = None,
                     token_type_ids: bool = False) -> tuple[list[int], list[int] | None]:
-        encoded = self.hf(first, second, truncation="only_second" if max_length else False, max_length=max_length,
-                          return_token_type_ids=token_type_ids)
+        try:
+            encoded = self.hf(first, second, truncation="only_second" if max_length else False,
+                              max_length=max_length, return_token_type_ids=token_type_ids)
+        except Exception as e:  # noqa: BLE001 - the Rust tokenizer's truncation error has no type of its own
+            if "Truncation error" not in str(e):
+                raise
+            raise ValueError(f"the query and the separators alone take more than the {max_length} tokens the pair "
+                             "is cut to (truncate_prompt_tokens, or max_model_len): only the document can be cut") \
+                from e
         return encoded["input_ids"], encoded.get("token_type_ids")
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
