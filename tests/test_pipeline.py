@@ -15,12 +15,18 @@ from wde.core.engine.pipeline import choose_executor
 from wde.core.workflow import WorkflowError
 from wde.tasks.chat.workflow import ChatWorkflow
 from wde.tasks.embed.workflow import EncoderEmbedWorkflow
+from wde.workflows.decoding.scheduler import DecodingScheduler
 
 
 class HalfAScheduler(interfaces.Scheduler):
     """Implements add_request only: a plugin author's unfinished scheduler."""
 
     def add_request(self, request) -> None: ...
+
+
+class OneArgumentScheduler(DecodingScheduler):
+    def __init__(self, config):  # the engine builds a scheduler with (config, kv_cache_manager, process_request)
+        super().__init__(config, None, None)
 
 
 class MyTorchBackend(TorchAttentionBackend):
@@ -82,7 +88,8 @@ def test_the_executor_is_chosen_in_one_place(tiny_model_dir):
 
     class SingleDevice(LocalExecutor):
         pass
-    with pytest.raises(ValueError, match="SingleDevice cannot run tensor_parallel_size=2"):
+    with pytest.raises(ValueError, match="SingleDevice\\) cannot run tensor_parallel_size=2: an executor that "
+                                         "can says supports_tensor_parallel = True"):
         choose_executor(split, SingleDevice)
 
 
@@ -113,3 +120,52 @@ def test_what_the_other_ranks_receive_leaves_sampling_and_pooling_to_rank_0(tiny
     assert model_input.sampling is not None and model_input.for_workers().sampling is None
     assert isinstance(engine.scheduler.requests["a"].request, Request)
     engine.abort_request("a")
+
+
+def test_components_of_two_workflow_families_are_refused_together():
+    class Mixed(EncoderEmbedWorkflow):
+        Scheduler = "wde.workflows.decoding.scheduler:DecodingScheduler"
+    with pytest.raises(WorkflowError, match="(?s)'ModelPreProcessor'.*takes a PrefillOnlySchedulerOutput.*"
+                                            "the Scheduler gives a SchedulerOutput.*different workflow families"):
+        Mixed.resolve()
+
+
+def test_a_slot_holding_a_class_instead_of_its_path_is_refused_naming_that():
+    class ClassNotPath(ChatWorkflow):
+        Scheduler = DecodingScheduler
+    with pytest.raises(WorkflowError, match="a slot holds a 'package.module:Name' string"):
+        ClassNotPath.resolve()
+
+
+def test_a_module_that_fails_to_import_in_any_way_is_one_listed_slot(tmp_path, monkeypatch):
+    (tmp_path / "broken_slot.py").write_text("def (:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class SyntaxErrorSlot(ChatWorkflow):
+        Scheduler = "broken_slot:Scheduler"
+        Stepper = "json:dumps"
+    with pytest.raises(WorkflowError, match="(?s)'Scheduler'.*SyntaxError.*'Stepper'.*not a subclass"):
+        SyntaxErrorSlot.resolve()
+
+
+def test_a_named_backend_that_is_not_a_complete_backend_is_refused_before_loading(tiny_model_dir):
+    from wde import register_attention_backend
+    register_attention_backend("half", "tests.test_pipeline:HalfAScheduler", override=True)
+    with pytest.raises(ValueError, match="attention_backend 'half' = .*is not a subclass of "
+                                         "wde.core.interfaces.AttentionBackend"):
+        LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), attention_backend="half", num_kv_blocks=8)
+
+
+def test_a_registered_workflow_name_that_is_no_workflow_is_refused():
+    from wde import register_workflow
+    register_workflow("not-a-workflow", "wde.core.tokenizer:HFTokenizer", override=True)
+    with pytest.raises(TypeError, match="is not a Workflow subclass"):
+        LLMEngine.from_engine_args(workflow="not-a-workflow")
+
+
+def test_a_component_with_the_wrong_constructor_names_its_slot(tiny_model_dir):
+    class BadInit(ChatWorkflow):
+        Scheduler = "tests.test_pipeline:OneArgumentScheduler"
+    with pytest.raises(TypeError, match="slot 'Scheduler' .*OneArgumentScheduler.* of workflow .*BadInit "
+                                        "could not be built"):
+        LLMEngine.from_workflow(BadInit, model=tiny_model_dir("qwen3"), num_kv_blocks=8)

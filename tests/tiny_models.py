@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-from benchmarks.model_folder import write_word_level_tokenizer
+from wde.core.loader.dummy_model import write_word_level_tokenizer
 
 VOCAB_SIZE = 512
 EOS_ID = 1

@@ -53,6 +53,10 @@ def load_plugins() -> list[PluginStatus]:
                 logger.warning("plugin %s (%s) failed and is left out: %s", entry_point.name, entry_point.value,
                                status.error)
         _statuses.append(status)
+    unknown = sorted((wanted or set()) - {status.name for status in _statuses})
+    if unknown:
+        logger.warning("WDE_PLUGINS names %s, which no installed plugin is called; installed: %s",
+                       ", ".join(unknown), ", ".join(status.name for status in _statuses) or "none")
     return _statuses
 
 

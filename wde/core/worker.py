@@ -27,8 +27,10 @@ class ModelWorker(interfaces.Worker):
         self.kv_layers = [layer for layer in self.attn_layers if layer.uses_kv_cache]
         self.attn_backend = components["AttentionBackend"](config)  # chosen by the engine's selector
         if (self.attn_backend.kind == "paged") != bool(self.kv_layers):
+            causal = self.attn_backend.kind == "paged"
             raise ValueError(f"{type(self.model).__name__} has {'' if self.kv_layers else 'no '}attention layers "
-                             f"with a KV cache, but its workflow runs {self.attn_backend.kind} attention")
+                             f"with a KV cache, but its workflow runs {self.attn_backend.kind} attention "
+                             f"(Workflow.causal={causal}): it needs a workflow of the other kind")
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         self.kv_cache: torch.Tensor | None = None

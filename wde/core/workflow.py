@@ -21,7 +21,8 @@ workflow, slot and path. A subclass overrides any slot by assigning a new path.
 (checked here), and the rest follows from it (an encoder's KV cache has no blocks).
 """
 import inspect
-from typing import ClassVar
+import typing
+from typing import Any, ClassVar
 
 from wde.core import interfaces
 from wde.core.dotted_path import import_object
@@ -71,27 +72,62 @@ class Workflow:
             if path is None:
                 problems.append(f"slot {slot!r} is not set")
                 continue
-            try:
-                obj = import_object(path)
-            except (ImportError, AttributeError, ValueError) as e:
-                problems.append(f"slot {slot!r} = {path!r}: {type(e).__name__}: {e}")
+            component, problem = import_component(path, kind)
+            if problem:
+                problems.append(f"slot {slot!r} = {path!r}: {problem}")
                 continue
-            if not (isinstance(obj, type) and issubclass(obj, kind)):
-                problems.append(f"slot {slot!r} = {path!r}: {obj!r} is not a subclass of "
-                                f"{kind.__module__}.{kind.__qualname__}")
-                continue
-            if inspect.isabstract(obj):
-                missing = ", ".join(sorted(obj.__abstractmethods__))
-                problems.append(f"slot {slot!r} = {path!r}: {obj.__qualname__} does not implement {missing}")
-                continue
-            components[slot] = obj
-        backend = components.get("AttentionBackend")
-        needed = "paged" if cls.causal else "encoder"
-        if backend is not None and getattr(backend, "kind", None) != needed:
-            problems.append(f"slot 'AttentionBackend' = {cls.AttentionBackend!r}: it computes "
-                            f"{getattr(backend, 'kind', None)!r} attention; a workflow with causal={cls.causal} "
-                            f"needs {needed!r}")
+            components[slot] = component
+        problems += cls._disagreements(components)
         if problems:
             raise WorkflowError(f"workflow {cls.__module__}.{cls.__qualname__} has bad slots:\n  "
                                 + "\n  ".join(problems))
         return components
+
+    @classmethod
+    def _disagreements(cls, components: dict[str, type]) -> list[str]:
+        """Slots that cannot work together: an attention backend of the other kind than `causal`, or a step's
+        scheduler output that a consumer does not take (a component from another workflow family)."""
+        problems = []
+        backend = components.get("AttentionBackend")
+        needed = "paged" if cls.causal else "encoder"
+        if backend is not None and backend.kind != needed:
+            problems.append(f"slot 'AttentionBackend' = {cls.AttentionBackend!r}: it computes {backend.kind!r} "
+                            f"attention; a workflow with causal={cls.causal} needs {needed!r}")
+        given = contract_arguments(components.get("Scheduler"), interfaces.Scheduler)
+        for consumer in ("ModelPreProcessor", "OutputProcessor"):
+            taken = contract_arguments(components.get(consumer), cls.SLOT_KINDS[consumer])
+            if given and taken and not issubclass(given[0], taken[0]):
+                problems.append(f"slot {consumer!r} = {getattr(cls, consumer)!r} takes a {taken[0].__qualname__} "
+                                f"({taken[0].__module__}), but the Scheduler gives a {given[0].__qualname__} "
+                                f"({given[0].__module__}): they are of different workflow families")
+        return problems
+
+
+def import_component(path: Any, kind: type) -> tuple[type | None, str | None]:
+    """(the class `path` names, None), or (None, why it cannot serve as a `kind`): not a "package.module:Name"
+    string, an import that fails in any way, not a class of that kind, or abstract methods left."""
+    if not isinstance(path, str):
+        return None, f"a slot holds a 'package.module:Name' string, not {type(path).__name__} {path!r}"
+    try:
+        obj = import_object(path)
+    except Exception as e:  # noqa: BLE001 - whatever the module raises on import (a SyntaxError too)
+        return None, f"{type(e).__name__}: {e}"
+    if not (isinstance(obj, type) and issubclass(obj, kind)):
+        return None, f"{obj!r} is not a subclass of {kind.__module__}.{kind.__qualname__}"
+    if inspect.isabstract(obj):
+        return None, f"{obj.__qualname__} does not implement {', '.join(sorted(obj.__abstractmethods__))}"
+    return obj, None
+
+
+def contract_arguments(component: type | None, contract: type) -> tuple[type, ...]:
+    """What `component` binds a generic contract's type variables to (DecodingScheduler -> (SchedulerOutput,));
+    () when it binds none."""
+    for klass in component.__mro__ if component is not None else ():
+        for base in getattr(klass, "__orig_bases__", ()):
+            origin = typing.get_origin(base)
+            arguments = typing.get_args(base)
+            # the first is the one checked (the step's scheduler output); a type variable is not bound yet
+            if isinstance(origin, type) and issubclass(origin, contract) and arguments \
+                    and isinstance(arguments[0], type) and not isinstance(arguments[0], typing.TypeVar):
+                return arguments
+    return ()

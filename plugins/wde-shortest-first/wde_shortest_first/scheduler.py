@@ -18,9 +18,9 @@ def prompt_length(request: Request) -> float:
 
 
 class ShortestFirstScheduler(DecodingScheduler):
-    def _next_waiting(self) -> Sequence | None:
+    def _next_waiting(self, output) -> Sequence | None:
         if not self.waiting and len(self.new_requests) > 1:
             shortest = min(self.new_requests, key=prompt_length)
             self.new_requests.remove(shortest)
             self.new_requests.appendleft(shortest)
-        return super()._next_waiting()
+        return super()._next_waiting(output)

@@ -8,7 +8,9 @@ import logging
 
 from wde.core.config import EngineConfig
 from wde.core.dotted_path import import_object
+from wde.core.interfaces import AttentionBackend
 from wde.core.registry import attention_backends
+from wde.core.workflow import import_component
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,9 @@ def select_attention_backend(config: EngineConfig, workflow_backend: type) -> ty
     if name != "auto":
         if name not in known:
             raise ValueError(f"unknown attention_backend {name!r}; known: auto, {', '.join(known)}")
-        backend = import_object(known[name])
+        backend, problem = import_component(known[name], AttentionBackend)
+        if problem:
+            raise ValueError(f"attention_backend {name!r} = {known[name]!r} cannot be used: {problem}")
         if backend.kind != workflow_backend.kind:
             raise ValueError(f"attention_backend {name!r} computes {backend.kind} attention; this workflow needs "
                              f"{workflow_backend.kind} attention")

@@ -27,7 +27,7 @@ class LLMEngine:
         self.components = resolve_pipeline(workflow, config)
         self.failures = RequestFailures()  # the one place a request's failure is recorded, until step() reports it
         self.stats_tracker = StatsTracker(log=not config.args.disable_log_stats)
-        build = lambda slot: self.components[slot].from_engine(self)  # noqa: E731
+        build = self._build
         self.tokenizer = build("Tokenizer")
         self.executor = build("Executor")  # loads the model and allocates the KV cache
         self.kv_cache_manager = build("KVCacheManager")
@@ -37,6 +37,15 @@ class LLMEngine:
         self.model_pre_processor = build("ModelPreProcessor")
         self.output_processor = build("OutputProcessor")
         self.stepper = build("Stepper")
+
+    def _build(self, slot: str) -> Any:
+        """The component of `slot`, built from this engine; a constructor a slot's class got wrong says which."""
+        component = self.components[slot]
+        try:
+            return component.from_engine(self)
+        except TypeError as e:
+            raise TypeError(f"slot {slot!r} ({component.__module__}.{component.__qualname__}) of workflow "
+                            f"{self.workflow.__qualname__} could not be built: {e}") from e
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
@@ -115,6 +124,9 @@ class LLMEngine:
 
 def import_workflow(path: str) -> type[Workflow]:
     try:
-        return import_object(path)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise WorkflowError(f"workflow {path!r} cannot be imported: {e}") from e
+        workflow = import_object(path)
+    except Exception as e:  # noqa: BLE001 - whatever its module raises on import
+        raise WorkflowError(f"workflow {path!r} cannot be imported: {type(e).__name__}: {e}") from e
+    if not (isinstance(workflow, type) and issubclass(workflow, Workflow)):
+        raise TypeError(f"{workflow!r} (workflow {path!r}) is not a Workflow subclass")
+    return workflow

@@ -42,6 +42,7 @@ def choose_executor(config: EngineConfig, executor: type) -> type:
         from wde.core.parallel.multiproc_executor import MultiprocExecutor
         return MultiprocExecutor
     if not executor.supports_tensor_parallel:
-        raise ValueError(f"the workflow's Executor {executor.__qualname__} cannot run tensor_parallel_size="
-                         f"{world_size}")
+        raise ValueError(f"the workflow's Executor slot ({executor.__module__}.{executor.__qualname__}) cannot run "
+                         f"tensor_parallel_size={world_size}: an executor that can says supports_tensor_parallel = "
+                         "True")
     return executor

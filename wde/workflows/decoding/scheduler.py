@@ -142,7 +142,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self._next_waiting()
+            seq = self._next_waiting(output)
             if seq is None:
                 return
             cached = 0
@@ -167,8 +167,10 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
         self.kv_cache_manager.free(seq)
         seq.num_computed_tokens = 0
 
-    def _next_waiting(self) -> Sequence | None:
-        """The first waiting sequence, tokenizing new requests (lazily, only now) when none is waiting."""
+    def _next_waiting(self, output: SchedulerOutput) -> Sequence | None:
+        """The first waiting sequence, tokenizing new requests (lazily, only now) when none is waiting.
+
+        The hook an admission order overrides (docs/plugins.md); `output` is the step scheduled so far."""
         while not self.waiting and self.new_requests:
             request = self.new_requests.popleft()
             group = self.process_request(request)

@@ -11,7 +11,12 @@ from wde.workflows.prefill_only.model_pre_processor import PoolingMetadata, Pref
 class PrefillOnlyWorker(ModelWorker):
     def __init__(self, config, components):
         super().__init__(config, components)
-        self.pooler = components["Pooler"].from_worker(config, self.model, components)
+        pooler = components["Pooler"]
+        try:
+            self.pooler = pooler.from_worker(config, self.model, components)
+        except TypeError as e:
+            raise TypeError(f"slot 'Pooler' ({pooler.__module__}.{pooler.__qualname__}) could not be built: {e} "
+                            "(a Pooler takes (config, model), or overrides from_worker)") from e
 
     @torch.inference_mode()
     def execute_model(self, model_input: PrefillOnlyModelInput) -> list[torch.Tensor]:
