@@ -276,7 +276,7 @@ class AttentionBackend(ABC):
     bidirectional within each input, nothing cached); it must match the workflow's `causal`.
     """
 
-    kind: ClassVar[str]
+    kind: ClassVar[str | None] = None  # a backend that does not say is refused by resolve() and the selector
     supports_cuda_graphs: ClassVar[bool] = False  # its forward can be captured in a CUDA graph
 
     def __init__(self, config: "EngineConfig"):
