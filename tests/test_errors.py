@@ -180,10 +180,10 @@ def test_a_task_the_architecture_cannot_do(tiny_model_dir):
 class FaultyWorker(__import__("wde.workflows.decoding.worker", fromlist=["DecodingWorker"]).DecodingWorker):
     """Fails any step whose batch holds token 13."""
 
-    def execute_model(self, model_input):
+    def launch(self, model_input):  # every step comes through here, synchronous (execute_model) or not
         if (model_input.input_ids == 13).any():
             raise RuntimeError("token 13 breaks this model")
-        return super().execute_model(model_input)
+        return super().launch(model_input)
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):

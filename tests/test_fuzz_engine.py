@@ -63,8 +63,12 @@ def checked_steps(engine: LLMEngine, accepted: set[str]) -> dict:
 def assert_blocks_accounted(engine: LLMEngine) -> None:
     allocator = engine.kv_cache_manager.allocator
     users = [0] * allocator.num_blocks
-    # decoding sequences hold blocks while they run; prefill-only inputs give theirs back within their step
-    for seq in getattr(engine.scheduler, "running", []):
+    # decoding sequences hold blocks while they run; prefill-only inputs while their step runs (async scheduling:
+    # the step launched last)
+    holders = list(getattr(engine.scheduler, "running", []))
+    if getattr(engine.scheduler, "uses_kv_cache", False) and hasattr(engine.scheduler, "in_step"):
+        holders += engine.scheduler.in_step.values()
+    for seq in holders:
         for block in seq.block_table:
             users[block] += 1
     assert users == allocator.ref_counts, "reference counts differ from the sequences that use the blocks"

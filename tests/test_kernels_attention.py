@@ -3,11 +3,13 @@ import pytest
 import torch
 
 from tests.kernel_reference import make_problem, reference_attention
-from wde.core.kernels.paged_decode import paged_decode
+from wde.core.kernels.paged_decode import paged_decode, split_counters
 from wde.core.kernels.paged_prefill import paged_prefill
 from wde.core.kernels.store_kv import store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 problems: exact on the CPU; on the GPU tl.dot multiplies float32 in TF32 (10-bit mantissas)
+TOLERANCE = 1e-5 if DEVICE == "cpu" else 5e-3
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor, rows: list[int]) -> float:
@@ -17,13 +19,18 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor, rows: list[int]) 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 64, 16), (8, 2, 128, 16), (8, 1, 64, 256),
                                                                  (7, 1, 64, 16)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode(heads, kv_heads, head_dim, block_size, num_splits):
+@pytest.mark.parametrize("max_splits,min_per_split", [(1, 128), (3, 128), (3, 16), (16, 32)])
+def test_decode(heads, kv_heads, head_dim, block_size, max_splits, min_per_split):
+    # each sequence splits by its own length: 0 and 16 tokens never, 37 and 200 as min_per_split allows; the
+    # last split to finish combines them, and leaves the counters zeroed for the next launch
     p = make_problem([1, 1, 1, 1], [0, 37, 200, 16], heads, kv_heads, head_dim, block_size, torch.float32, DEVICE)
-    out = torch.full_like(p.q, float("nan"))
-    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, num_splits,
-                 block_n=32)
-    assert relative_error(out, reference_attention(p), list(range(4))) < 1e-5
+    counters = split_counters(4, kv_heads, DEVICE)
+    for _ in range(2):
+        out = torch.full_like(p.q, float("nan"))
+        paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, max_splits,
+                     counters, min_per_split=min_per_split, block_n=32)
+        assert relative_error(out, reference_attention(p), list(range(4))) < TOLERANCE
+        assert not counters.any()
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 64, 16), (8, 1, 128, 16), (4, 4, 64, 256)])
@@ -36,7 +43,7 @@ def test_prefill_with_cached_context(heads, kv_heads, head_dim, block_size):
                   block_n=16)
     decode_row = sum(query_lens[:3])
     rows = [r for r in range(p.q.shape[0]) if r != decode_row]
-    assert relative_error(out, reference_attention(p), rows) < 1e-5
+    assert relative_error(out, reference_attention(p), rows) < TOLERANCE
     assert torch.isnan(out[decode_row]).all()
 
 

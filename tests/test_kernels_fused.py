@@ -1,4 +1,5 @@
-"""The fused element-wise kernels against the torch layers they replace on the GPU."""
+"""The fused kernels (element-wise, RoPE with the K/V store, the skinny matmul) against the torch layers they
+replace on the GPU."""
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from wde.core.kernels.activation import silu_and_mul
 from wde.core.kernels.rms_norm import rms_norm
 from wde.core.kernels.rotary import apply_rope
+from wde.core.kernels.skinny_matmul import skinny_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -72,3 +74,50 @@ def test_rope_in_place_with_optional_head_norm(dtype, heads, kv_heads, head_dim,
     apply_rope(q, k, positions, cos_sin, q_weight if with_norm else None, k_weight if with_norm else None, 1e-6)
     torch.testing.assert_close(q, expected_q, rtol=tolerance(dtype), atol=tolerance(dtype))
     torch.testing.assert_close(k, expected_k, rtol=tolerance(dtype), atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (16, 8, 128)])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_rope_with_the_kv_store_folded_in(dtype, heads, kv_heads, head_dim, with_norm):
+    """q rotated in place; the rotated k and v written to their cache slots (padding rows: nowhere), k kept."""
+    tokens, block_size = 5, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)  # strided views, as
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)  # the layer has
+    q, k, v = (x.view(tokens, -1, head_dim) for x in (q, k, v))
+    positions = torch.tensor([3, 0, 7, 1, 2], device=DEVICE)
+    slots = torch.tensor([9, -1, 0, 15, 4], device=DEVICE)
+    angles = torch.outer(torch.arange(8.0), 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
+    q_weight = torch.randn(head_dim, device=DEVICE).to(dtype) if with_norm else None
+    k_weight = torch.randn(head_dim, device=DEVICE).to(dtype) if with_norm else None
+    expected_q, expected_k = q.clone(), k.clone()
+    if with_norm:
+        expected_q = reference_rms_norm(q, q_weight, 1e-6)
+        expected_k = reference_rms_norm(k, k_weight, 1e-6)
+    expected_q, expected_k = torch_rope(expected_q, positions, cos_sin), torch_rope(expected_k, positions, cos_sin)
+    k_before = k.clone()
+    kv_cache = torch.zeros(2, 4, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    apply_rope(q, k, positions, cos_sin, q_weight, k_weight, 1e-6, v, kv_cache, slots)
+    torch.testing.assert_close(q, expected_q, rtol=tolerance(dtype), atol=tolerance(dtype))
+    assert torch.equal(k, k_before)
+    flat = kv_cache.view(2, -1, kv_heads, head_dim)
+    for token, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            torch.testing.assert_close(flat[0, slot], expected_k[token], rtol=tolerance(dtype), atol=tolerance(dtype))
+            assert torch.equal(flat[1, slot], v[token])
+    written = sorted((flat[0].abs().sum(dim=(1, 2)) > 0).nonzero()[:, 0].tolist())
+    assert written == sorted(s for s in slots.tolist() if s >= 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [torch.float32]))
+@pytest.mark.parametrize("m,n,k", [(1, 48, 64), (3, 100, 200), (16, 257, 96)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_matmul(dtype, m, n, k, with_bias):
+    """Ragged edges on every side: rows below 16, columns and K not multiples of the tiles, a strided x."""
+    x = torch.randn(m, 2 * k, device=DEVICE).to(dtype)[:, :k]
+    weight = torch.randn(n, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
+    out = skinny_matmul(x, weight, bias, num_sms=4)
+    expected = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)

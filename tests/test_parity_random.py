@@ -26,12 +26,13 @@ def reference_logprobs(hf_model, prompt: list[int], generated: list[int]) -> tor
     return logits.log_softmax(-1)[len(prompt) - 1:-1]
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("shape,overrides", VARIANTS, ids=[f"{s}-{o}" for s, o in VARIANTS])
-def test_greedy_tokens_and_logprobs_match_transformers(tiny_model_dir, shape, overrides):
+def test_greedy_tokens_and_logprobs_match_transformers(tiny_model_dir, shape, overrides, async_scheduling):
     folder = tiny_model_dir(shape, **overrides)
     # 4 sequences at a time and 64 tokens a step: prompts queue, join mid-flight and prefill in chunks
     engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=96, max_num_seqs=4,
-                                        max_num_batched_tokens=64)
+                                        max_num_batched_tokens=64, async_scheduling=async_scheduling)
     prompts = random_prompts([5, 17, 40, 100, 3, 64])
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=2)
     for i, prompt in enumerate(prompts):

@@ -98,17 +98,33 @@ def test_the_resolved_pipeline_is_logged_slot_by_slot(tiny_model_dir, caplog):
         engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=8)
     text = caplog.text
     assert "pipeline of ChatWorkflow for Qwen3ForCausalLM (Qwen3ForCausalLM, decoder)" in text
+    assert "async scheduling on" in text
     for slot, cls in engine.components.items():
         assert f"{slot:<17} {cls.__module__}.{cls.__qualname__}" in text
     assert type(engine.stepper).__name__ == "DecodingStepper"
 
 
-def test_an_encoder_has_a_kv_cache_without_blocks_and_a_synchronous_stepper(caplog):
-    with caplog.at_level(logging.INFO, logger="wde.core.engine.pipeline"):
-        engine = LLMEngine.from_engine_args(model=default_embed_model_path(), async_scheduling=True)
+@pytest.mark.parametrize("asked,resolved", [(None, True), (True, True), (False, False)])
+def test_decoding_schedules_asynchronously_unless_told_not_to(tiny_model_dir, asked, resolved):
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=8, async_scheduling=asked)
+    assert engine.config.args.async_scheduling is resolved and engine.stepper.overlapped is resolved
+
+
+def test_an_encoder_overlaps_its_steps_and_has_a_kv_cache_without_blocks():
+    engine = LLMEngine.from_engine_args(model=default_embed_model_path())
+    assert engine.config.args.async_scheduling is True and type(engine.stepper).__name__ == "OverlappedStepper"
     assert engine.kv_cache_manager.num_blocks == 0 and not engine.scheduler.uses_kv_cache
-    assert type(engine.stepper).__name__ == "SyncStepper"
-    assert "async scheduling off: EncoderEmbedWorkflow" in caplog.text
+
+
+def test_a_stepper_that_cannot_overlap_steps_turns_async_scheduling_off_with_a_word(caplog):
+    from wde.tasks.embed.workflow import EncoderEmbedWorkflow
+
+    class SynchronousEmbed(EncoderEmbedWorkflow):
+        Stepper = "wde.core.engine.stepping:SyncStepper"
+    with caplog.at_level(logging.INFO, logger="wde.core.engine.pipeline"):
+        engine = LLMEngine.from_workflow(SynchronousEmbed, model=default_embed_model_path(), async_scheduling=True)
+    assert engine.config.args.async_scheduling is False and type(engine.stepper).__name__ == "SyncStepper"
+    assert "async scheduling off: test_a_stepper_that_cannot_overlap" in caplog.text
 
 
 def test_what_the_other_ranks_receive_leaves_sampling_and_pooling_to_rank_0(tiny_model_dir):

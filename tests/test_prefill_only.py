@@ -29,9 +29,12 @@ def test_submitting_100000_texts_tokenizes_none_of_them(embed_llm):
         for i in range(100_000):
             engine.add_request(f"bulk-{i}", f"text number {i}", None)
         assert counting.calls == 0
-        outputs = engine.step()
+        outputs = engine.step()  # launches the first step; its outputs come with the next one (async scheduling)
+        first_step = counting.calls
+        outputs += engine.step()
         # only what one step of 64 tokens holds, and the next input, tokenized to learn it did not fit
-        assert 0 < len(outputs) <= counting.calls <= len(outputs) + 1 < 100
+        assert 0 < len(outputs) <= first_step <= len(outputs) + 1 < 100
+        assert counting.calls < 2 * first_step + 2
         for i in range(100_000):
             engine.abort_request(f"bulk-{i}")
         assert engine.step() == [] and not engine.has_unfinished_requests()
@@ -95,3 +98,37 @@ def test_scoring_input_shapes(tiny_model_dir, tmp_path):
     assert "scores text pairs" in failed.error
     engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=4)
     assert engine.workflow.__name__ == "CrossEncoderWorkflow"
+
+
+def test_overlapped_steps_give_the_results_of_synchronous_ones_and_skip_what_was_aborted_in_flight():
+    texts = [f"sentence {i} " * (1 + i % 5) for i in range(40)]
+    params = [PoolingParams(normalize=i % 3 != 0, dimensions=None if i % 2 else 8) for i in range(40)]
+    results = {}
+    for overlapped in (False, True):
+        llm = LLM(model=default_embed_model_path(), max_num_batched_tokens=64, async_scheduling=overlapped)
+        assert llm.engine.config.args.async_scheduling is overlapped
+        results[overlapped] = llm.embed(texts, params)
+    for sync, overlapped in zip(results[False], results[True]):
+        assert sync.outputs.data.shape == overlapped.outputs.data.shape
+        assert (sync.outputs.data - overlapped.outputs.data).abs().max() < 1e-6
+
+    engine = llm.engine
+    for i, text in enumerate(texts):
+        engine.add_request(str(i), text, None)
+    assert engine.step() == []  # the first step is launched, its results not read yet
+    in_flight = [item.seq.request_id for item in engine.stepper.in_flight[0].scheduled]
+    engine.abort_request(in_flight[0])
+    outputs = run_to_completion(engine)
+    assert in_flight[0] not in outputs and len(outputs) == len(texts) - 1
+    assert all(output.outputs is not None for output in outputs.values())
+
+
+def test_an_id_aborted_in_flight_can_be_used_again_at_once():
+    engine = LLMEngine.from_engine_args(model=default_embed_model_path(), max_num_batched_tokens=64)
+    engine.add_request("same", "first text", None)
+    assert engine.step() == []
+    engine.abort_request("same")
+    engine.add_request("same", "second text", None)
+    outputs = run_to_completion(engine)
+    alone = LLM(model=default_embed_model_path()).embed(["second text"])[0]
+    assert list(outputs) == ["same"] and (outputs["same"].outputs.data - alone.outputs.data).abs().max() < 1e-6

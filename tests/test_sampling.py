@@ -8,10 +8,11 @@ from tests.test_parity_random import random_prompts
 from wde import LLMEngine, SamplingParams
 
 
-@pytest.fixture
-def engine(tiny_model_dir):
+@pytest.fixture(params=[True, False], ids=["async", "sync"])
+def engine(tiny_model_dir, request):
     # a 24-token step budget splits the longer prompts into chunks
-    return LLMEngine.from_engine_args(model=tiny_model_dir("qwen2"), num_kv_blocks=64, max_num_batched_tokens=24)
+    return LLMEngine.from_engine_args(model=tiny_model_dir("qwen2"), num_kv_blocks=64, max_num_batched_tokens=24,
+                                      async_scheduling=request.param)
 
 
 def run(engine, prompts, params) -> list:

@@ -328,10 +328,10 @@ def test_64_concurrent_streams_some_abandoned_and_every_block_freed(tiny_url, ti
 class FaultyWorker(__import__("wde.workflows.decoding.worker", fromlist=["DecodingWorker"]).DecodingWorker):
     """Fails any step whose batch holds token 13: a fault of the engine's, found once the request runs."""
 
-    def execute_model(self, model_input):
+    def launch(self, model_input):  # every step comes through here, synchronous (execute_model) or not
         if (model_input.input_ids == 13).any():
             raise RuntimeError("token 13 breaks this model")
-        return super().execute_model(model_input)
+        return super().launch(model_input)
 
 
 @pytest.fixture(scope="module")

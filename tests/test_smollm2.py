@@ -32,9 +32,10 @@ def reference_ids(hf_smollm2) -> list[list[int]]:
     return outputs
 
 
-@pytest.mark.parametrize("max_num_seqs", [8, 3])
-def test_greedy_ids_match_transformers(reference_ids, hf_smollm2, max_num_seqs):
-    llm = LLM(max_num_seqs=max_num_seqs, num_kv_blocks=64)
+@pytest.mark.parametrize("max_num_seqs,async_scheduling", [(8, True), (3, True), (3, False)],
+                         ids=["8-seqs-async", "3-seqs-async", "3-seqs-sync"])
+def test_greedy_ids_match_transformers(reference_ids, hf_smollm2, max_num_seqs, async_scheduling):
+    llm = LLM(max_num_seqs=max_num_seqs, num_kv_blocks=64, async_scheduling=async_scheduling)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     _, tokenizer = hf_smollm2
     for prompt, output, expected in zip(PROMPTS, outputs, reference_ids):

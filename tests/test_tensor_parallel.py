@@ -94,11 +94,11 @@ def test_torchrun_joins_its_process_group(tiny_model_dir, tmp_path):
 
 
 class FailingOnRankOne(DecodingWorker):
-    def execute_model(self, model_input):
+    def launch(self, model_input):  # every step comes through here, synchronous (execute_model) or not
         from wde.core.parallel.distributed import get_tp_rank
         if get_tp_rank() == 1 and (model_input.input_ids == 13).any():
             raise RuntimeError("rank one cannot read token 13")
-        return super().execute_model(model_input)
+        return super().launch(model_input)
 
 
 class FailingWorkflow(ChatWorkflow):

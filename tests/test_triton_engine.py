@@ -1,4 +1,6 @@
 """The whole engine on the Triton attention backend gives the torch backend's tokens (CPU: interpreted)."""
+import pytest
+
 from tests.conftest import run_to_completion
 from tests.test_parity_random import random_prompts
 from wde import LLMEngine, SamplingParams
@@ -15,8 +17,9 @@ def generate(folder: str, backend: str) -> list:
     return [outputs[str(i)].outputs[0] for i in range(len(prompts))]
 
 
-def test_triton_backend_matches_torch_backend(tiny_model_dir):
-    folder = tiny_model_dir("qwen2")
+@pytest.mark.parametrize("shape", ["qwen2", "qwen3"])  # qwen3: the per-head norms in the fused rotation
+def test_triton_backend_matches_torch_backend(tiny_model_dir, shape):
+    folder = tiny_model_dir(shape)
     triton, reference = generate(folder, "triton"), generate(folder, "torch")
     assert [c.token_ids for c in triton] == [c.token_ids for c in reference]
     for a, b in zip(triton, reference):

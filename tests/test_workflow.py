@@ -81,13 +81,17 @@ class CountingWorkflow(ChatWorkflow):
     Scheduler = f"{__name__}:CountingScheduler"
 
 
-def test_a_subclass_overrides_one_slot(tiny_model_dir):
-    engine = LLMEngine.from_workflow(CountingWorkflow, model=tiny_model_dir("qwen3"), num_kv_blocks=16)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_subclass_overrides_one_slot(tiny_model_dir, async_scheduling):
+    CountingScheduler.steps = 0
+    engine = LLMEngine.from_workflow(CountingWorkflow, model=tiny_model_dir("qwen3"), num_kv_blocks=16,
+                                     async_scheduling=async_scheduling)
     assert isinstance(engine.scheduler, CountingScheduler)
     engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     outputs = run_to_completion(engine)
     assert len(outputs["a"].outputs[0].token_ids) == 4
-    assert CountingScheduler.steps == 4  # one prefill step, then three decode steps
+    # one prefill step, then three decode steps; overlapped, a last call schedules nothing and collects the third
+    assert CountingScheduler.steps == (5 if async_scheduling else 4)
 
 
 def test_from_engine_args_picks_the_workflow_from_the_architecture(tiny_model_dir):

@@ -52,8 +52,9 @@ class EngineArgs(BaseModel):
     attention_backend: str = Field("auto", description="torch, triton, flash_attn, or auto: the fastest that "
                                                        "can run on a GPU, the workflow's own on a CPU")
     enforce_eager: bool = Field(False, description="never capture CUDA graphs")
-    async_scheduling: bool = Field(False, description="decoding: schedule and launch the next step while the "
-                                                      "last one still runs on the device")
+    async_scheduling: bool | None = Field(None, description="schedule and launch the next step while the last "
+                                                             "one still runs on the device; default (None): on "
+                                                             "for workflows whose steps can overlap (decoding)")
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (for benchmarks), "
                                                                       "nothing read from the model folder")
 

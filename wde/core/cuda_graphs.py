@@ -1,12 +1,15 @@
 """CUDA graphs of decode steps: one captured forward pass (and LM head) per batch size of a ladder.
 
 A decode step launches a dozen kernels per layer, each doing little; replaying a captured graph launches them
-all at once. Inputs go through static buffers: a batch is padded up to the next captured size, with padding
+all at once. On one GPU the graph also takes each row's greedy token (the argmax of its logits), so an all-greedy step
+launches nothing else before its tokens are copied out; under tensor parallelism that vote is a collective,
+which runs outside the graph. Inputs go through static buffers: a batch is padded up to the next captured size, with padding
 rows that write no KV (slot -1) and attend to nothing (length 0). Batches larger than the largest size, and
 steps with prefill, run eagerly.
 """
 import logging
 import time
+from typing import Callable
 
 import torch
 
@@ -23,8 +26,9 @@ def batch_size_ladder(max_batch: int) -> list[int]:
 
 class DecodeCudaGraphs:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_model_len: int, block_size: int,
-                 device: torch.device):
+                 device: torch.device, greedy_tokens: Callable[[torch.Tensor], torch.Tensor] | None):
         self.model = model
+        self.greedy_tokens = greedy_tokens  # [rows, vocabulary slice] logits -> [rows] token ids, if captured
         self.sizes = batch_size_ladder(max_batch)
         self.max_model_len = max_model_len
         max_blocks = -(-max_model_len // block_size)
@@ -36,6 +40,7 @@ class DecodeCudaGraphs:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor | None] = {}
         self._capture_all()
 
     def _metadata(self, size: int) -> PagedAttentionMetadata:
@@ -60,6 +65,7 @@ class DecodeCudaGraphs:
             # one) must not invalidate this capture
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.logits[size] = self._forward(size)
+                self.tokens[size] = self.greedy_tokens(self.logits[size]) if self.greedy_tokens else None
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
@@ -69,8 +75,10 @@ class DecodeCudaGraphs:
     def can_run(self, num_seqs: int, max_query_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
-        """This rank's vocabulary slice of a decode step's logits (every row samples)."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedAttentionMetadata
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's vocabulary slice of a decode step's logits (every row samples), and each row's greedy
+        token when the graph takes it."""
         count = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= count)
         self.input_ids[:count].copy_(input_ids, non_blocking=True)
@@ -82,4 +90,5 @@ class DecodeCudaGraphs:
             self.slot_mapping[count:size].fill_(-1)
             self.seq_lens[count:size].fill_(0)
         self.graphs[size].replay()
-        return self.logits[size][:count]
+        tokens = self.tokens[size]
+        return self.logits[size][:count], None if tokens is None else tokens[:count]

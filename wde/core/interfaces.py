@@ -278,6 +278,9 @@ class AttentionBackend(ABC):
 
     kind: ClassVar[str | None] = None  # a backend that does not say is refused by resolve() and the selector
     supports_cuda_graphs: ClassVar[bool] = False  # its forward can be captured in a CUDA graph
+    # forward takes `rotation=` (wde.core.layers.rotary.Rotation) and rotates q and k itself, fused with its
+    # K/V store; otherwise the layer rotates them before calling forward
+    fuses_rotation: ClassVar[bool] = False
 
     def __init__(self, config: "EngineConfig"):
         self.config = config
@@ -308,4 +311,6 @@ class Pooler(ABC):
         self.config = config
 
     @abstractmethod
-    def __call__(self, hidden: Any, pooling_metadata: Any) -> list[Any]: ...
+    def __call__(self, hidden: Any, pooling_metadata: Any) -> Any:
+        """One result per input, on the model's device (the Worker brings them to the host in one copy): a
+        tensor whose rows are the inputs' results, or a list of one tensor per input."""

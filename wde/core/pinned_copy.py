@@ -32,6 +32,15 @@ def map_tensors(obj: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any
     return obj
 
 
+def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Starts the copy to pinned host memory on the current stream and returns at once (the caller records an
+    event and waits on it before reading the result)."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 def _grown(size: int) -> int:
     return max(1 << 16, 1 << (size - 1).bit_length())  # powers of two: a few sizes over a whole run
 

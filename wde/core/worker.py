@@ -1,5 +1,6 @@
 """The part of a Worker every workflow shares: the model on its device, the attention backend, the KV cache."""
 import logging
+import time
 from abc import abstractmethod
 
 import torch
@@ -65,14 +66,17 @@ class ModelWorker(interfaces.Worker):
         """GPU bytes left for the KV cache once the model and the activations of the largest step are in."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
         self.profile_run()
         torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         not_torch = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
         budget = int(total * self.config.args.gpu_memory_utilization) - peak - not_torch
-        logger.info("memory profile: %.2f GiB total, %.2f GiB peak in torch, %.2f GiB outside torch, "
-                    "%.2f GiB for the KV cache", total / 2**30, peak / 2**30, not_torch / 2**30, budget / 2**30)
+        logger.info("memory profile (the largest step, run in %.1f s): %.2f GiB total, %.2f GiB peak in torch, "
+                    "%.2f GiB outside torch, %.2f GiB for the KV cache", seconds, total / 2**30, peak / 2**30,
+                    not_torch / 2**30, budget / 2**30)
         torch.cuda.empty_cache()
         return budget
 

@@ -23,7 +23,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in EngineArgs.model_fields.items():
         flag, annotation = "--" + name.replace("_", "-"), field.annotation
         scalar = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
-        if annotation is bool:
+        if scalar == [bool]:  # bool, or bool | None (None: the engine decides)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
         elif typing.get_origin(annotation) is typing.Literal:
             group.add_argument(flag, choices=typing.get_args(annotation), default=None, help=field.description)

@@ -11,7 +11,7 @@ from wde.core.layers.activation import SiluAndMul
 from wde.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from wde.core.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from wde.core.layers.norm import RMSNorm
-from wde.core.layers.rotary import RotaryEmbedding
+from wde.core.layers.rotary import RotaryEmbedding, Rotation
 from wde.core.loader.model_loader import load_params
 
 
@@ -34,10 +34,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.unflatten(-1, (-1, self.attn.head_dim))
-        k = k.unflatten(-1, (-1, self.attn.head_dim))
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(q.flatten(-2), k.flatten(-2), v))
+        return self.o_proj(self.attn(q, k, v, Rotation(self.rotary_emb, positions, self.q_norm, self.k_norm)))
 
 
 class LlamaMLP(nn.Module):

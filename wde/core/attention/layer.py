@@ -4,6 +4,7 @@ from torch import nn
 
 from wde.core.forward_context import get_attn_metadata
 from wde.core.interfaces import AttentionBackend
+from wde.core.layers.rotary import Rotation
 
 
 class Attention(nn.Module):
@@ -23,11 +24,19 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotation: Rotation | None = None
+                ) -> torch.Tensor:
+        """rotation: how q and k are rotated by their positions (RoPE) before attention, if they are."""
         num_tokens = q.shape[0]
-        out = self.backend.forward(self, q.view(num_tokens, self.num_heads, self.head_dim),
-                                   k.view(num_tokens, self.num_kv_heads, self.head_dim),
-                                   v.view(num_tokens, self.num_kv_heads, self.head_dim), get_attn_metadata())
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if rotation is not None and self.backend.fuses_rotation:
+            out = self.backend.forward(self, q, k, v, get_attn_metadata(), rotation=rotation)
+        else:
+            if rotation is not None:
+                q, k = rotation.apply(q, k)
+            out = self.backend.forward(self, q, k, v, get_attn_metadata())
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
 

@@ -3,16 +3,19 @@ import torch
 
 from wde.core.attention.metadata import PagedAttentionMetadata
 from wde.core.interfaces import AttentionBackend
-from wde.core.kernels.paged_decode import paged_decode
+from wde.core.kernels.paged_decode import paged_decode, split_counters
 from wde.core.kernels.paged_prefill import paged_prefill
+from wde.core.kernels.rotary import apply_rope
 from wde.core.kernels.store_kv import store_kv
+from wde.core.layers.rotary import Rotation
 
-MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the extra parallelism
+MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost outweighs the extra parallelism
 
 
 class TritonAttentionBackend(AttentionBackend):
     kind = "paged"
     supports_cuda_graphs = True
+    fuses_rotation = True
 
     @classmethod
     def is_available(cls, config) -> str | None:
@@ -26,21 +29,31 @@ class TritonAttentionBackend(AttentionBackend):
         super().__init__(config)
         self.num_sms = (torch.cuda.get_device_properties(config.device).multi_processor_count
                         if config.device.type == "cuda" else 1)
+        # one buffer for every layer and step (a CUDA graph replays with it): each launch leaves it zeroed
+        self.split_counters = split_counters(config.args.max_num_seqs, config.model.num_kv_heads, config.device)
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
+                attn_metadata: PagedAttentionMetadata, rotation: Rotation | None = None) -> torch.Tensor:
         meta = attn_metadata
-        store_kv(k, v, layer.kv_cache, meta.slot_mapping)
+        if rotation is None:
+            store_kv(k, v, layer.kv_cache, meta.slot_mapping)
+        else:  # one kernel: q rotated in place, k rotated into its cache slot beside v
+            q_norm, k_norm = rotation.q_norm, rotation.k_norm
+            apply_rope(q, k, rotation.positions, rotation.rotary_emb.cos_sin, q_norm.weight if q_norm else None,
+                       k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, v, layer.kv_cache,
+                       meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.min_query_len == 1:
             paged_decode(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, layer.scale,
-                         self.num_splits(meta.num_seqs, layer.num_kv_heads, meta.max_seq_len))
+                         self.num_splits(meta.num_seqs, layer.num_kv_heads, meta.max_seq_len), self.split_counters,
+                         MIN_TOKENS_PER_SPLIT)
         if meta.max_query_len > 1:
             paged_prefill(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                           layer.scale)
         return out
 
     def num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
-        """Enough (sequence, KV head, split) programs for a few waves over the GPU, none of them tiny."""
+        """Enough (sequence, KV head, split) programs for a few waves over the GPU, none of them tiny (each
+        sequence then takes as many of them as its own length asks for)."""
         wanted = -(-4 * self.num_sms // (num_seqs * num_kv_heads))
         return max(1, min(wanted, 16, -(-max_seq_len // MIN_TOKENS_PER_SPLIT)))

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, workflow: type[Workflow], config: EngineConfig):
+        start = time.perf_counter()
         self.workflow = workflow
         self.config = config
         # every slot imported, checked and chosen (backend, executor) before any weight is read
@@ -37,6 +38,7 @@ class LLMEngine:
         self.model_pre_processor = build("ModelPreProcessor")
         self.output_processor = build("OutputProcessor")
         self.stepper = build("Stepper")
+        logger.info("engine ready in %.1f s", time.perf_counter() - start)
 
     def _build(self, slot: str) -> Any:
         """The component of `slot`, built from this engine; a constructor a slot's class got wrong says which."""

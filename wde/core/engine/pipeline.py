@@ -1,6 +1,6 @@
 """The pipeline an engine runs: every slot of its Workflow resolved to the class that will run, with the
 decisions the config takes part in (the attention backend, the executor, async scheduling), made here once,
-checked, and logged at start."""
+checked, and logged at start. `config.args.async_scheduling` leaves here a bool."""
 import logging
 
 from wde.core.attention.selector import select_attention_backend
@@ -22,14 +22,23 @@ def resolve_pipeline(workflow: type[Workflow], config: EngineConfig) -> dict[str
     model_class = resolve_model_class(config.model.architecture, config.model.task)
     components["AttentionBackend"] = select_attention_backend(config, components["AttentionBackend"])
     components["Executor"] = choose_executor(config, components["Executor"])
-    if config.args.async_scheduling and not components["Stepper"].overlaps_steps:
-        logger.info("async scheduling off: %s has no step whose input depends on the last one's output",
-                    workflow.__qualname__)
-    logger.info("pipeline of %s for %s (%s, %s) on %s, task %s:\n  %s", workflow.__qualname__,
-                config.model.architecture, model_class.__name__, "decoder" if workflow.causal else "encoder",
-                config.device, config.model.task,
+    config.args = config.args.model_copy(update={"async_scheduling": choose_async_scheduling(
+        config, components["Stepper"], workflow)})
+    logger.info("pipeline of %s for %s (%s, %s) on %s, task %s, async scheduling %s:\n  %s",
+                workflow.__qualname__, config.model.architecture, model_class.__name__,
+                "decoder" if workflow.causal else "encoder", config.device, config.model.task,
+                "on" if config.args.async_scheduling else "off",
                 "\n  ".join(f"{slot:<17} {cls.__module__}.{cls.__qualname__}" for slot, cls in components.items()))
     return components
+
+
+def choose_async_scheduling(config: EngineConfig, stepper: type, workflow: type[Workflow]) -> bool:
+    """On unless turned off, where the Stepper can launch a step before the last one's outputs are made."""
+    asked = config.args.async_scheduling
+    if asked and not stepper.overlaps_steps:
+        logger.info("async scheduling off: %s has no step whose input depends on the last one's output",
+                    workflow.__qualname__)
+    return stepper.overlaps_steps and asked is not False
 
 
 def choose_executor(config: EngineConfig, executor: type) -> type:

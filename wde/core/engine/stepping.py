@@ -1,8 +1,12 @@
-"""One step of any workflow: schedule, build the model input, run it, make the outputs.
+"""One step of any workflow: schedule, build the model input, run it, make the outputs; synchronously, or
+overlapped with the device (`async_scheduling`).
 
 Every stage that works on the whole step is guarded here: a request that breaks building the step's tensors
 is found and fails alone; a step whose forward pass, sampling or pooling fails fails its own requests (the
 prefix cache forgets the blocks it was to write), and the engine goes on with the next step.
+
+Overlapped: while step k runs on the device, step k+1 is scheduled, built and launched, and then step k's
+outputs are made while k+1 runs, so the device does not wait for the host between steps.
 """
 import logging
 import time
@@ -131,3 +135,69 @@ class SyncStepper(interfaces.Stepper):
         self.scheduler.free_finished(scheduler_output)
         self.stats_tracker.on_step(self.scheduler.get_stats())
         return outputs
+
+
+class OverlappedStepper(SyncStepper):
+    """With async scheduling, returns step k's outputs having launched step k+1; else each step to its end."""
+
+    overlaps_steps = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.overlapped = self.config.args.async_scheduling
+        self.in_flight: tuple[SchedulerOutput, Any] | None = None  # (scheduler output, launched step)
+
+    def step(self) -> list[Any]:
+        return self._step_overlapped() if self.overlapped else super().step()
+
+    def waits_for_last_step(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether this step can be built only once the step in flight has made its outputs (a workflow whose
+        step reads what the last one produced says so here)."""
+        return False
+
+    def _step_overlapped(self) -> list[Any]:
+        times = self.times
+        start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        previous, self.in_flight = self.in_flight, None
+        outputs: list[Any] = []
+        if previous is not None and (not scheduler_output.scheduled or self.waits_for_last_step(scheduler_output)):
+            outputs += self._finish_in_flight(previous, self._collect(previous))
+            previous = None
+            # what that step finished has no blocks any more: it leaves this step
+            scheduler_output.scheduled = [s for s in scheduler_output.scheduled if not s.seq.is_finished]
+        if not scheduler_output.scheduled:
+            return outputs + self.finish_step(scheduler_output, None)
+        model_input, scheduler_output = self.build_model_input(scheduler_output)
+        scheduled = time.perf_counter()
+        if model_input is not None:
+            try:
+                self.in_flight = (scheduler_output, self.executor.launch(model_input))
+            except ExecutorDeadError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.fail_step(scheduler_output, e)
+        if self.in_flight is None:  # nothing was launched: what this step scheduled is done with
+            outputs += self.finish_step(scheduler_output, None)
+        model_output = self._collect(previous) if previous is not None else None
+        collected = time.perf_counter()
+        times.schedule_s += scheduled - start
+        times.execute_s += collected - scheduled
+        times.num_steps += 1
+        outputs += self._finish_in_flight(previous, model_output)
+        times.output_s += time.perf_counter() - collected
+        return outputs
+
+    def _collect(self, in_flight: tuple[SchedulerOutput, Any]) -> Any:
+        """The launched step's model output, or None with its requests failed."""
+        try:
+            return in_flight[1].result()
+        except ExecutorDeadError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.fail_step(in_flight[0], e)
+            return None
+
+    def _finish_in_flight(self, in_flight: tuple[SchedulerOutput, Any] | None, model_output: Any) -> list[Any]:
+        """Outputs of a launched step whose results arrived (none for a step that failed: its requests did)."""
+        return [] if in_flight is None else self.finish_step(in_flight[0], model_output)

@@ -2,9 +2,13 @@
 
 Grid: (sequences, KV heads, splits). A program takes the query rows of every query head that shares one KV
 head (GQA), so each K/V tile is read once for the whole group, and walks its share of the context with an
-online softmax. With one split it writes the output; with several, each writes a partial result and its
-log-sum-exp, and a second kernel combines them. Splitting keeps the GPU busy when few sequences have long
-contexts. Sequences whose step is not a single-token decode are skipped (the prefill kernel takes them).
+online softmax. Each sequence uses as many of the grid's splits as its own length asks for (one per
+`min_per_split` tokens), so a grid sized for the longest sequence (a CUDA graph's is sized for max_model_len)
+costs the short ones nothing but programs that return at once. With one split a program writes the output;
+with several, each writes a partial result and its log-sum-exp, and the last of them to finish (an atomic
+count per sequence and KV head) combines them: no second kernel. Splitting keeps the GPU busy when few
+sequences have long contexts. Sequences whose step is not a single-token decode are skipped (the prefill
+kernel takes them).
 """
 import torch
 import triton
@@ -15,15 +19,38 @@ from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step
 LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _combine_splits(out_ptr, part_out_ptr, part_lse_ptr, part, heads, row_mask, dims, token, stride_ot, stride_oh,
+                    splits, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """out = the partial results of `splits` splits, weighted by their share of the softmax (log-sum-exps)."""
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for split in range(0, splits):
+        # .cg: read past this SM's L1, which may not hold what the other programs wrote
+        lse = tl.load(part_lse_ptr + part + split, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        values = tl.load(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], mask=row_mask[:, None],
+                         other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # all empty so far: no weight yet, not NaN
+        scale, weight = tl.exp2(m - safe), tl.exp2(lse - safe)
+        total = total * scale + weight
+        acc = acc * scale[:, None] + values * weight[:, None]
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
 # the block-table width and the split count change from step to step: not specialized on (one compile serves)
-@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
-def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+@triton.jit(do_not_specialize=["stride_bt", "max_splits"])
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
                    block_tables_ptr, seq_lens_ptr, query_start_ptr,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_bt,
-                   scale_log2, num_splits,
+                   scale_log2, max_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -31,7 +58,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     if tl.load(query_start_ptr + seq + 1) - token != 1:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    splits = tl.maximum(tl.minimum(max_splits, tl.cdiv(seq_len, MIN_PER_SPLIT)), 1)  # this sequence's own
+    if split >= splits:
+        return
+    per_split = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -52,60 +82,49 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
         scores = tl.dot(q, tl.trans(k)) * scale_log2  # base-2 logits: exp2 is the fast exponential
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc)
-    if ONE_SPLIT:
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # an empty context (graph padding) gives zeros
+    safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
+    if splits == 1:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
-        part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [seq, head, split]
-        safe_l = tl.where(l > 0, l, 1.0)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None],
+        part = (seq * GROUP * tl.num_programs(1) + heads) * max_splits  # [seq, head, split] of the first split
+        tl.store(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None],
                  mask=row_mask[:, None])
-        lse = tl.where(l > 0, m + tl.log2(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=row_mask)
+        tl.store(part_lse_ptr + part + split, tl.where(l > 0, m + tl.log2(safe_l), float("-inf")), mask=row_mask)
+        # acq_rel: this split's stores are visible to whoever counts last, and that one sees all the others'
+        counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+            tl.store(counter, 0)  # ready for the next layer
+            _combine_splits(out_ptr, part_out_ptr, part_lse_ptr, part, heads, row_mask, dims, token, stride_ot,
+                            stride_oh, splits, GROUP_PAD, HEAD_DIM)
 
 
-@triton.jit
-def _combine_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_ptr, stride_ot, stride_oh, num_splits,
-                    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    token = tl.load(query_start_ptr + seq)
-    if tl.load(query_start_ptr + seq + 1) - token != 1:
-        return
-    splits = tl.arange(0, SPLITS_PAD)
-    part = (seq * tl.num_programs(1) + head) * num_splits + splits
-    lse = tl.load(part_lse_ptr + part, mask=splits < num_splits, other=float("-inf"))
-    top = tl.max(lse, 0)
-    weights = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))
-    dims = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=(splits < num_splits)[:, None],
-                    other=0.0)
-    total = tl.sum(weights, 0)
-    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """The count of finished splits per (sequence, KV head): zeros, and zeros again after every launch."""
+    return torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=device)
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, num_splits: int,
-                 block_n: int = 64) -> None:
-    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]."""
+                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_splits: int,
+                 counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 64) -> None:
+    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim].
+
+    max_splits: the most programs one sequence's context is split over (each sequence takes one per
+    `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
+    by the caller so a CUDA graph holds one buffer; made here when None)."""
     num_seqs = seq_lens.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     group = q.shape[1] // num_kv_heads
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    one_split = num_splits == 1
-    part_out = part_lse = out  # unused placeholders when there is one split
-    if not one_split:
-        part_out = torch.empty(num_seqs, q.shape[1], num_splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_seqs, q.shape[1], num_splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, query_start_loc,
+    part_out = part_lse = out  # unused placeholders when no sequence splits
+    if max_splits > 1:
+        part_out = torch.empty(num_seqs, q.shape[1], max_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, q.shape[1], max_splits, dtype=torch.float32, device=q.device)
+    if counters is None:
+        counters = split_counters(num_seqs, num_kv_heads, q.device)
+    _decode_kernel[(num_seqs, num_kv_heads, max_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens, query_start_loc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, num_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, ONE_SPLIT=one_split, num_warps=4)
-    if not one_split:
-        _combine_kernel[(num_seqs, q.shape[1])](
-            out, part_out, part_lse, query_start_loc, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits))
+        scale * LOG2E, max_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, num_warps=4)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wde.core.layers.linear import default_weight_loader, narrow
+from wde.core.layers.linear import default_weight_loader, linear, narrow
 from wde.core.parallel.distributed import all_gather, all_reduce, get_tp_rank, get_tp_size
 
 
@@ -38,7 +38,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
         """As an LM head (its own, or tied to the embeddings): the logits of the whole vocabulary, gathered from
         all ranks; or, with gather=False, this rank's slice of them (padding columns included)."""
-        shard = hidden @ self.weight.T
+        shard = linear(hidden, self.weight)
         return gather_vocab(shard, self.vocab_size) if gather else shard
 
 

@@ -6,11 +6,64 @@ splits by KV head, each rank taking its KV heads' groups of q heads (shares may 
 are fewer KV heads than ranks, the ranks that share a KV head each hold a copy of it. A checkpoint tensor may
 arrive lazily (a safetensors slice): `narrow` reads only the rows a rank keeps.
 """
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wde.core.parallel.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
+
+if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
+    from wde.core.kernels.skinny_matmul import MAX_ROWS, skinny_matmul
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b), through the faster of cuBLAS and wde's skinny matmul for this shape (see skinny_is_faster)."""
+    if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_is_faster(x, weight, bias)):
+        return skinny_matmul(x, weight, bias, _num_sms(x.device))
+    return F.linear(x, weight, bias)
+
+
+_SKINNY_FASTER: dict[tuple, bool] = {}
+
+
+def skinny_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the skinny matmul beats cuBLAS at this (rows, N, K, dtype), measured the first time the shape
+    runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its capture): neither
+    wins everywhere (on an H200, cuBLAS takes 12 us for Qwen3-0.6B's o_proj at one row, the skinny matmul 5;
+    cuBLAS is ahead on most others; benchmarks/kernels.py). A shape first seen inside a capture takes cuBLAS."""
+    key = (x.shape[0], *weight.shape, x.dtype, bias is not None, x.device)
+    if key not in _SKINNY_FASTER:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        skinny = time_in_graph(lambda: skinny_matmul(x, weight, bias, _num_sms(x.device)))
+        _SKINNY_FASTER[key] = skinny < time_in_graph(lambda: F.linear(x, weight, bias))
+    return _SKINNY_FASTER[key]
+
+
+def time_in_graph(fn, calls: int = 20, replays: int = 3) -> float:
+    """GPU seconds per call of `fn`, replayed from a CUDA graph of `calls` calls (as a decode step runs them: no
+    host launch cost in the figure)."""
+    fn()  # compiles, picks its kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / (calls * replays)
 
 
 def materialize(loaded) -> torch.Tensor:
@@ -41,7 +94,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(Linear):
@@ -131,5 +184,5 @@ class RowParallelLinear(Linear):
         default_weight_loader(param, narrow(loaded, 1, *self.input_shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))
+        out = all_reduce(linear(x, self.weight))
         return out + self.bias if self.bias is not None else out

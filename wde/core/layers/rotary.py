@@ -1,4 +1,6 @@
 """Rotary position embedding (RoPE), with the scaling types of Hugging Face configs."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -60,3 +62,17 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class Rotation:
+    """One layer's rotation of q and k: its RotaryEmbedding, the tokens' positions and the optional per-head
+    norms. The attention layer applies it, or hands it to a backend that fuses it with its K/V store."""
+
+    rotary_emb: RotaryEmbedding
+    positions: torch.Tensor
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary_emb(self.positions, q, k, self.q_norm, self.k_norm)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wde.core.pinned_copy import copy_to_host
+
 
 @dataclass
 class Penalties:
@@ -69,23 +71,15 @@ class SamplerOutput:
     prompt_logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)  # (scheduled index, rows)
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Starts the copy on the current stream, into pinned memory, and returns at once."""
-    if not tensor.is_cuda:
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor, non_blocking=True)
-
-
 class PendingSamplerOutput:
     """A step's samples on their way to the host. The copies are queued right behind the step, so result()
     never waits for a step launched after this one (async scheduling launches the next step first)."""
 
     def __init__(self, token_ids: torch.Tensor, logprobs: LogprobTensors | None,
                  prompt_logprobs: list[tuple[int, LogprobTensors]]):
-        self.token_ids = _to_host(token_ids)
-        self.logprobs = None if logprobs is None else tuple(map(_to_host, logprobs))
-        self.prompt_logprobs = [(index, tuple(map(_to_host, parts))) for index, parts in prompt_logprobs]
+        self.token_ids = copy_to_host(token_ids)
+        self.logprobs = None if logprobs is None else tuple(map(copy_to_host, logprobs))
+        self.prompt_logprobs = [(index, tuple(map(copy_to_host, parts))) for index, parts in prompt_logprobs]
         self.copied = None
         if token_ids.is_cuda:
             self.copied = torch.cuda.Event()

@@ -15,7 +15,14 @@ class ClassificationPooler(interfaces.Pooler):
         """[inputs, labels] float32 from the classifier head over the first ([CLS] / <s>) token."""
         return self.model.classify(pool(hidden, meta, "cls").to(hidden.dtype)).float()
 
-    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> list[torch.Tensor]:
+    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor:
         logits = self.logits(hidden, meta)
-        probs = torch.softmax(logits, dim=-1)
-        return [p if params.activation else raw for p, raw, params in zip(probs.cpu(), logits.cpu(), meta.params)]
+        return with_activation(torch.softmax(logits, dim=-1), logits, meta)
+
+
+def with_activation(activated: torch.Tensor, raw: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor:
+    """Each input's row of `activated`, or of `raw` where its PoolingParams turn the activation off."""
+    if all(params.activation for params in meta.params):
+        return activated
+    wanted = torch.tensor([params.activation for params in meta.params], device=raw.device)
+    return torch.where(wanted.view(-1, *[1] * (raw.dim() - 1)), activated, raw)

@@ -18,12 +18,12 @@ class EmbeddingPooler(interfaces.Pooler):
             raise ValueError(f"a decoder embedder pools its last token, not {self.method!r} (its earlier tokens "
                              "may come from the prefix cache, with no hidden state)")
 
-    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> list[torch.Tensor]:
+    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor | list[torch.Tensor]:
         vectors = pool(hidden, meta, self.method)
         settings = [(p.dimensions, self.normalize if p.normalize is None else p.normalize) for p in meta.params]
-        if len(set(settings)) == 1:  # the usual case: one setting for the whole step, done on the device
+        if len(set(settings)) == 1:  # the usual case: one setting for the whole step, one [inputs, dims] tensor
             dimensions, normalize = settings[0]
             vectors = vectors[:, :dimensions]
-            return list((F.normalize(vectors, dim=1) if normalize else vectors).cpu())
+            return F.normalize(vectors, dim=1) if normalize else vectors
         return [F.normalize(v[:dimensions], dim=0) if normalize else v[:dimensions]
-                for v, (dimensions, normalize) in zip(vectors.cpu(), settings)]
+                for v, (dimensions, normalize) in zip(vectors, settings)]

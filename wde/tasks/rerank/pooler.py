@@ -2,22 +2,22 @@
 import torch
 
 from wde.core import interfaces
-from wde.tasks.classify.pooler import ClassificationPooler
+from wde.tasks.classify.pooler import ClassificationPooler, with_activation
 from wde.workflows.prefill_only.model_pre_processor import PoolingMetadata
 from wde.workflows.prefill_only.pooling import pool
 
 
-def as_scores(logits: torch.Tensor, meta: PoolingMetadata) -> list[torch.Tensor]:
+def as_scores(logits: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor:
     """One score per input: sigmoid of a single logit, or the probability of the last of several labels."""
     probs = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)[:, -1]
     raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]
-    return [p if params.activation else r for p, r, params in zip(probs.cpu(), raw.cpu(), meta.params)]
+    return with_activation(probs, raw, meta)
 
 
 class CrossEncoderPooler(ClassificationPooler):
     """BERT / XLM-RoBERTa rerankers: the classifier over [CLS] of "query [SEP] document"."""
 
-    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> list[torch.Tensor]:
+    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor:
         return as_scores(self.logits(hidden, meta), meta)
 
 
@@ -41,6 +41,6 @@ class YesNoPooler(interfaces.Pooler):
             raise ValueError(f"the reranker's words {self.tokens} must each be one token; they are {ids}")
         self.token_ids = [token_ids[0] for token_ids in ids]
 
-    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> list[torch.Tensor]:
+    def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor:
         logits = self.model.compute_logits(pool(hidden, meta, "last").to(hidden.dtype))[:, self.token_ids].float()
         return as_scores(logits.flip(1), meta)  # [no, yes]: the score is the probability of the last, "yes"

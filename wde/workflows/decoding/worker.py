@@ -7,7 +7,7 @@ from wde.core.attention.metadata import dummy_paged_batch
 from wde.core.cuda_graphs import DecodeCudaGraphs
 from wde.core.forward_context import set_forward_context
 from wde.core.layers.embedding import gather_vocab, greedy_tokens
-from wde.core.parallel.distributed import broadcast_from_first_rank, get_tp_rank
+from wde.core.parallel.distributed import broadcast_from_first_rank, get_tp_rank, get_tp_size
 from wde.core.sampling.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
                                        token_logprobs)
 from wde.core.worker import ModelWorker
@@ -27,7 +27,11 @@ class DecodingWorker(ModelWorker):
         args = self.config.args
         if self.device.type == "cuda" and not args.enforce_eager and self.attn_backend.supports_cuda_graphs:
             self.cuda_graphs = DecodeCudaGraphs(self.model, args.max_num_seqs, self.config.model.max_model_len,
-                                                args.block_size, self.device)
+                                                args.block_size, self.device,
+                                                self._greedy_tokens if get_tp_size() == 1 else None)
+
+    def _greedy_tokens(self, shard_logits: torch.Tensor) -> torch.Tensor:
+        return greedy_tokens(shard_logits, self.vocab_size)
 
     def execute_model(self, model_input: ModelInput) -> SamplerOutput | None:
         """The step's sampled tokens on rank 0; None on the other tensor-parallel ranks, which take part in the
@@ -44,8 +48,8 @@ class DecodingWorker(ModelWorker):
             model_input = self._take_in_flight_tokens(model_input)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
-            shard_logits = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
-            return self._sample(shard_logits, model_input, [])
+            shard_logits, greedy = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
+            return self._sample(shard_logits, model_input, [], greedy)
         with set_forward_context(model_input.attn_metadata):
             hidden = self.model(model_input.input_ids, model_input.positions)
         shard_logits = self.model.compute_logits(hidden[model_input.logits_indices], gather=False)
@@ -58,14 +62,15 @@ class DecodingWorker(ModelWorker):
         return self._sample(shard_logits, model_input, prompt_logprobs)
 
     def _sample(self, shard_logits: torch.Tensor, model_input: ModelInput,
-                prompt_logprobs: list[tuple[int, LogprobTensors]]) -> PendingSamplerOutput | None:
+                prompt_logprobs: list[tuple[int, LogprobTensors]], greedy: torch.Tensor | None = None
+                ) -> PendingSamplerOutput | None:
         """A greedy step's tokens come from the ranks' vocabulary slices, on every rank; otherwise rank 0 gathers
         the logits and samples. With async scheduling every rank also keeps the samples on its device, where
         the next step (launched before these reach the host) takes its input tokens: after rank 0 sampled, it
         broadcasts them."""
         first_rank, logprobs = get_tp_rank() == 0, None
-        if model_input.greedy:
-            token_ids = greedy_tokens(shard_logits, self.vocab_size)
+        if model_input.greedy:  # the CUDA graph took them already, or the argmax runs now
+            token_ids = greedy if greedy is not None else self._greedy_tokens(shard_logits)
         else:
             logits = gather_vocab(shard_logits, self.vocab_size)
             if first_rank:

@@ -26,6 +26,8 @@ class PrefillOnlyOutputProcessor(
         outputs = []
         for item, result in zip(scheduler_output.scheduled, results):
             seq = item.seq
+            if seq.aborted:  # while its step ran (async scheduling): the caller no longer waits for it
+                continue
             try:
                 outputs.append(PoolingRequestOutput(seq.request_id, self.wrap(result), seq.prompt_token_ids,
                                                     num_cached_tokens=item.num_cached_tokens))

@@ -55,8 +55,10 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
             return False
         self.request_ids.remove(request_id)
         seq = self.in_step.pop(request_id, None)
-        if seq is not None and self.uses_kv_cache:
-            self.kv_cache_manager.free(seq)
+        if seq is not None:
+            seq.aborted = True
+            if self.uses_kv_cache:
+                self.kv_cache_manager.free(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -109,6 +111,8 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
 
     def free_finished(self, output: PrefillOnlySchedulerOutput) -> None:
         for item in output.scheduled:  # every input finishes in its step
+            if item.seq.aborted:  # freed by abort_request already, and its id may be taken again since
+                continue
             if self.in_step.pop(item.seq.request_id, None) is not None and self.uses_kv_cache:
                 self.kv_cache_manager.free(item.seq)  # full blocks stay findable in the prefix cache
             self.request_ids.discard(item.seq.request_id)

@@ -8,7 +8,8 @@ class PrefillOnlyWorkflow(Workflow):
     """One forward pass per input, never a decoding step: embeddings, scores, classes.
 
     add_request -> PrefillOnlyInputProcessor (checks the input or (query, document) pair and PoolingParams)
-    step (SyncStepper):
+    step (OverlappedStepper: with async_scheduling, the default, step k+1 is built and launched before step k's
+          results are read):
            PrefillOnlyScheduler (packs whole inputs by token budget; tokenizes them through
            PrefillOnlyRequestProcessor only now; decoders: KV blocks and prefix hits from KVCacheManager)
         -> PrefillOnlyModelPreProcessor (one flat unpadded batch, cu_seqlens / paged metadata)
@@ -26,7 +27,7 @@ class PrefillOnlyWorkflow(Workflow):
     ModelPreProcessor = "wde.workflows.prefill_only.model_pre_processor:PrefillOnlyModelPreProcessor"
     Worker = "wde.workflows.prefill_only.worker:PrefillOnlyWorker"
     OutputProcessor = "wde.workflows.prefill_only.output_processor:PrefillOnlyOutputProcessor"
-    Stepper = "wde.core.engine.stepping:SyncStepper"  # each input is done in one step: nothing to overlap
+    Stepper = "wde.core.engine.stepping:OverlappedStepper"  # the host builds a step while the last one runs
     Pooler: ClassVar[str]
 
 
