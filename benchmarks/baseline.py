@@ -13,9 +13,11 @@ import logging
 
 import torch
 
-from benchmarks.engine_runs import median_run, peer_figures, spread, timed_generate, warm_up
+from benchmarks.engine_runs import (add_async_scheduling_flag, median_run, peer_figures, spread, timed_generate,
+                                    warm_up)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
+from benchmarks.roofline import generation_cost, print_roofline, roofline
 from benchmarks.workloads import W2_SHAPE, w2
 
 logger = logging.getLogger("benchmarks")
@@ -31,8 +33,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--async-scheduling", action="store_true", help="launch each step before the last "
-                                                                        "one's outputs are made")
+    add_async_scheduling_flag(parser)
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -55,8 +56,13 @@ def main() -> None:
            "tok_per_s": round((best.in_tokens + best.out_tokens) / best.seconds),
            "delay_ms": round(1000 * best.seconds / best.steps, 2), "host_ms_per_step": round(best.host_ms_per_step, 2),
            "runs_req_per_s": spread(runs, lambda r: len(prompts) / r.seconds), "seconds": round(best.seconds, 1)}
+    async_scheduling = llm.engine.config.args.async_scheduling
     llm.close()
     del llm
+    # the limit of one GPU's share: the FLOPs and bytes divide over the tensor-parallel ranks
+    cost = [c / args.tensor_parallel_size for c in generation_cost(
+        args.shape, [PROMPT_LEN] * len(prompts), [OUTPUT_LEN] * len(prompts), args.max_num_seqs)]
+    limit = roofline(cost, len(prompts), "req/s", wde["req_per_s"])
 
     def measure_peer() -> dict:
         from benchmarks.peer import continuous_batching
@@ -68,14 +74,15 @@ def main() -> None:
     detail = {"shape": args.shape, "tensor_parallel_size": args.tensor_parallel_size,
               "gpus": args.tensor_parallel_size, "weights": "random bf16", "num_requests": args.num_requests,
               "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
-              "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "runs": args.runs,
+              "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
               "statistic": "median"}
     workload = "W2" if args.shape == W2_SHAPE else f"W2-{args.shape}"
     if args.tensor_parallel_size > 1:
         workload += f"-tp{args.tensor_parallel_size}"
-    path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail)
+    path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
     print_table(f"{workload} ({torch.cuda.get_device_name(0)})", "requests/s", wde["req_per_s"],
                 peer["req_per_s"] if peer else None)
+    print_roofline(limit)
     print(f"\nwritten to {path}")
 
 

@@ -17,6 +17,7 @@ import torch
 from benchmarks.engine_runs import peer_figures
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
+from benchmarks.roofline import encoder_cost, print_roofline, roofline
 from benchmarks.workloads import W3_SHAPE, w3
 
 logger = logging.getLogger("benchmarks")
@@ -50,6 +51,7 @@ def main() -> None:
            "host_ms_per_step": round(times.host_ms_per_step, 2),
            "attention_backend": type(llm.engine.executor.worker.attn_backend).__name__}
     del llm, outputs
+    limit = roofline(encoder_cost(W3_SHAPE, list(map(len, inputs))), len(inputs), "inputs/s", wde["inputs_per_s"])
 
     def measure_peer() -> dict:
         from benchmarks.peer import padded_encoder
@@ -61,9 +63,10 @@ def main() -> None:
               "input_len": "U[16,512] seed 1", "pooling": "CLS, not normalized",
               "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
               "runs": args.runs, "statistic": "median"}
-    path = write_result("W3", "cuda", wde, peer, peer_error, workload_detail=detail)
+    path = write_result("W3", "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
     print_table(f"W3 embeddings ({torch.cuda.get_device_name(0)})", "inputs/s", wde["inputs_per_s"],
                 peer["inputs_per_s"] if peer else None)
+    print_roofline(limit)
     print(f"\nwritten to {path}")
 
 

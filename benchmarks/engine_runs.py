@@ -1,5 +1,6 @@
 """Timing wde itself: repeated runs of LLM.generate, the engine's own step timings, and a profile of steps; and
 the peer's turn after wde's."""
+import argparse
 import gc
 import statistics
 import time
@@ -58,12 +59,42 @@ def profile_decode_steps(llm: LLM, prompts: list[list[int]], num_steps: int = 5,
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
 
 
+def traced_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
+    """One run of LLM.generate with each engine step timed: wall time by the number of sequences running, so the
+    ragged tail (few long sequences left) and the steps that still admit prompts show apart."""
+    engine, real_step = llm.engine, llm.engine.step
+    buckets: dict[str, list[float]] = {}
+
+    def step():
+        running, admitting = len(engine.scheduler.running), bool(engine.scheduler.waiting
+                                                                 or engine.scheduler.new_requests)
+        start = time.perf_counter()
+        outputs = real_step()
+        key = "admitting prompts" if admitting else f"decode <= {next(b for b in (8, 32, 128, 10**9) if running <= b)}"
+        buckets.setdefault(key, []).append(time.perf_counter() - start)
+        return outputs
+    engine.step = step
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del engine.step
+    return {key: {"steps": len(times), "seconds": round(sum(times), 3), "ms_per_step": round(1000 * sum(times) /
+                                                                                            len(times), 2)}
+            for key, times in sorted(buckets.items())}
+
+
 def spread(runs: list[Run], metric) -> list[float]:
     return [round(metric(r), 2) for r in runs]
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def add_async_scheduling_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="launch each step before the last one's tokens reach the host (the engine's default: "
+                             "on); --no-async-scheduling: synchronous steps")
 
 
 def peer_figures(no_peer: bool, measure: Callable[[], dict]) -> tuple[dict | None, str | None]:

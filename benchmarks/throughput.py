@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from benchmarks.engine_runs import (median_run, peer_figures, profile_decode_steps, spread, timed_generate,
-                                    warm_up)
+from benchmarks.engine_runs import (add_async_scheduling_flag, median_run, peer_figures, profile_decode_steps,
+                                    spread, timed_generate, traced_generate, warm_up)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
+from benchmarks.roofline import generation_cost, print_roofline, roofline
 from benchmarks.workloads import W1_SHAPE, w1
 
 logger = logging.getLogger("benchmarks")
@@ -91,8 +92,13 @@ def run_gpu(args) -> None:
                                                                                       best.steps, 2),
            "host_ms_per_step": round(best.host_ms_per_step, 2)}
     if args.profile:
+        wde["steps_by_batch"] = traced_generate(llm, prompts, params)
+        print("steps by the number of sequences running:", wde["steps_by_batch"])
         print(profile_decode_steps(llm, prompts))
+    async_scheduling = llm.engine.config.args.async_scheduling
     del llm
+    limit = roofline(generation_cost(W1_SHAPE, list(map(len, prompts)), output_lens, args.max_num_seqs),
+                     sum(output_lens), "out tok/s", wde["out_tok_per_s"])
 
     def measure_peer() -> dict:
         from benchmarks.peer import continuous_batching
@@ -101,11 +107,12 @@ def run_gpu(args) -> None:
     peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": W1_SHAPE, "weights": "random bf16", "num_requests": args.num_prompts,
               "prompt_len": "U[100,1024] seed 0", "output_len": "U[100,1024] seed 0", "sampling": "greedy",
-              "max_num_seqs": args.max_num_seqs, "async_scheduling": args.async_scheduling, "runs": args.runs,
+              "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
               "statistic": "median"}
-    path = write_result("W1", "cuda", wde, peer, peer_error, workload_detail=detail)
+    path = write_result("W1", "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
     print_table(f"W1 throughput ({torch.cuda.get_device_name(0)})", "output tok/s", wde["out_tok_per_s"],
                 peer["out_tok_per_s"] if peer else None)
+    print_roofline(limit)
     print(f"\nwritten to {path}")
 
 
@@ -117,10 +124,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64, help="CPU only")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--async-scheduling", action="store_true", help="launch each step before the last one's "
-                                                                         "tokens reach the host")
+    add_async_scheduling_flag(parser)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="print a profile of decode steps")
+    parser.add_argument("--profile", action="store_true", help="time the steps of one more run by batch size, and "
+                                                                   "print a kernel profile of decode steps")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
