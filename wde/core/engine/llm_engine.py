@@ -53,6 +53,7 @@ class LLMEngine:
     def from_engine_args(cls, engine_args: EngineArgs | None = None, **kwargs: Any) -> "LLMEngine":
         """An engine for the model's architecture, with the Workflow the registry names for it (or the one
         `workflow=` names, whose task `task="auto"` takes)."""
+        start = time.perf_counter()
         load_plugins()
         args = engine_args.model_copy(update=kwargs) if engine_args else EngineArgs(**kwargs)
         args = EngineArgs.model_validate(args.model_dump())
@@ -62,7 +63,9 @@ class LLMEngine:
                 args = args.model_copy(update={"task": workflow.task})
             return cls.from_workflow(workflow, config=EngineConfig.from_args(args))
         config = EngineConfig.from_args(args)
-        return cls(resolve_workflow(config.model.architecture, config.model.task), config)
+        workflow = resolve_workflow(config.model.architecture, config.model.task)
+        logger.info("plugins, engine arguments and model config read in %.1f s", time.perf_counter() - start)
+        return cls(workflow, config)
 
     @classmethod
     def from_workflow(cls, workflow: type[Workflow] | str, config: EngineConfig | None = None,

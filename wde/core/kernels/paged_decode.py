@@ -106,12 +106,13 @@ def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> to
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_splits: int,
-                 counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 64) -> None:
+                 counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 128) -> None:
     """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim].
 
     max_splits: the most programs one sequence's context is split over (each sequence takes one per
     `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
-    by the caller so a CUDA graph holds one buffer; made here when None)."""
+    by the caller so a CUDA graph holds one buffer; made here when None); block_n: context tokens per tile (on
+    an H200 at W1's shape, 128 reads K/V at 92% of the copy bandwidth, 64 at 87%: benchmarks/kernels.py)."""
     num_seqs = seq_lens.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     group = q.shape[1] // num_kv_heads
