@@ -132,3 +132,25 @@ def test_results_do_not_depend_on_batch_composition(encoders):
     packed = LLM(model=folder, max_num_batched_tokens=200, max_num_seqs=7).embed(list(reversed(texts)))[::-1]
     for a, b in zip(alone, packed):
         assert (a.outputs.data - b.outputs.data).abs().max() < 1e-5
+
+
+def test_a_batch_leaves_the_collector_as_it_found_it():
+    """LLM batches hold off full collections while they run (they walk the whole engine); afterwards the
+    thresholds are back, a caller's gc.freeze() stands, and an engine that is dropped is collected."""
+    import gc
+    import weakref
+    thresholds = gc.get_threshold()
+    llm = LLM(model=default_embed_model_path())
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        llm.embed(["a text"] * 8)
+        with pytest.raises(ValueError):
+            llm.embed(["fine", ""])  # an empty prompt: refused while the batch is being submitted
+        assert gc.get_threshold() == thresholds and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+    engine = weakref.ref(llm.engine)
+    del llm
+    gc.collect()
+    assert engine() is None

@@ -404,3 +404,32 @@ def test_a_pair_whose_query_alone_is_longer_than_the_cut_is_refused_naming_it(tm
     assert "only the document can be cut" in refused.error and not refused.internal_error
     assert outputs["fine"].error is None and outputs["fine"].outputs.score is not None
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("task", ["generate", "embed"])
+def test_a_step_that_fails_as_its_results_are_read_spares_what_was_aborted_while_it_ran(tiny_model_dir, task,
+                                                                                       monkeypatch):
+    """Async scheduling: request x is aborted while its step runs and x is submitted again; that step then fails
+    when its results are read. The old x gets no output; the new x runs as if nothing had happened."""
+    import wde.core.sampling.sampler as sampler
+    import wde.workflows.prefill_only.worker as prefill_worker
+    embed = task == "embed"
+    pending = prefill_worker.PendingPooledOutput if embed else sampler.PendingSamplerOutput
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), task=task, num_kv_blocks=64)
+    params = PoolingParams() if embed else SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    real, failing = pending.result, {"once": False}
+
+    def result(self):
+        if failing["once"]:
+            failing["once"] = False
+            raise RuntimeError("the device failed")
+        return real(self)
+    monkeypatch.setattr(pending, "result", result)
+    engine.add_request("x", [5, 6, 7], params)
+    assert engine.step() == []  # x's first step launched, its results not read
+    engine.abort_request("x")
+    engine.add_request("x", [8, 9, 10], params)
+    failing["once"] = True
+    outputs = run_bounded(engine)
+    assert list(outputs) == ["x"] and outputs["x"].error is None and outputs["x"].prompt_token_ids == [8, 9, 10]
+    assert_all_blocks_free(engine)

@@ -132,3 +132,13 @@ def test_an_id_aborted_in_flight_can_be_used_again_at_once():
     outputs = run_to_completion(engine)
     alone = LLM(model=default_embed_model_path()).embed(["second text"])[0]
     assert list(outputs) == ["same"] and (outputs["same"].outputs.data - alone.outputs.data).abs().max() < 1e-6
+
+
+def test_an_input_aborted_while_it_waited_does_not_run_for_the_new_request_of_its_id():
+    engine = LLMEngine.from_engine_args(model=default_embed_model_path(), max_num_batched_tokens=64)
+    engine.add_request("same", "first text", None)
+    engine.abort_request("same")  # still in the queue, untokenized
+    engine.add_request("same", "second text", None)
+    outputs = run_to_completion(engine)
+    alone = LLM(model=default_embed_model_path()).embed(["second text"])[0]
+    assert list(outputs) == ["same"] and (outputs["same"].outputs.data - alone.outputs.data).abs().max() < 1e-6

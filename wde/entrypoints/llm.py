@@ -95,7 +95,7 @@ class LLM:
                              f"{task!r}: load a model made for it, or pass task={task!r} if the model can do it")
 
     def _run(self, prompts: list, params: list, kind: type, use_tqdm: bool) -> list:
-        with heap_frozen():
+        with no_full_collections():
             return self._submit_and_run(prompts, params, kind, use_tqdm)
 
     def _submit_and_run(self, prompts: list, params: list, kind: type, use_tqdm: bool) -> list:
@@ -142,16 +142,17 @@ class LLM:
 
 
 @contextlib.contextmanager
-def heap_frozen():
-    """While a batch runs, the collector leaves alone what existed before it (the engine, the model's modules):
-    every request and output a batch makes would otherwise trigger full collections that walk all of it (with
-    8,192 embeddings, 90% of the host time making outputs). After the batch, everything is collectable again
-    (garbage that was there before it included: freezing without a collection first costs nothing)."""
-    gc.freeze()
+def no_full_collections():
+    """While a batch runs, the collector makes no full (oldest-generation) collection: each one walks every
+    object of the engine and the model, and the requests and outputs of a big batch would trigger them again
+    and again (with 8,192 embeddings, 90% of the host time making outputs). Young garbage is still collected;
+    afterwards the thresholds are what they were. Neither freezes anything (a caller's gc.freeze() stands)."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], 1 << 30)
     try:
         yield
     finally:
-        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def _as_prompt_list(prompts: Any) -> list:

@@ -16,6 +16,10 @@ class HasRequest(Protocol):
 class HasBlocks(HasRequest, Protocol):
     block_table: list[int]
 
+    @property
+    def is_finished(self) -> bool:
+        """Ended (stopped, or aborted) while a step that holds it ran."""
+
 
 class Scheduled(Protocol):
     """One scheduled entry: `seq` is the workflow's sequence state."""
@@ -36,6 +40,12 @@ class SchedulerOutput(Generic[Item]):
     def requests(self) -> list[Request]:
         """The requests of the scheduled entries, each once, in order."""
         return list({id(item.seq.request): item.seq.request for item in self.scheduled}.values())
+
+    def unfinished_requests(self) -> list[Request]:
+        """The requests that still wait for this step: with async scheduling a step may hold sequences that
+        stopped, or were aborted (their ids perhaps taken again since), while it ran."""
+        return list({id(item.seq.request): item.seq.request for item in self.scheduled
+                     if not item.seq.is_finished}.values())
 
     def written_blocks(self, request_ids: set[str], block_size: int) -> set[int]:
         return {block for item in self.scheduled if item.seq.request.request_id in request_ids

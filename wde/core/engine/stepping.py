@@ -115,14 +115,14 @@ class SyncStepper(interfaces.Stepper):
         return scheduler_output.without(failed)
 
     def fail_step(self, scheduler_output: SchedulerOutput, error: Exception, stage: str = "the model step") -> None:
-        """A stage that works on the whole step failed: each of its requests fails with the error, and the
-        prefix cache forgets the blocks the step was to write."""
-        requests = scheduler_output.requests()
+        """A stage that works on the whole step failed: each of its requests that still waits for it fails with
+        the error, and the prefix cache forgets the blocks the step was to write."""
+        requests = scheduler_output.unfinished_requests()
         logger.error("%s failed; its %d requests fail", stage, len(requests), exc_info=error)
         for request in requests:
             self.failures.record(request, stage, error, log=False)
-        self.kv_cache_manager.forget(scheduler_output.written_blocks({r.request_id for r in requests},
-                                                                     self.kv_cache_manager.block_size))
+        self.kv_cache_manager.forget(scheduler_output.written_blocks(
+            {r.request_id for r in scheduler_output.requests()}, self.kv_cache_manager.block_size))
 
     def finish_step(self, scheduler_output: SchedulerOutput, model_output: Any) -> list[Any]:
         """The step's outputs (none if it failed), then what it finished is freed."""

@@ -79,6 +79,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
                 self._release_blocks(seq)
             else:
                 continue  # finished earlier
+            self._drop_pending(seq)
             seq.finish("abort")
         return True
 
@@ -181,12 +182,19 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
             self.waiting.extend(group.sequences)
         return self.waiting[0] if self.waiting else None
 
+    def _drop_pending(self, seq) -> None:
+        """A sequence that ends with tokens in flight (async scheduling: a step launched before it stopped)
+        never gets them: they are not generated tokens."""
+        self.num_generation_tokens -= seq.num_pending_tokens
+        seq.num_pending_tokens = 0
+
     def free_finished(self, output: SchedulerOutput) -> None:
         """Release the blocks of sequences the OutputProcessor finished in this step."""
         finished = [s.seq for s in output.scheduled if s.seq.is_finished]
         if not finished:
             return
         for seq in finished:
+            self._drop_pending(seq)
             self.kv_cache_manager.free(seq)
             # by identity: an id may be in use again by a newer request (async scheduling finishes a step
             # launched for sequences that had stopped, after their request ended and its id came back)

@@ -39,21 +39,20 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
         super().__init__(config, kv_cache_manager, process_request)
         self.uses_kv_cache = causal  # a decoder's inputs hold KV blocks (and may share cached prefixes)
         self.waiting: deque[Request | PrefillOnlySequence] = deque()  # requests are tokenized when they come up
-        self.request_ids: set[str] = set()
+        self.requests: dict[str, Request] = {}  # the live request of each id
         self.in_step: dict[str, PrefillOnlySequence] = {}  # scheduled, holding KV blocks until their step ends
         self.num_prompt_tokens = 0
 
     def add_request(self, request: Request) -> None:
-        self.check_new_id(request, self.request_ids)
-        self.request_ids.add(request.request_id)
+        self.check_new_id(request, self.requests)
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def abort_request(self, request_id: str) -> bool:
         """O(1): the request leaves the live set now, and the queue when it reaches the front; if its step was
         scheduled, its KV blocks are freed now."""
-        if request_id not in self.request_ids:
+        if self.requests.pop(request_id, None) is None:
             return False
-        self.request_ids.remove(request_id)
         seq = self.in_step.pop(request_id, None)
         if seq is not None:
             seq.aborted = True
@@ -61,12 +60,15 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
                 self.kv_cache_manager.free(seq)
         return True
 
+    def _holds(self, request: Request) -> bool:
+        return self.requests.get(request.request_id) is request
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.request_ids)
+        return bool(self.requests)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.request_ids)
+        return len(self.requests)
 
     def schedule(self) -> PrefillOnlySchedulerOutput:
         output = PrefillOnlySchedulerOutput()
@@ -96,7 +98,8 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
 
     def _tokenized_head(self) -> PrefillOnlySequence | None:
         head = self.waiting[0]
-        if head.request_id not in self.request_ids:  # aborted while it waited
+        request = head.request if isinstance(head, PrefillOnlySequence) else head
+        if not self._holds(request):  # aborted while it waited (its id may be taken again since)
             self.waiting.popleft()
             return None
         if isinstance(head, PrefillOnlySequence):
@@ -104,7 +107,7 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
         seq = self.process_request(head)
         if seq is None:
             self.waiting.popleft()
-            self.request_ids.discard(head.request_id)
+            del self.requests[head.request_id]
             return None
         self.waiting[0] = seq
         return seq
@@ -115,7 +118,7 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
                 continue
             if self.in_step.pop(item.seq.request_id, None) is not None and self.uses_kv_cache:
                 self.kv_cache_manager.free(item.seq)  # full blocks stay findable in the prefix cache
-            self.request_ids.discard(item.seq.request_id)
+            del self.requests[item.seq.request_id]
 
     def get_stats(self) -> SchedulerStats:
         return self.stats(num_waiting=self.num_waiting, num_prompt_tokens=self.num_prompt_tokens)

@@ -21,5 +21,11 @@ class PrefillOnlySequence:
         return self.request.request_id
 
     @property
+    def is_finished(self) -> bool:
+        """Ended before its step's results were read: only an abort does that (a computed input ends as its
+        output is made, and is then out of every step)."""
+        return self.aborted
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

@@ -63,9 +63,11 @@ class PendingPooledOutput:
             self.copied.record()
 
     def result(self) -> list[torch.Tensor]:
+        host = self.host
         if self.copied is not None:
             self.copied.synchronize()
+            host = host.clone()  # the results the caller keeps must not hold pinned memory
         if self.rows:
-            return list(self.host)
+            return list(host)
         sizes = [math.prod(shape) for shape, _ in self.shapes]
-        return [part.view(shape).to(dtype) for part, (shape, dtype) in zip(self.host.split(sizes), self.shapes)]
+        return [part.view(shape).to(dtype) for part, (shape, dtype) in zip(host.split(sizes), self.shapes)]
