@@ -89,6 +89,24 @@ def test_chat_streamed_equals_not_streamed(client):
     assert len(content) == 5 and all(len(item.top_logprobs) == 3 for item in content)
 
 
+def test_chat_content_as_text_parts_and_a_null_assistant_turn(client):
+    """What many clients send: content as a list of text parts (joined by newlines, as vLLM joins them), and an
+    assistant turn with content null; both reach the chat template as the plain-string conversation does."""
+    as_parts = [{"role": "system", "content": [{"type": "text", "text": "You are brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "What is the capital"},
+                                             {"type": "text", "text": "of France?"}]},
+                {"role": "assistant", "content": None},
+                {"role": "user", "content": "Answer in one word."}]
+    as_strings = [{"role": "system", "content": "You are brief."},
+                  {"role": "user", "content": "What is the capital\nof France?"},
+                  {"role": "assistant", "content": ""},
+                  {"role": "user", "content": "Answer in one word."}]
+    parts = client.chat.completions.create(model="smollm2", messages=as_parts, max_tokens=8, temperature=0)
+    strings = client.chat.completions.create(model="smollm2", messages=as_strings, max_tokens=8, temperature=0)
+    assert parts.choices[0].message.content == strings.choices[0].message.content
+    assert parts.usage.prompt_tokens == strings.usage.prompt_tokens
+
+
 def test_embeddings_match_the_engine(client):
     texts = ["A man is eating food.", "A man is eating a piece of bread."]
     served = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64 by default
@@ -161,6 +179,14 @@ BAD_INPUTS = [  # (what, path, body or raw bytes, status, in the message)
      b'["\\udc00"]}', 400, "not valid Unicode"),
     ("a lone surrogate in chat content", "/v1/chat/completions",
      b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud83d"}]}', 400, "not valid Unicode"),
+    ("an image part in chat content", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                     "image_url": {"url": "x"}}]}]},
+     400, "content parts of type 'image_url' are not supported"),
+    ("a user message with null content", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "user", "content": None}]}, 400, "a user message needs content"),
+    ("a text part without text", "/v1/chat/completions",
+     {"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "text"),
     ("a seed beyond 64 bits", "/v1/completions", {"model": "smollm2", "prompt": "x", "seed": 2**70}, 400, "seed"),
     ("no embedding input", "/v1/embeddings", {"model": "minilm", "input": []}, 400, "must not be an empty list"),
     ("a lone surrogate in an embedding input", "/v1/embeddings", b'{"model": "minilm", "input": ["ok", '

@@ -232,7 +232,7 @@ class Server:
         body = await self.read(request, ChatCompletionRequest)
         engine = self.engine(body.model, "generate")
         try:
-            prompt = engine.engine.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+            prompt = engine.engine.tokenizer.encode_chat([m.for_template() for m in body.messages])
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens

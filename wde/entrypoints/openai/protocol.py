@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI API (and the Cohere / Jina rerank API), as pydantic models that refuse unknown
 fields and out-of-range values; and the sampling settings each one asks for."""
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from wde.core.inputs import check_text
 from wde.core.sampling.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams
@@ -68,10 +68,44 @@ class CompletionRequest(SamplingFields):
         return list(self.prompt)
 
 
+class ContentPart(Request):
+    """One part of a message's content. wde serves text models: a part of another type (image_url,
+    input_audio, file) is refused by name."""
+
+    type: Literal["text"]
+    text: Text
+
+    @model_validator(mode="before")
+    @classmethod
+    def text_only(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "text":
+            raise ValueError(f"content parts of type {value.get('type')!r} are not supported: this server reads "
+                             "text only ({'type': 'text', 'text': ...})")
+        return value
+
+
 class ChatMessage(Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text
+    # a string, or a list of text parts (what many clients send); null only for an assistant turn
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
+
+    @model_validator(mode="after")
+    def content_given(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (null is only for an assistant message)")
+        return self
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it: content as one string (text parts joined by newlines, as
+        vLLM joins them; an assistant's null content as "")."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        message = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):
