@@ -89,6 +89,38 @@ def test_chat_streamed_equals_not_streamed(client):
     assert len(content) == 5 and all(len(item.top_logprobs) == 3 for item in content)
 
 
+@pytest.fixture(scope="module")
+def batch_url():
+    """A server whose engine records the requests it holds at each step."""
+    engine = LLMEngine.from_engine_args(num_kv_blocks=128, max_model_len=64, max_num_seqs=64, disable_log_stats=True)
+    held, step = [], engine.step
+
+    def recording_step():
+        held.append(len(engine.scheduler.requests))
+        return step()
+    engine.step = recording_step
+    engines = {"smollm2": AsyncEngine(engine, "smollm2")}
+    for url in serve(engines):
+        yield url, held
+
+
+def test_the_prompts_of_one_request_reach_the_engine_together(batch_url):
+    """All 48 prompts are added between two steps (one per step made a 1,000-prompt request 7x slower than
+    LLM.generate), and one refused prompt among them leaves none running."""
+    url, held = batch_url
+    prompts = [f"Count to {i}:" for i in range(48)]
+    response = httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": prompts, "max_tokens": 2,
+                                                          "temperature": 0}, timeout=120)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 48
+    assert held and held[0] == 48, f"requests held at the first steps: {held[:5]}"
+    held.clear()
+    refused = httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": [[1, 2], [1, 999999], [3]],
+                                                         "max_tokens": 2}, timeout=60)
+    assert refused.status_code == 400 and "prompt.1" in refused.json()["error"]["message"]
+    time.sleep(0.5)
+    assert all(count == 0 for count in held)
+
+
 def test_chat_content_as_text_parts_and_a_null_assistant_turn(client):
     """What many clients send: content as a list of text parts (joined by newlines, as vLLM joins them), and an
     assistant turn with content null; both reach the chat template as the plain-string conversation does."""

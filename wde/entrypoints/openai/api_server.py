@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from wde.core.pooling_params import PoolingParams
 from wde.entrypoints.openai import metrics
-from wde.entrypoints.openai.async_engine import AsyncEngine
+from wde.entrypoints.openai.async_engine import AsyncEngine, Refused
 from wde.entrypoints.openai.errors import APIError, from_validation_error
 from wde.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                                              RerankRequest)
@@ -87,19 +87,21 @@ class Server:
                      ) -> list[tuple[str, asyncio.Queue]]:
         """Add one request per prompt (all or none: a refused one aborts those already added). A refusal names
         the prompt as `names` does (default: "input i" when there are several)."""
-        added = []
+        request_ids = [uuid.uuid4().hex for _ in prompts]
         try:
-            for prompt in prompts:
-                request_id = uuid.uuid4().hex
-                added.append((request_id, await engine.add_request(request_id, prompt, params)))
-        except BaseException as e:  # refused, or the client went away: none of them runs
-            for request_id, _ in added:
+            queues = await engine.add_requests([(request_id, prompt, params)
+                                                for request_id, prompt in zip(request_ids, prompts)])
+        except Refused as refused:  # none of them runs
+            if not isinstance(refused.error, (ValueError, TypeError)):
+                raise refused.error from None
+            index = refused.index
+            which = names[index] if names else f"input {index}" if len(prompts) > 1 else ""
+            raise APIError(400, f"{which}: {refused.error}" if which else str(refused.error)) from refused.error
+        except BaseException:  # the client went away while they were being added: none of them runs
+            for request_id in request_ids:
                 engine.abort(request_id)
-            if isinstance(e, (ValueError, TypeError)):
-                which = names[len(added)] if names else f"input {len(added)}" if len(prompts) > 1 else ""
-                raise APIError(400, f"{which}: {e}" if which else str(e)) from e
             raise
-        return added
+        return list(zip(request_ids, queues))
 
     async def finals(self, request: Request, engine: AsyncEngine, submitted: list[tuple[str, asyncio.Queue]]) -> list:
         """Each request's finished output; the requests are aborted if the client goes away first."""

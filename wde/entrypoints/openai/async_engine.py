@@ -41,15 +41,16 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.failure is None
 
-    async def add_request(self, request_id: str, prompt: Any, params: Any) -> asyncio.Queue:
-        """Queue a request; raises the engine's ValueError / TypeError if it refuses it (or, for a fault of the
-        engine's own, whatever it raised)."""
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> list[asyncio.Queue]:
+        """Queue (request id, prompt, params) requests, all applied by the engine thread in one go before its
+        next step (one request per step would leave a batch waiting for as many steps); all or none: if the
+        engine refuses one, those before it are aborted and Refused says which it was and why."""
         loop = asyncio.get_running_loop()
-        accepted, stream = loop.create_future(), Stream(loop, asyncio.Queue())
-        self._commands.append(("add", request_id, prompt, params, accepted, stream))
+        accepted, streams = loop.create_future(), [Stream(loop, asyncio.Queue()) for _ in requests]
+        self._commands.append(("add", requests, accepted, streams))
         self._wake.set()
         await accepted
-        return stream.queue
+        return [stream.queue for stream in streams]
 
     def abort(self, request_id: str) -> None:
         self._commands.append(("abort", request_id))
@@ -68,15 +69,21 @@ class AsyncEngine:
                 if self.engine.abort_request(command[1]):
                     self._streams.pop(command[1], None)
                 continue
-            _, request_id, prompt, params, accepted, stream = command
+            _, requests, accepted, streams = command
+            accepted.get_loop().call_soon_threadsafe(_settle, accepted, self._add_all(requests, streams))
+
+    def _add_all(self, requests: list[tuple[str, Any, Any]], streams: list[Stream]) -> "Refused | None":
+        for index, ((request_id, prompt, params), stream) in enumerate(zip(requests, streams)):
             try:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as e:  # noqa: BLE001 - refused (ValueError / TypeError: the client's) or not: the
-                # handler that submitted it gets the error, and the engine thread goes on
-                stream.loop.call_soon_threadsafe(_settle, accepted, e)
-                continue
+                # handler that submitted them gets the error, and the engine thread goes on
+                for earlier, _, _ in requests[:index]:
+                    self.engine.abort_request(earlier)
+                    self._streams.pop(earlier, None)
+                return Refused(index, e)
             self._streams[request_id] = stream
-            stream.loop.call_soon_threadsafe(_settle, accepted, None)
+        return None
 
     def _run(self) -> None:
         while not self._stopped:
@@ -101,6 +108,14 @@ class AsyncEngine:
                     del self._streams[output.request_id]
                     self.latency.observe(time.monotonic() - stream.started)
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+
+class Refused(Exception):
+    """The engine refused request `index` of a batch (and none of the batch runs): `error` says why."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(f"request {index}: {error}")
+        self.index, self.error = index, error
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:
