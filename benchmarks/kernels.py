@@ -1,8 +1,8 @@
 """Kernels of the decode step against the device's measured copy bandwidth.
 
 Matmuls at small batches: cuBLAS (torch's F.linear) against wde's skinny matmul, for each weight of a model
-shape, as bytes of weight read per second and the fraction of the bandwidth. `wde.core.layers.linear.linear` makes the same measurement for each shape the model runs, and takes
-the faster.
+shape, as bytes of weight read per second and the fraction of the bandwidth. `wde.core.layers.linear.linear`
+makes the same measurement for each shape the model runs, and takes the faster.
 
 The paged decode kernel at W1's shape (Qwen3-0.6B's heads, 256 sequences of W1's prompt lengths), for a few
 context tiles: bytes of K/V read per second (the kernel's whole job) and the fraction of the bandwidth.

@@ -1,11 +1,11 @@
 """CUDA graphs of decode steps: one captured forward pass (and LM head) per batch size of a ladder.
 
 A decode step launches a dozen kernels per layer, each doing little; replaying a captured graph launches them
-all at once. On one GPU the graph also takes each row's greedy token (the argmax of its logits), so an all-greedy step
-launches nothing else before its tokens are copied out; under tensor parallelism that vote is a collective,
-which runs outside the graph. Inputs go through static buffers: a batch is padded up to the next captured size, with padding
-rows that write no KV (slot -1) and attend to nothing (length 0). Batches larger than the largest size, and
-steps with prefill, run eagerly.
+all at once. On one GPU the graph also takes each row's greedy token (the argmax of its logits), so an
+all-greedy step launches nothing else before its tokens are copied out; under tensor parallelism that vote is a
+collective, which runs outside the graph. Inputs go through static buffers: a batch is padded up to the next
+captured size, with padding rows that write no KV (slot -1) and attend to nothing (length 0). Batches larger
+than the largest size, and steps with prefill, run eagerly.
 """
 import logging
 import time

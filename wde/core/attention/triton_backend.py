@@ -7,7 +7,7 @@ from wde.core.kernels.paged_decode import paged_decode, split_counters
 from wde.core.kernels.paged_prefill import paged_prefill
 from wde.core.kernels.rotary import apply_rope
 from wde.core.kernels.store_kv import store_kv
-from wde.core.layers.rotary import Rotation
+from wde.core.layers.rotary import Rotation, head_norm_arguments
 
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost outweighs the extra parallelism
 
@@ -38,10 +38,8 @@ class TritonAttentionBackend(AttentionBackend):
         if rotation is None:
             store_kv(k, v, layer.kv_cache, meta.slot_mapping)
         else:  # one kernel: q rotated in place, k rotated into its cache slot beside v
-            q_norm, k_norm = rotation.q_norm, rotation.k_norm
-            apply_rope(q, k, rotation.positions, rotation.rotary_emb.cos_sin, q_norm.weight if q_norm else None,
-                       k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, v, layer.kv_cache,
-                       meta.slot_mapping)
+            apply_rope(q, k, rotation.positions, rotation.rotary_emb.cos_sin,
+                       *head_norm_arguments(rotation.q_norm, rotation.k_norm), v, layer.kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.min_query_len == 1:
             paged_decode(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, layer.scale,

@@ -50,13 +50,17 @@ class RotaryEmbedding(nn.Module):
         place.
         """
         if q.is_cuda:
-            apply_rope(q, k, positions, self.cos_sin, q_norm.weight if q_norm else None,
-                       k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0)
+            apply_rope(q, k, positions, self.cos_sin, *head_norm_arguments(q_norm, k_norm))
             return q, k
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         cos, sin = self.cos_sin[positions].to(q.dtype)[:, None].chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def head_norm_arguments(q_norm: nn.Module | None, k_norm: nn.Module | None) -> tuple:
+    """(q weight, k weight, eps) of the per-head norms the RoPE kernel applies first; (None, None, 0.0) without."""
+    return (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else (None, None, 0.0)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
