@@ -14,10 +14,11 @@ import torch
 import uvicorn
 
 from wde import LLM
-from wde.core.config import default_embed_model_path
+from wde.core.config import EngineArgs, default_embed_model_path
 from wde.core.engine.llm_engine import LLMEngine
 from wde.entrypoints.openai.api_server import build_app
 from wde.entrypoints.openai.async_engine import AsyncEngine
+from wde.entrypoints.openai.process_engine import start_engines
 
 MAX_BODY = 64 * 1024
 
@@ -45,10 +46,10 @@ def serve(engines: dict, api_key: str | None = None):
 
 @pytest.fixture(scope="module")
 def url():
-    engines = {"smollm2": AsyncEngine(LLMEngine.from_engine_args(num_kv_blocks=128, max_model_len=256,
-                                                                 disable_log_stats=True), "smollm2"),
-               "minilm": AsyncEngine(LLMEngine.from_engine_args(model=default_embed_model_path()), "minilm")}
-    yield from serve(engines)
+    """The server as `wde serve` runs it: each engine in its own process."""
+    yield from serve(start_engines({"smollm2": EngineArgs(num_kv_blocks=128, max_model_len=256,
+                                                          disable_log_stats=True),
+                                    "minilm": EngineArgs(model=default_embed_model_path())}))
 
 
 @pytest.fixture(scope="module")

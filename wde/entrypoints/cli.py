@@ -122,24 +122,21 @@ def served_name(model: str) -> str:
 
 def run_serve(namespace: argparse.Namespace) -> None:
     """The OpenAI-compatible server over the chat model (default: SmolLM2) and, optionally, an embedding or
-    scoring model."""
+    scoring model; each engine runs in its own process (this one does HTTP and tokenization)."""
     import uvicorn
 
     from wde.core.config import default_model_path
-    from wde.core.engine.llm_engine import LLMEngine
     from wde.entrypoints.openai.api_server import build_app
-    from wde.entrypoints.openai.async_engine import AsyncEngine
+    from wde.entrypoints.openai.process_engine import start_engines
     args = engine_args_from(namespace)
     model = args.model or default_model_path()
-    engines = {namespace.served_model_name or served_name(model):
-               AsyncEngine(LLMEngine.from_engine_args(args.model_copy(update={"model": model})),
-                           namespace.served_model_name or served_name(model))}
+    served = {namespace.served_model_name or served_name(model): args.model_copy(update={"model": model})}
     if namespace.embed_model:
-        name = served_name(namespace.embed_model)
-        engines[name] = AsyncEngine(LLMEngine.from_engine_args(model=namespace.embed_model, device=args.device), name)
-    app = build_app(engines, namespace.api_key, namespace.max_body_bytes)
-    logger.info("serving %s on http://%s:%d", ", ".join(engines), namespace.host, namespace.port)
+        served[served_name(namespace.embed_model)] = EngineArgs(model=namespace.embed_model, device=args.device)
+    engines = start_engines(served)
     try:
+        app = build_app(engines, namespace.api_key, namespace.max_body_bytes)
+        logger.info("serving %s on http://%s:%d", ", ".join(engines), namespace.host, namespace.port)
         uvicorn.run(app, host=namespace.host, port=namespace.port, log_level=namespace.log_level.lower())
     finally:
         for engine in engines.values():

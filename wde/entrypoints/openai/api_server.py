@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -25,21 +26,27 @@ from starlette.routing import Route
 
 from wde.core.pooling_params import PoolingParams
 from wde.entrypoints.openai import metrics
-from wde.entrypoints.openai.async_engine import AsyncEngine, Refused
 from wde.entrypoints.openai.errors import APIError, from_validation_error
 from wde.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                                              RerankRequest)
+from wde.entrypoints.openai.served_engine import EngineStopped, Refused, ServedEngine
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+TOKENIZER_THREADS = 4  # the Rust tokenizer lets go of the GIL: prompts are tokenized side by side
 
 
 class Server:
-    def __init__(self, engines: dict[str, AsyncEngine], api_key: str | None = None,
+    def __init__(self, engines: dict[str, ServedEngine], api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.engines, self.api_key, self.max_body_bytes = engines, api_key, max_body_bytes
         self.created = int(time.time())
+        # tokenizing a long prompt takes seconds: never on the event loop, which would stall every other client
+        self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="wde-tokenize")
+
+    async def off_loop(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, function, *args)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -71,19 +78,19 @@ class Server:
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply") from None
 
-    def engine(self, name: str, *tasks: str) -> AsyncEngine:
+    def engine(self, name: str, *tasks: str) -> ServedEngine:
         if name not in self.engines:
             raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(self.engines)}", param="model",
                            code="model_not_found")
         engine = self.engines[name]
-        if engine.engine.workflow.task not in tasks:
-            raise APIError(400, f"the model {name!r} is served for {engine.engine.workflow.task!r}, not for this "
+        if engine.task not in tasks:
+            raise APIError(400, f"the model {name!r} is served for {engine.task!r}, not for this "
                                 f"endpoint ({' or '.join(tasks)})", param="model")
         if not engine.alive:
             raise APIError(503, f"the engine of {name!r} stopped: {engine.failure}", type="server_error")
         return engine
 
-    async def submit(self, engine: AsyncEngine, prompts: list, params, names: list[str] | None = None
+    async def submit(self, engine: ServedEngine, prompts: list, params, names: list[str] | None = None
                      ) -> list[tuple[str, asyncio.Queue]]:
         """Add one request per prompt (all or none: a refused one aborts those already added). A refusal names
         the prompt as `names` does (default: "input i" when there are several)."""
@@ -97,13 +104,14 @@ class Server:
             index = refused.index
             which = names[index] if names else f"input {index}" if len(prompts) > 1 else ""
             raise APIError(400, f"{which}: {refused.error}" if which else str(refused.error)) from refused.error
+        except EngineStopped as e:
+            raise APIError(503, f"the engine of {engine.name!r} stopped: {e}", type="server_error") from None
         except BaseException:  # the client went away while they were being added: none of them runs
-            for request_id in request_ids:
-                engine.abort(request_id)
+            engine.abort(request_ids)
             raise
         return list(zip(request_ids, queues))
 
-    async def finals(self, request: Request, engine: AsyncEngine, submitted: list[tuple[str, asyncio.Queue]]) -> list:
+    async def finals(self, request: Request, engine: ServedEngine, submitted: list[tuple[str, asyncio.Queue]]) -> list:
         """Each request's finished output; the requests are aborted if the client goes away first."""
         results = []
         try:
@@ -116,20 +124,19 @@ class Server:
                             raise ClientDisconnected from None
                         continue
                     if isinstance(output, Exception):
-                        raise APIError(503, f"the engine stopped: {output}", type="server_error")
+                        raise APIError(503, f"the engine of {engine.name!r} stopped: {output}", type="server_error")
                     if output.finished:
                         results.append(output)
                         break
         except (ClientDisconnected, asyncio.CancelledError):
-            for request_id, _ in submitted[len(results):]:
-                engine.abort(request_id)
+            engine.abort([request_id for request_id, _ in submitted[len(results):]])
             raise
         for output in results:
             if output.error:
                 raise output_error(output)
         return results
 
-    async def merged(self, engine: AsyncEngine, submitted: list[tuple[str, asyncio.Queue]]) -> AsyncIterator:
+    async def merged(self, engine: ServedEngine, submitted: list[tuple[str, asyncio.Queue]]) -> AsyncIterator:
         """(prompt index, output) of every request as outputs come; aborts what is unfinished if the stream
         is closed early (the client disconnected)."""
         pending = {asyncio.ensure_future(queue.get()): index for index, (_, queue) in enumerate(submitted)}
@@ -151,15 +158,14 @@ class Server:
             for task in pending:
                 task.cancel()
             unfinished = [request_id for index, (request_id, _) in enumerate(submitted) if index not in finished]
-            for request_id in unfinished:
-                engine.abort(request_id)
             if unfinished:
+                engine.abort(unfinished)
                 logger.info("a stream closed before its end (the client went away, or a request failed); %d "
                             "unfinished requests aborted", len(unfinished))
 
-    def check_length(self, engine: AsyncEngine, prompt_ids: list[int], max_tokens: int | None,
+    def check_length(self, engine: ServedEngine, prompt_ids: list[int], max_tokens: int | None,
                      prompt_field: str) -> None:
-        limit = engine.engine.config.model.max_model_len
+        limit = engine.max_model_len
         wanted = len(prompt_ids) + (max_tokens or 1)
         if len(prompt_ids) >= limit or wanted > limit:
             # the field to change: the prompt when it alone is too long, else max_tokens
@@ -171,34 +177,44 @@ class Server:
     @staticmethod
     def sse(stream: AsyncIterator[dict]) -> StreamingResponse:
         async def events():
-            async for chunk in stream:
-                yield f"data: {json.dumps(chunk)}\n\n"
+            try:
+                async for chunk in stream:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except EngineStopped as e:  # the status line went out already: the error is the last event
+                error = APIError(503, f"the engine stopped: {e}", type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # --- endpoints ------------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        dead = [name for name, engine in self.engines.items() if not engine.alive]
-        if dead:
-            return JSONResponse({"status": "error", "stopped": dead}, status_code=503)
+        stopped = {name: engine.failure or "stopped" for name, engine in self.engines.items() if not engine.alive}
+        if stopped:  # each stopped engine with the reason (a process killed by a signal, a step that failed)
+            return JSONResponse({"status": "error", "stopped": stopped}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
-        return PlainTextResponse(metrics.render(list(self.engines.values())),
+        stats = {}
+        for name, engine in self.engines.items():
+            try:
+                stats[name] = await engine.stats()
+            except EngineStopped:
+                pass  # a stopped engine shows only its latencies (and /health says it stopped)
+        return PlainTextResponse(metrics.render(self.engines, stats),
                                  media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "wde",
-             "max_model_len": engine.engine.config.model.max_model_len, "task": engine.engine.workflow.task}
+             "max_model_len": engine.max_model_len, "task": engine.task}
             for name, engine in self.engines.items()]})
 
     async def completions(self, request: Request) -> Response:
         body = await self.read(request, CompletionRequest)
         engine = self.engine(body.model, "generate")
-        tokenizer = engine.engine.tokenizer
-        prompts = [p if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts()]
+        prompts = [p if isinstance(p, list) else await self.off_loop(engine.tokenizer.encode, p)
+                   for p in body.prompts()]
         for prompt in prompts:
             self.check_length(engine, prompt, body.max_tokens, "prompt")
         params = body.sampling_params(body.max_tokens, body.logprobs)  # a refused value: 400 (invalid_params)
@@ -234,7 +250,7 @@ class Server:
         body = await self.read(request, ChatCompletionRequest)
         engine = self.engine(body.model, "generate")
         try:
-            prompt = engine.engine.tokenizer.encode_chat([m.for_template() for m in body.messages])
+            prompt = await self.off_loop(engine.tokenizer.encode_chat, [m.for_template() for m in body.messages])
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -290,7 +306,7 @@ class Server:
         body = await self.read(request, RerankRequest)
         engine = self.engine(body.model, "score", "embed")
         documents = body.texts()
-        if engine.engine.workflow.task == "score":
+        if engine.task == "score":
             outputs = await self.finals(request, engine, await self.submit(
                 engine, [(body.query, d) for d in documents], PoolingParams(),
                 [f"documents.{i}" for i in range(len(documents))]))
@@ -411,7 +427,7 @@ async def http_error(request: Request, error) -> Response:
     return APIError(error.status_code, messages.get(error.status_code, str(error.detail))).response()
 
 
-def build_app(engines: dict[str, AsyncEngine], api_key: str | None = None,
+def build_app(engines: dict[str, ServedEngine], api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     server = Server(engines, api_key, max_body_bytes)
     routes = [Route("/health", server.health), Route("/metrics", server.metrics),

@@ -1,4 +1,5 @@
-"""An LLMEngine driven by a background thread, for an asyncio server.
+"""An LLMEngine driven by a background thread of this process, for an asyncio server in the same process
+(tests, and programs that embed the server; `wde serve` runs the engine in its own process: ProcessEngine).
 
 Handlers never touch the engine: they queue commands (add, abort) that the engine thread applies between steps,
 and await the outputs it hands back, so a long step never blocks the event loop and the engine is never
@@ -7,33 +8,23 @@ entered from two threads.
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from wde.core.engine.llm_engine import LLMEngine
-from wde.entrypoints.openai.metrics import LatencyHistogram
+from wde.core.engine.stats import EngineStats
+from wde.entrypoints.openai.served_engine import EngineInfo, EngineStopped, ServedEngine, add_all, settle
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    started: float = field(default_factory=time.monotonic)
-
-
-class AsyncEngine:
+class AsyncEngine(ServedEngine):
     def __init__(self, engine: LLMEngine, name: str):
-        self.engine, self.name = engine, name
+        super().__init__(name, EngineInfo(engine.workflow.task, engine.config.model.max_model_len, engine.tokenizer))
+        self.engine = engine
         self._commands: deque = deque()
-        self._streams: dict[str, Stream] = {}
         self._wake = threading.Event()
         self._stopped = False
-        self.latency = LatencyHistogram()  # seconds from add to finish, of every finished request
-        self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"wde-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -42,19 +33,20 @@ class AsyncEngine:
         return self._thread.is_alive() and self.failure is None
 
     async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> list[asyncio.Queue]:
-        """Queue (request id, prompt, params) requests, all applied by the engine thread in one go before its
-        next step (one request per step would leave a batch waiting for as many steps); all or none: if the
-        engine refuses one, those before it are aborted and Refused says which it was and why."""
-        loop = asyncio.get_running_loop()
-        accepted, streams = loop.create_future(), [Stream(loop, asyncio.Queue()) for _ in requests]
+        accepted, streams = asyncio.get_running_loop().create_future(), self.new_streams(len(requests))
         self._commands.append(("add", requests, accepted, streams))
         self._wake.set()
+        if not self.alive:  # stopped before or while this was queued: its thread is not there to answer
+            self._refuse_commands()
         await accepted
         return [stream.queue for stream in streams]
 
-    def abort(self, request_id: str) -> None:
-        self._commands.append(("abort", request_id))
+    def abort(self, request_ids: list[str]) -> None:
+        self._commands.append(("abort", request_ids))
         self._wake.set()
+
+    async def stats(self) -> EngineStats:
+        return self.engine.get_stats()
 
     def stop(self) -> None:
         self._stopped = True
@@ -66,24 +58,22 @@ class AsyncEngine:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "abort":
-                if self.engine.abort_request(command[1]):
-                    self._streams.pop(command[1], None)
+                for request_id in command[1]:
+                    if self.engine.abort_request(request_id):
+                        self._streams.pop(request_id, None)
                 continue
             _, requests, accepted, streams = command
-            accepted.get_loop().call_soon_threadsafe(_settle, accepted, self._add_all(requests, streams))
+            refused = add_all(self.engine, requests)
+            if refused is None:
+                self._streams.update((request_id, stream) for (request_id, _, _), stream in zip(requests, streams))
+            accepted.get_loop().call_soon_threadsafe(settle, accepted, refused)
 
-    def _add_all(self, requests: list[tuple[str, Any, Any]], streams: list[Stream]) -> "Refused | None":
-        for index, ((request_id, prompt, params), stream) in enumerate(zip(requests, streams)):
-            try:
-                self.engine.add_request(request_id, prompt, params)
-            except Exception as e:  # noqa: BLE001 - refused (ValueError / TypeError: the client's) or not: the
-                # handler that submitted them gets the error, and the engine thread goes on
-                for earlier, _, _ in requests[:index]:
-                    self.engine.abort_request(earlier)
-                    self._streams.pop(earlier, None)
-                return Refused(index, e)
-            self._streams[request_id] = stream
-        return None
+    def _refuse_commands(self) -> None:
+        """The engine stopped: adds queued meanwhile fail (their handlers must not wait for ever)."""
+        while self._commands:
+            command = self._commands.popleft()
+            if command[0] == "add":
+                command[2].get_loop().call_soon_threadsafe(settle, command[2], EngineStopped(self.failure))
 
     def _run(self) -> None:
         while not self._stopped:
@@ -97,27 +87,7 @@ class AsyncEngine:
             except Exception as e:  # the engine cannot go on (a lost tensor-parallel rank): fail every request
                 logger.exception("engine %s stopped", self.name)
                 self.failure = f"{type(e).__name__}: {e}"
-                for stream in self._streams.values():
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                self.fail_all(EngineStopped(self.failure))
+                self._refuse_commands()
                 return
-            for output in outputs:
-                stream = self._streams.get(output.request_id)
-                if stream is None:
-                    continue
-                if output.finished:
-                    del self._streams[output.request_id]
-                    self.latency.observe(time.monotonic() - stream.started)
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
-
-
-class Refused(Exception):
-    """The engine refused request `index` of a batch (and none of the batch runs): `error` says why."""
-
-    def __init__(self, index: int, error: Exception):
-        super().__init__(f"request {index}: {error}")
-        self.index, self.error = index, error
-
-
-def _settle(future: asyncio.Future, error: Exception | None) -> None:
-    if not future.done():
-        future.set_exception(error) if error else future.set_result(None)
+            self.deliver(outputs)

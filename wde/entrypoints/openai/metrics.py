@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from wde.entrypoints.openai.async_engine import AsyncEngine
+    from wde.core.engine.stats import EngineStats
+    from wde.entrypoints.openai.served_engine import ServedEngine
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -24,32 +25,35 @@ class LatencyHistogram:
         self.count += 1
 
 
-def render(engines: list["AsyncEngine"]) -> str:
+def render(engines: dict[str, "ServedEngine"], stats: dict[str, "EngineStats"]) -> str:
+    """The engines' metrics; `stats` holds those of the engines still running (a stopped one has only its
+    latency histogram)."""
     lines = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
         lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
         lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-    stats = [(f'{{model="{e.name}"}}', e, e.engine.get_stats()) for e in engines]
+    running = [(f'{{model="{name}"}}', engine_stats) for name, engine_stats in stats.items()]
     metric("wde_requests_running", "gauge", "Requests running in the engine.",
-           [(labels, s.num_running) for labels, _, s in stats])
+           [(labels, s.num_running) for labels, s in running])
     metric("wde_requests_waiting", "gauge", "Requests waiting to run.",
-           [(labels, s.num_waiting) for labels, _, s in stats])
+           [(labels, s.num_waiting) for labels, s in running])
     metric("wde_kv_cache_usage_ratio", "gauge", "Share of KV-cache blocks in use.",
-           [(labels, s.kv_blocks_used / max(s.kv_blocks_total, 1)) for labels, _, s in stats])
+           [(labels, s.kv_blocks_used / max(s.kv_blocks_total, 1)) for labels, s in running])
     metric("wde_prompt_tokens_per_second", "gauge", "Prompt tokens computed per second, last interval.",
-           [(labels, round(s.prompt_tokens_per_s, 3)) for labels, _, s in stats])
+           [(labels, round(s.prompt_tokens_per_s, 3)) for labels, s in running])
     metric("wde_generation_tokens_per_second", "gauge", "Tokens generated per second, last interval.",
-           [(labels, round(s.generation_tokens_per_s, 3)) for labels, _, s in stats])
+           [(labels, round(s.generation_tokens_per_s, 3)) for labels, s in running])
     metric("wde_prompt_tokens_total", "counter", "Prompt tokens computed.",
-           [(labels, s.num_prompt_tokens) for labels, _, s in stats])
+           [(labels, s.num_prompt_tokens) for labels, s in running])
     metric("wde_generation_tokens_total", "counter", "Tokens generated.",
-           [(labels, s.num_generation_tokens) for labels, _, s in stats])
+           [(labels, s.num_generation_tokens) for labels, s in running])
     lines += ["# HELP wde_request_latency_seconds Time from a request's arrival to its last output.",
               "# TYPE wde_request_latency_seconds histogram"]
-    for labels, engine, _ in stats:
-        histogram, model, below = engine.latency, labels[1:-1], 0
+    for name, engine in engines.items():
+        histogram, labels, below = engine.latency, f'{{model="{name}"}}', 0
+        model = labels[1:-1]
         for bound, count in zip(LATENCY_BUCKETS, histogram.counts):
             below += count
             lines.append(f'wde_request_latency_seconds_bucket{{{model},le="{bound}"}} {below}')
