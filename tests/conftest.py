@@ -49,6 +49,26 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def served_smollm2():
+    """The server as `wde serve` runs it, SmolLM2 and all-MiniLM-L6-v2 each in an engine process of its own:
+    (base URL, engines by name). One for the session: its two processes take half a minute to start."""
+    from tests.served import serve
+    from wde.core.config import EngineArgs, default_embed_model_path
+    from wde.entrypoints.openai.process_engine import start_engines
+    engines = start_engines({"smollm2": EngineArgs(num_kv_blocks=128, max_model_len=256, disable_log_stats=True),
+                             "minilm": EngineArgs(model=default_embed_model_path())})
+    for url in serve(engines):
+        yield url, engines
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """The offline API on the served SmolLM2: what the server's answers are checked against."""
+    from wde import LLM
+    return LLM(num_kv_blocks=128, max_model_len=256, disable_log_stats=True)
+
+
 @pytest.fixture(autouse=True)
 def every_kv_block_is_free_after_each_test(monkeypatch):
     """Every engine a test builds must end the test with no request left and every KV block free."""

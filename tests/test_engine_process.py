@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from wde.core.config import EngineArgs
 from wde.entrypoints.openai.process_engine import ProcessEngine, start_engines
 
-from .test_server import serve
+from tests.served import serve
 
 
 def exited(pid: int) -> bool:
@@ -103,3 +104,79 @@ def test_the_engine_process_ends_when_the_server_dies(tiny_model_dir, tmp_path):
 def test_an_engine_that_cannot_start_says_why(tmp_path):
     with pytest.raises(ValueError, match="the engine could not start: .*nowhere"):
         ProcessEngine(EngineArgs(model=str(tmp_path / "nowhere")), "missing")
+
+
+@pytest.fixture(scope="module")
+def cli_server(tiny_model_dir):
+    """`wde serve` as a user starts it, in a process of its own, over a tiny model; its base URL."""
+    from tests.served import free_port
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "wde.entrypoints.cli", "serve", "--model",
+                               tiny_model_dir("qwen3"), "--served-model-name", "tiny", "--port", str(port), "--max-body-bytes", str(64 << 20),
+                               "--disable-log-stats"], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: server.poll() is not None or healthy(url), 120), "wde serve did not start"
+        assert server.poll() is None, f"wde serve exited with code {server.returncode}"
+        yield url
+    finally:
+        server.terminate()
+        assert server.wait(timeout=60) == 0  # SIGTERM: an orderly stop, the engine process stopped first
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+SENDER = """
+import sys, httpx
+answer = httpx.post(sys.argv[1], content=open(sys.argv[2], "rb").read(), timeout=120,
+                    headers={"content-type": "application/json"})
+print(answer.status_code, answer.json()["error"]["message"][:200])
+"""
+
+
+def test_health_answers_at_once_while_four_8_mb_prompts_arrive(cli_server, tmp_path):
+    """Four 8 MB prompts for a model that reads 1,024 tokens, sent by four other processes (clients of their
+    own): refused with a 400 before they are tokenized (no token stands for more than a few characters, so the
+    prompt cannot fit), and /health answers within 100 ms meanwhile. Reading and parsing the bodies is the
+    event loop's; tokenizing, when a prompt could fit, is done in threads."""
+    text = "hello world this is a test " * (8 * 1024 * 1024 // 27)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"model": "tiny", "prompt": text, "max_tokens": 1}))
+    latencies, done = [], threading.Event()
+
+    def probe():
+        with httpx.Client() as client:
+            while not done.is_set():
+                start = time.perf_counter()
+                assert client.get(f"{cli_server}/health", timeout=10).status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.005)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    senders = [subprocess.Popen([sys.executable, "-c", SENDER, f"{cli_server}/v1/completions", str(body)],
+                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    answers = [sender.communicate(timeout=120)[0] for sender in senders]
+    done.set()
+    prober.join()
+    assert all(a.startswith("400 This model's maximum context length is 1024") for a in answers), answers
+    assert max(latencies) < 0.1, f"/health took up to {max(latencies) * 1000:.0f} ms"
+
+
+def test_prompts_that_could_fit_are_tokenized_and_then_refused(cli_server):
+    """A prompt just under the bound is tokenized (in the server's threads, four at a time here), found too
+    long, and refused with the same 400; one that fits runs."""
+    text = "hello " * (4 * 5 * 1025 // 6)  # the bound: 4 x the longest token (5 characters) x 1,025 tokens
+    body = {"model": "tiny", "prompt": text, "max_tokens": 1}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{cli_server}/v1/completions", json=body, timeout=60),
+                                range(8)))
+    for answer in answers:
+        message = answer.json()["error"]["message"]
+        assert answer.status_code == 400 and message.endswith("the prompt alone is longer than that.")
+    fits = httpx.post(f"{cli_server}/v1/completions", json={**body, "prompt": "hello " * 100}, timeout=60)
+    assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] == 100

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
 from tests.fuzz import Shared, any_value, count_case, fuzz_settings
-from tests.test_server import serve
+from tests.served import serve
 from wde.core.config import default_embed_model_path
 from wde.core.engine.llm_engine import LLMEngine
 from wde.entrypoints.openai.async_engine import AsyncEngine

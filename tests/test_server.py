@@ -4,52 +4,44 @@ streaming clients with some disconnecting, and a table of bad inputs with the er
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
-from wde import LLM
-from wde.core.config import EngineArgs, default_embed_model_path
+from wde import LLM, SamplingParams
+from wde.core.config import default_embed_model_path
 from wde.core.engine.llm_engine import LLMEngine
-from wde.entrypoints.openai.api_server import build_app
 from wde.entrypoints.openai.async_engine import AsyncEngine
-from wde.entrypoints.openai.process_engine import start_engines
 
-MAX_BODY = 64 * 1024
-
-
-def serve(engines: dict, api_key: str | None = None):
-    """Start a server in a thread; yield its base URL; stop it and its engines."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engines, api_key, MAX_BODY), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        for engine in engines.values():
-            engine.stop()
+from tests.served import MAX_BODY, serve
 
 
 @pytest.fixture(scope="module")
-def url():
-    """The server as `wde serve` runs it: each engine in its own process."""
-    yield from serve(start_engines({"smollm2": EngineArgs(num_kv_blocks=128, max_model_len=256,
-                                                          disable_log_stats=True),
-                                    "minilm": EngineArgs(model=default_embed_model_path())}))
+def url(served_smollm2):
+    return served_smollm2[0]
+
+
+@pytest.fixture(autouse=True)
+def engine_processes_idle_after_each_test(request, served_smollm2):
+    """What conftest checks of in-process engines, for the engines in their own processes: every request
+    finished or aborted, every KV block free (aborts reach the engine a moment after the test's last answer)."""
+    yield
+    if "url" in request.fixturenames:
+        for engine in served_smollm2[1].values():
+            assert wait_until_idle(engine), f"engine {engine.name} still holds requests or KV blocks"
+
+
+def wait_until_idle(engine, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = asyncio.run(engine.stats())
+        if stats.num_running == stats.num_waiting == stats.kv_blocks_used == 0:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +157,92 @@ def test_rerank_metrics(url):
     count_line = 'wde_request_latency_seconds_count{model="smollm2"}'
     count = next(line for line in text.splitlines() if line.startswith(count_line))
     assert int(count.split()[-1]) > 0
+
+
+def test_echo_with_logprobs_gives_the_prompts_logprobs_as_lm_eval_reads_them(url, reference):
+    """lm-eval's loglikelihood request (token ids, echo, logprobs=1, max_tokens=1): the prompt's log-probabilities
+    are the engine's, the first is null, the text is the prompt and its completion, streamed or not."""
+    prompt = reference.engine.tokenizer.encode("The capital of France is Paris")
+    body = {"model": "smollm2", "prompt": [prompt], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True,
+            "seed": 1234}
+    choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["token_logprobs"]) == len(prompt) + 1 and logprobs["token_logprobs"][0] is None
+    assert logprobs["top_logprobs"][0] is None and all(isinstance(t, dict) for t in logprobs["top_logprobs"][1:])
+    assert choice["text"].startswith("The capital of France is Paris")
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    expected = prompt_logprobs_of(reference, prompt)
+    assert logprobs["token_logprobs"][1:-1] == pytest.approx(expected, abs=1e-4)
+    # lm-eval's greedy check: each top-1 value equals the token's own when the token is the most likely one
+    greedy = [lp == max(top.values()) for lp, top in zip(logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:])]
+    assert greedy[-1]  # the generated token was chosen greedily
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    streamed = "".join(e["choices"][0]["text"] for e in events)
+    assert streamed == choice["text"]
+    assert events[0]["choices"][0]["logprobs"]["token_logprobs"] == logprobs["token_logprobs"]
+    plain = httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hello", "max_tokens": 2,
+                                                        "temperature": 0, "echo": True}).json()["choices"][0]
+    assert plain["text"].startswith("Hello") and plain["logprobs"] is None
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_reference):
+    return smollm2_reference
+
+
+def prompt_logprobs_of(llm: LLM, prompt: list[int]) -> list[float]:
+    """The prompt tokens' log-probabilities from the offline API, positions 1 on."""
+    output = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1),
+                          use_tqdm=False)[0]
+    return [entry[token].logprob for token, entry in zip(prompt[1:], output.prompt_logprobs[1:])]
+
+
+def test_tokenize_and_detokenize(url, reference):
+    tokenizer = reference.engine.tokenizer
+    tokens = httpx.post(f"{url}/tokenize", json={"model": "smollm2", "prompt": "Hello world",
+                                                 "return_token_strs": True}).json()
+    assert tokens["tokens"] == tokenizer.encode("Hello world") and tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == 256 and "".join(tokens["token_strs"]).endswith("Hello world")
+    back = httpx.post(f"{url}/detokenize", json={"model": "smollm2", "tokens": tokens["tokens"]}).json()
+    assert back["prompt"].endswith("Hello world")
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(f"{url}/tokenize", json={"model": "smollm2", "messages": messages}).json()
+    assert chat["tokens"] == tokenizer.encode_chat(messages)
+    for body, status, words in [({"model": "smollm2", "tokens": [1, 10**9]}, 400, "outside the vocabulary"),
+                                ({"model": "smollm2"}, 400, "either prompt or messages")]:
+        path = "/detokenize" if "tokens" in body else "/tokenize"
+        answer = httpx.post(f"{url}{path}", json=body)
+        assert answer.status_code == status and words in answer.json()["error"]["message"]
+
+
+def test_score_agrees_with_rerank(url):
+    documents = ["A man is eating food.", "The sky is blue."]
+    score = httpx.post(f"{url}/v1/score", json={"model": "minilm", "text_1": "What do people eat?",
+                                                "text_2": documents}).json()
+    rerank = httpx.post(f"{url}/v1/rerank", json={"model": "minilm", "query": "What do people eat?",
+                                                  "documents": documents}).json()
+    by_index = {r["index"]: r["relevance_score"] for r in rerank["results"]}
+    assert [d["score"] for d in score["data"]] == pytest.approx([by_index[0], by_index[1]], abs=1e-6)
+    pairwise = httpx.post(f"{url}/v1/score", json={"model": "minilm", "text_1": documents, "text_2": documents})
+    assert [d["score"] for d in pairwise.json()["data"]] == pytest.approx([1.0, 1.0], abs=1e-5)
+    mismatched = httpx.post(f"{url}/v1/score", json={"model": "minilm", "text_1": ["a", "b"], "text_2": ["a"] * 3})
+    assert mismatched.status_code == 400 and "give one text_1" in mismatched.json()["error"]["message"]
+
+
+def test_classify_matches_the_engine(tmp_path):
+    from tests.encoder_models import write_encoder
+    folder = str(write_encoder(tmp_path, "bert", num_labels=3))
+    texts = ["a good day", "a bad day"]
+    expected = LLM(model=folder, task="classify").classify(texts)
+    engine = LLMEngine.from_engine_args(model=folder, task="classify", disable_log_stats=True)
+    for url in serve({"classifier": AsyncEngine(engine, "classifier")}):
+        answer = httpx.post(f"{url}/v1/classify", json={"model": "classifier", "input": texts}).json()
+    for item, output in zip(answer["data"], expected):
+        assert item["probs"] == pytest.approx(output.outputs.probs, abs=1e-6) and item["num_classes"] == 3
+        assert item["label"] == f"LABEL_{int(output.outputs.data.argmax())}"
+    assert answer["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in expected)
 
 
 BAD_INPUTS = [  # (what, path, body or raw bytes, status, in the message)

@@ -57,6 +57,9 @@ class Tokenizer(Component):
     """Text <-> token ids, pairs for cross-encoders, streaming text, and the model's chat template."""
 
     eos_token_id: int | None
+    # the most characters one token stands for, when known: a text that long times the context length cannot
+    # fit, and is refused without being tokenized
+    max_token_chars: int | None = None
 
     @abstractmethod
     def __len__(self) -> int:

@@ -26,6 +26,8 @@ class HFTokenizer(interfaces.Tokenizer):
         logger.info("tokenizer loaded from %s in %.1f s", gguf_file or folder, time.perf_counter() - start)
         self.eos_token_id: int | None = self.hf.eos_token_id
         self.special_ids = frozenset(self.hf.all_special_ids)
+        # a vocabulary entry's length counts the bytes (byte-level BPE) or characters it stands for
+        self.max_token_chars = max(map(len, self.hf.get_vocab()), default=None)
 
     def __len__(self) -> int:
         return len(self.hf)

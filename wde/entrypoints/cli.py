@@ -3,6 +3,7 @@ all-MiniLM-L6-v2); --model takes any HF folder or .gguf file."""
 import argparse
 import json
 import logging
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -134,10 +135,14 @@ def run_serve(namespace: argparse.Namespace) -> None:
     if namespace.embed_model:
         served[served_name(namespace.embed_model)] = EngineArgs(model=namespace.embed_model, device=args.device)
     engines = start_engines(served)
+    # uvicorn raises the signal that stopped it again once it is done: a SIGTERM must then unwind (stopping the
+    # engines below), not end this process on the spot
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         app = build_app(engines, namespace.api_key, namespace.max_body_bytes)
         logger.info("serving %s on http://%s:%d", ", ".join(engines), namespace.host, namespace.port)
-        uvicorn.run(app, host=namespace.host, port=namespace.port, log_level=namespace.log_level.lower())
+        uvicorn.run(app, host=namespace.host, port=namespace.port, log_level=namespace.log_level.lower(),
+                    access_log=namespace.access_log)
     finally:
         for engine in engines.values():
             engine.stop()
@@ -169,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the name clients ask for (default: from the model's path)")
     serve.add_argument("--embed-model", help="a second model, for /v1/embeddings and /v1/rerank")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
+    serve.add_argument("--access-log", action="store_true", help="log a line per HTTP request (off: at load, "
+                                                                 "the lines cost the server time)")
     serve.set_defaults(run=run_serve)
 
     plugins = commands.add_parser("plugins", help="list the installed plugins and whether they load")

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 class AsyncEngine(ServedEngine):
     def __init__(self, engine: LLMEngine, name: str):
-        super().__init__(name, EngineInfo(engine.workflow.task, engine.config.model.max_model_len, engine.tokenizer))
+        super().__init__(name, EngineInfo.of(engine))
         self.engine = engine
         self._commands: deque = deque()
         self._wake = threading.Event()

@@ -26,6 +26,9 @@ IDLE_POLL_MS = 500  # how often an idle engine checks that the server that start
 def run_engine_process(args: dict, commands_address: str, outputs_address: str, log_level: int) -> None:
     """The process's main: report ready (with what the server needs) or why the engine could not start, then
     serve commands until told to stop or the server's process is gone."""
+    # a group of its own: Ctrl+C or `timeout` signal the server's group, and the server then stops the engine in
+    # order (finishing nothing half-way); if the server is killed outright, the engine sees it is gone
+    os.setpgrp()
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(levelname)s %(asctime)s %(name)s [engine]: %(message)s", datefmt="%H:%M:%S")
     parent = os.getppid()
@@ -40,7 +43,7 @@ def run_engine_process(args: dict, commands_address: str, outputs_address: str, 
         outputs.send_multipart([b"failed", pickle.dumps(f"{type(e).__name__}: {e}")])
         outputs.close(linger=5000)
         raise SystemExit(1) from None
-    info = EngineInfo(engine.workflow.task, engine.config.model.max_model_len, engine.tokenizer)
+    info = EngineInfo.of(engine)
     outputs.send_multipart([b"ready", pickle.dumps(info)])
     try:
         EngineLoop(engine, commands, outputs, parent).run()

@@ -51,11 +51,13 @@ class SamplingFields(Request):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop, max_tokens=max_tokens,
-            logprobs=logprobs, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY)
 
 
@@ -63,12 +65,22 @@ class CompletionRequest(SamplingFields):
     prompt: Annotated[Text | list[Text] | TokenIds | list[TokenIds], AfterValidator(not_empty)]
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt before the completion; with logprobs, the prompt's log-probabilities too
 
     def prompts(self) -> list[str | TokenIds]:
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        return one_or_many(self.prompt)
+
+    def completion_params(self) -> SamplingParams:
+        """echo with logprobs asks for the prompt's log-probabilities (how lm-eval scores a text)."""
+        return self.sampling_params(self.max_tokens, self.logprobs,
+                                    self.logprobs if self.echo and self.logprobs is not None else None)
+
+
+def one_or_many(value: str | list) -> list:
+    """A field that takes one text or token-id list, or a list of them: always the list."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
 
 
 class ContentPart(Request):
@@ -122,17 +134,24 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class EmbeddingRequest(Request):
+class InputsRequest(Request):
+    """A request over one or more inputs: texts or token-id lists."""
+
     model: str
     input: Annotated[Text | list[Text] | TokenIds | list[TokenIds], AfterValidator(not_empty)]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
     user: str | None = None
 
     def inputs(self) -> list[str | TokenIds]:
-        if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)):
-            return [self.input]
-        return list(self.input)
+        return one_or_many(self.input)
+
+
+class EmbeddingRequest(InputsRequest):
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
+
+
+class ClassificationRequest(InputsRequest):
+    """vLLM's /v1/classify: each input's class probabilities, and the most likely class's label."""
 
 
 class RerankDocument(Request):
@@ -150,3 +169,45 @@ class RerankRequest(Request):
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class ScoreRequest(Request):
+    """vLLM's /v1/score: text_1 against each of text_2 (one to many), or pair by pair (two lists as long)."""
+
+    model: str
+    text_1: Annotated[Text | list[Text], AfterValidator(not_empty)]
+    text_2: Annotated[Text | list[Text], AfterValidator(not_empty)]
+
+    @model_validator(mode="after")
+    def lengths_match(self) -> "ScoreRequest":
+        first, second = one_or_many(self.text_1), one_or_many(self.text_2)
+        if len(first) > 1 and len(first) != len(second):
+            raise ValueError(f"text_1 holds {len(first)} texts and text_2 {len(second)}: give one text_1, or as "
+                             "many as text_2")
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        first, second = one_or_many(self.text_1), one_or_many(self.text_2)
+        return list(zip(first * len(second) if len(first) == 1 else first, second))
+
+
+class TokenizeRequest(Request):
+    """vLLM's /tokenize: a prompt, or a conversation through the model's chat template."""
+
+    model: str
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # for a prompt (a chat template holds its own)
+    add_generation_prompt: bool = True  # for messages
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def one_of_prompt_or_messages(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Request):
+    model: str
+    tokens: TokenIds

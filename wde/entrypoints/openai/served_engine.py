@@ -21,6 +21,15 @@ class EngineInfo:
     task: str  # the workflow's task: "generate", "embed", "score" or "classify"
     max_model_len: int
     tokenizer: Any  # the engine's Tokenizer component (a ProcessEngine gets a copy from its process)
+    labels: list[str] | None = None  # a classifier's class names, by class index
+
+    @classmethod
+    def of(cls, engine) -> "EngineInfo":
+        labels = None
+        if engine.workflow.task == "classify":
+            names = getattr(engine.config.model.hf_config, "id2label", None) or {}
+            labels = [str(names.get(i, i)) for i in range(len(names))] or None
+        return cls(engine.workflow.task, engine.config.model.max_model_len, engine.tokenizer, labels)
 
 
 @dataclass
