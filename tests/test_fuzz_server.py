@@ -21,13 +21,16 @@ from tests.served import serve
 from wde.core.config import default_embed_model_path
 from wde.core.engine.llm_engine import LLMEngine
 from wde.entrypoints.openai.async_engine import AsyncEngine
-from wde.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                             RerankRequest)
+from wde.entrypoints.openai.protocol import (ChatCompletionRequest, ClassificationRequest, CompletionRequest,
+                                             DetokenizeRequest, EmbeddingRequest, RerankRequest, ScoreRequest,
+                                             TokenizeRequest)
 
 KEY = "secret"
 # path -> (its request model, the model that serves it)
 ENDPOINTS = {"/v1/completions": (CompletionRequest, "tiny"), "/v1/chat/completions": (ChatCompletionRequest, "tiny"),
-             "/v1/embeddings": (EmbeddingRequest, "embed"), "/v1/rerank": (RerankRequest, "embed")}
+             "/v1/embeddings": (EmbeddingRequest, "embed"), "/v1/rerank": (RerankRequest, "embed"),
+             "/v1/score": (ScoreRequest, "embed"), "/v1/classify": (ClassificationRequest, "embed"),
+             "/tokenize": (TokenizeRequest, "tiny"), "/detokenize": (DetokenizeRequest, "tiny")}
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}w3"
 
 

@@ -133,7 +133,8 @@ def run_serve(namespace: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     served = {namespace.served_model_name or served_name(model): args.model_copy(update={"model": model})}
     if namespace.embed_model:
-        served[served_name(namespace.embed_model)] = EngineArgs(model=namespace.embed_model, device=args.device)
+        served[served_name(namespace.embed_model)] = EngineArgs(model=namespace.embed_model, device=args.device,
+                                                                task=namespace.embed_task)
     engines = start_engines(served)
     # uvicorn raises the signal that stopped it again once it is done: a SIGTERM must then unwind (stopping the
     # engines below), not end this process on the spot
@@ -172,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="every request then needs Authorization: Bearer KEY")
     serve.add_argument("--served-model-name", help="the name clients ask for (default: from the model's path)")
-    serve.add_argument("--embed-model", help="a second model, for /v1/embeddings and /v1/rerank")
+    serve.add_argument("--embed-model", help="a second model, for /v1/embeddings, /v1/rerank, /v1/score or "
+                                             "/v1/classify")
+    serve.add_argument("--embed-task", default="auto", choices=["auto", "embed", "score", "classify"],
+                       help="what the second model serves (auto: its architecture's task)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
     serve.add_argument("--access-log", action="store_true", help="log a line per HTTP request (off: at load, "
                                                                  "the lines cost the server time)")

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
@@ -33,6 +34,7 @@ from wde.entrypoints.openai.protocol import (ChatCompletionRequest, Classificati
                                              DetokenizeRequest, EmbeddingRequest, RerankRequest, ScoreRequest,
                                              TokenizeRequest)
 from wde.entrypoints.openai.served_engine import EngineStopped, Refused, ServedEngine
+from wde.entrypoints.openai.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -108,12 +110,12 @@ class Server:
         return engine
 
     async def submit(self, engine: ServedEngine, prompts: list, params, names: list[str] | None = None
-                     ) -> list[tuple[str, asyncio.Queue]]:
+                     ) -> "Submitted":
         """Add one request per prompt (all or none: a refused one aborts those already added). A refusal names
         the prompt as `names` does (default: "input i" when there are several)."""
         request_ids = [uuid.uuid4().hex for _ in prompts]
         try:
-            queues = await engine.add_requests([(request_id, prompt, params)
+            queue = await engine.add_requests([(request_id, prompt, params)
                                                 for request_id, prompt in zip(request_ids, prompts)])
         except Refused as refused:  # none of them runs
             if not isinstance(refused.error, (ValueError, TypeError)):
@@ -126,59 +128,54 @@ class Server:
         except BaseException:  # the client went away while they were being added: none of them runs
             engine.abort(request_ids)
             raise
-        return list(zip(request_ids, queues))
+        return Submitted(request_ids, queue)
 
-    async def finals(self, request: Request, engine: ServedEngine, submitted: list[tuple[str, asyncio.Queue]]) -> list:
-        """Each request's finished output; the requests are aborted if the client goes away first."""
-        results = []
+    async def finals(self, request: Request, engine: ServedEngine, submitted: "Submitted") -> list:
+        """Each request's finished output, in the order submitted; the requests are aborted if the client goes
+        away first."""
+        results = [None] * len(submitted.request_ids)
+        remaining = set(submitted.request_ids)
         try:
-            for _, queue in submitted:
-                while True:
-                    try:
-                        output = await asyncio.wait_for(queue.get(), POLL_S)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            raise ClientDisconnected from None
-                        continue
-                    if isinstance(output, Exception):
-                        raise APIError(503, f"the engine of {engine.name!r} stopped: {output}", type="server_error")
-                    if output.finished:
-                        results.append(output)
-                        break
+            while remaining:
+                try:
+                    output = await asyncio.wait_for(submitted.queue.get(), POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ClientDisconnected from None
+                    continue
+                if isinstance(output, Exception):
+                    raise APIError(503, f"the engine of {engine.name!r} stopped: {output}", type="server_error")
+                if output.finished:
+                    results[submitted.index[output.request_id]] = output
+                    remaining.discard(output.request_id)
         except (ClientDisconnected, asyncio.CancelledError):
-            engine.abort([request_id for request_id, _ in submitted[len(results):]])
+            engine.abort(list(remaining))
             raise
         for output in results:
             if output.error:
                 raise output_error(output)
         return results
 
-    async def merged(self, engine: ServedEngine, submitted: list[tuple[str, asyncio.Queue]]) -> AsyncIterator:
-        """(prompt index, output) of every request as outputs come; aborts what is unfinished if the stream
-        is closed early (the client disconnected)."""
-        pending = {asyncio.ensure_future(queue.get()): index for index, (_, queue) in enumerate(submitted)}
-        finished = set()
+    async def merged(self, engine: ServedEngine, submitted: "Submitted") -> AsyncIterator:
+        """(prompt index, output) of every request as outputs come; what a slow client has not read yet is
+        joined into one output per request (fewer, larger events: the stream's back-pressure). Aborts what is
+        unfinished if the stream is closed early (the client disconnected)."""
+        remaining = set(submitted.request_ids)
         try:
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    index = pending.pop(task)
-                    output = task.result()
+            while remaining:
+                waiting = [await submitted.queue.get()]
+                waiting += [submitted.queue.get_nowait() for _ in range(submitted.queue.qsize())]
+                for output in coalesce(waiting):
                     if isinstance(output, Exception):
                         raise output
-                    yield index, output
+                    yield submitted.index[output.request_id], output
                     if output.finished:
-                        finished.add(index)
-                    else:
-                        pending[asyncio.ensure_future(submitted[index][1].get())] = index
+                        remaining.discard(output.request_id)
         finally:
-            for task in pending:
-                task.cancel()
-            unfinished = [request_id for index, (request_id, _) in enumerate(submitted) if index not in finished]
-            if unfinished:
-                engine.abort(unfinished)
+            if remaining:
+                engine.abort(list(remaining))
                 logger.info("a stream closed before its end (the client went away, or a request failed); %d "
-                            "unfinished requests aborted", len(unfinished))
+                            "unfinished requests aborted", len(remaining))
 
     def check_length(self, engine: ServedEngine, prompt_ids: list[int], max_tokens: int | None,
                      prompt_field: str) -> None:
@@ -240,7 +237,7 @@ class Server:
         params = body.completion_params()  # a refused value: 400 (invalid_params)
         submitted = await self.submit(engine, prompts, params,
                                       [f"prompt.{i}" for i in range(len(prompts))] if len(prompts) > 1 else None)
-        head = {"id": f"cmpl-{submitted[0][0]}", "object": "text_completion", "created": int(time.time()),
+        head = {"id": f"cmpl-{submitted.request_ids[0]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         echo = Echo(engine.tokenizer, texts, prompts, body.logprobs) if body.echo else None
         prompt_tokens = sum(map(len, prompts))
@@ -278,7 +275,7 @@ class Server:
         self.check_length(engine, prompt, max_tokens, "messages")
         params = body.sampling_params(max_tokens, body.token_logprobs())
         submitted = await self.submit(engine, [prompt], params)
-        head = {"id": f"chatcmpl-{submitted[0][0]}", "created": int(time.time()), "model": body.model}
+        head = {"id": f"chatcmpl-{submitted.request_ids[0]}", "created": int(time.time()), "model": body.model}
         if body.stream:
             return self.sse(self._stream_chat(engine, submitted, head, body, len(prompt)))
         [output] = await self.finals(request, engine, submitted)
@@ -424,6 +421,18 @@ def parse_json(body: bytes) -> Any:
         return msgspec.json.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return json.loads(body)
+
+
+@dataclass
+class Submitted:
+    """The requests of one HTTP request, in order, and the queue their outputs come on."""
+
+    request_ids: list[str]
+    queue: asyncio.Queue
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self):
+        self.index = {request_id: i for i, request_id in enumerate(self.request_ids)}
 
 
 class ClientDisconnected(Exception):

@@ -32,14 +32,14 @@ class AsyncEngine(ServedEngine):
     def alive(self) -> bool:
         return self._thread.is_alive() and self.failure is None
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> list[asyncio.Queue]:
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
         accepted, streams = asyncio.get_running_loop().create_future(), self.new_streams(len(requests))
         self._commands.append(("add", requests, accepted, streams))
         self._wake.set()
         if not self.alive:  # stopped before or while this was queued: its thread is not there to answer
             self._refuse_commands()
         await accepted
-        return [stream.queue for stream in streams]
+        return streams[0].queue
 
     def abort(self, request_ids: list[str]) -> None:
         self._commands.append(("abort", request_ids))

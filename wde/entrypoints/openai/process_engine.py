@@ -71,10 +71,10 @@ class ProcessEngine(ServedEngine):
     def pid(self) -> int:
         return self._process.pid
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> list[asyncio.Queue]:
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
         streams = self.new_streams(len(requests))
         await self._call("add", requests, streams)
-        return [stream.queue for stream in streams]
+        return streams[0].queue
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -63,10 +63,10 @@ class ServedEngine:
     def alive(self) -> bool:
         raise NotImplementedError
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> list[asyncio.Queue]:
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
         """Add (request id, prompt, params) requests in one go, all or none: if the engine refuses one, none
-        runs and Refused says which it was and why. Each queue gets that request's outputs, or the exception
-        that stopped the engine."""
+        runs and Refused says which it was and why. The queue gets the outputs of all of them, in the order the
+        engine made them (or the exception that stopped the engine)."""
         raise NotImplementedError
 
     def abort(self, request_ids: list[str]) -> None:
@@ -79,8 +79,9 @@ class ServedEngine:
         raise NotImplementedError
 
     def new_streams(self, count: int) -> list[Stream]:
-        loop = asyncio.get_running_loop()
-        return [Stream(loop, asyncio.Queue()) for _ in range(count)]
+        """Streams for a batch of requests, which share one queue: whoever reads it waits on one thing."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        return [Stream(loop, queue) for _ in range(count)]
 
     def deliver(self, outputs: list) -> None:
         """Hand a step's outputs to the queues of their requests, with one wake-up per event loop (a step of
@@ -105,7 +106,8 @@ class ServedEngine:
     def fail_all(self, error: Exception) -> None:
         """The engine stopped: every open request gets `error`."""
         streams, self._streams = self._streams, {}
-        for stream in streams.values():
+        queues = {id(stream.queue): stream for stream in streams.values()}  # a batch's requests share one
+        for stream in queues.values():
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
 
