@@ -102,13 +102,10 @@ async def one_request(client, prompt: list[int], max_tokens: int, send_at: float
 
 def client_process(url: str, requests: list[tuple[list[int], int, float]]) -> list[dict]:
     """One load-generating process: its share of the requests, each sent at its time (seconds since the epoch)."""
-    import httpx
     import openai
 
     async def run() -> list[dict]:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600,
-                                    http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=None),
-                                                                  timeout=3600))
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
         return await asyncio.gather(*(one_request(client, *request) for request in requests))
     return asyncio.run(run())
 
