@@ -85,9 +85,13 @@ def start_server(args, port: int) -> subprocess.Popen:
     raise TimeoutError(f"wde serve was not up after {args.start_timeout} s")
 
 
-async def one_request(client, prompt: list[int], max_tokens: int, send_at: float) -> dict:
+async def one_request(client, prompt: list[int], max_tokens: int, send_at: float, stream: bool = True) -> dict:
     await asyncio.sleep(max(0.0, send_at - time.time()))
     sent = time.time()
+    if not stream:  # one answer: the time to it stands for the first token's
+        answer = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+        return {"sent": sent, "chunks": [time.time()], "tokens": answer.usage.completion_tokens}
     chunk_times, tokens = [], 0
     stream = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0, stream=True, stream_options={"include_usage": True},
@@ -100,7 +104,7 @@ async def one_request(client, prompt: list[int], max_tokens: int, send_at: float
     return {"sent": sent, "chunks": chunk_times, "tokens": tokens}
 
 
-def client_process(url: str, requests: list[tuple[list[int], int, float]]) -> list[dict]:
+def client_process(url: str, requests: list[tuple[list[int], int, float, bool]]) -> list[dict]:
     """One load-generating process: its share of the requests, each sent at its time (seconds since the epoch)."""
     import openai
 
@@ -110,12 +114,12 @@ def client_process(url: str, requests: list[tuple[list[int], int, float]]) -> li
     return asyncio.run(run())
 
 
-def drive(url: str, prompts, output_lens, offsets: list[float], num_clients: int) -> dict:
+def drive(url: str, prompts, output_lens, offsets: list[float], num_clients: int, stream: bool = True) -> dict:
     """Send request i at offsets[i] seconds after a common start, from num_clients processes."""
     start = time.time() + 1.0  # every client process up before the first request is due
     shares = [[] for _ in range(num_clients)]
     for i, (prompt, n, offset) in enumerate(zip(prompts, output_lens, offsets)):
-        shares[i % num_clients].append((prompt, n, start + offset))
+        shares[i % num_clients].append((prompt, n, start + offset, stream))
     with multiprocessing.get_context("spawn").Pool(num_clients) as pool:
         records = [r for share in pool.starmap(client_process, [(url, share) for share in shares]) for r in share]
     return summarize(records, start)
@@ -149,6 +153,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=min(8, os.cpu_count() or 1), help="load-generator processes")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--output-scale", type=float, default=1.0, help="CPU smoke runs: shorten W1's outputs")
+    parser.add_argument("--variants", action="store_true", help="also a burst from 14 client processes, and one "
+                                                                "not streamed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prompts, output_lens = w1(args.num_prompts)
@@ -160,6 +166,10 @@ def main() -> None:
         drive(url, prompts[:8], [16] * 8, [0.0] * 8, 1)  # warm-up: compile the server's first shapes
         burst = drive(url, prompts, output_lens, [0.0] * len(prompts), args.clients)
         logger.info("burst: %s", burst)
+        if args.variants:  # where a burst's time goes: more client processes; no per-token events at all
+            burst["with_14_clients"] = drive(url, prompts, output_lens, [0.0] * len(prompts), 14)
+            burst["not_streamed"] = drive(url, prompts, output_lens, [0.0] * len(prompts), args.clients, False)
+            logger.info("burst variants: %s / %s", burst["with_14_clients"], burst["not_streamed"])
         rate = args.rate or burst["req_per_s"] / 2
         arrivals, rng, offset = [], random.Random(0), 0.0
         for _ in range(args.poisson_requests):

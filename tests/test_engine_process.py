@@ -133,8 +133,10 @@ def healthy(url: str) -> bool:
 
 SENDER = """
 import sys, httpx
-answer = httpx.post(sys.argv[1], content=open(sys.argv[2], "rb").read(), timeout=120,
-                    headers={"content-type": "application/json"})
+body = open(sys.argv[2], "rb").read()
+print("ready", flush=True)
+sys.stdin.readline()  # go: every sender is loaded, none competes with the server for the CPU while importing
+answer = httpx.post(sys.argv[1], content=body, timeout=120, headers={"content-type": "application/json"})
 print(answer.status_code, answer.json()["error"]["message"][:200])
 """
 
@@ -156,10 +158,14 @@ def test_health_answers_at_once_while_four_8_mb_prompts_arrive(cli_server, tmp_p
                 assert client.get(f"{cli_server}/health", timeout=10).status_code == 200
                 latencies.append(time.perf_counter() - start)
                 time.sleep(0.005)
+    senders = [subprocess.Popen([sys.executable, "-c", SENDER, f"{cli_server}/v1/completions", str(body)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    assert all(sender.stdout.readline() == "ready\n" for sender in senders)
     prober = threading.Thread(target=probe)
     prober.start()
-    senders = [subprocess.Popen([sys.executable, "-c", SENDER, f"{cli_server}/v1/completions", str(body)],
-                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    for sender in senders:  # all four at once
+        sender.stdin.write("go\n")
+        sender.stdin.flush()
     answers = [sender.communicate(timeout=120)[0] for sender in senders]
     done.set()
     prober.join()

@@ -196,7 +196,7 @@ class Server:
         async def events():
             try:
                 async for chunk in stream:
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield sse_event(chunk)
             except EngineStopped as e:  # the status line went out already: the error is the last event
                 error = APIError(503, f"the engine stopped: {e}", type="server_error")
                 yield f"data: {json.dumps(error.body())}\n\n"
@@ -411,6 +411,15 @@ class Server:
                            param="tokens")
         text = await self.off_loop(engine.tokenizer.decode, body.tokens, False)
         return JSONResponse({"prompt": text})
+
+
+def sse_event(chunk: dict) -> bytes:
+    """One server-sent event. msgspec's encoder: 2-3x json's speed, and a stream sends thousands of events;
+    json's (ASCII escapes) for text UTF-8 cannot encode, which an error message may quote."""
+    try:
+        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+    except UnicodeEncodeError:
+        return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
 def parse_json(body: bytes) -> Any:
