@@ -62,7 +62,8 @@ def offline(args, prompts, output_lens) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"out_tok_per_s": round(run.out_tokens / run.seconds, 1), "seconds": round(run.seconds, 2),
-            "steps": run.steps, "ms_per_step": round(1000 * run.seconds / run.steps, 3)}
+            "steps": run.steps, "ms_per_step": round(1000 * run.seconds / run.steps, 3),
+            "host_ms_per_step": round(run.host_ms_per_step, 3)}
 
 
 def start_server(args, port: int) -> subprocess.Popen:
@@ -125,6 +126,27 @@ def drive(url: str, prompts, output_lens, offsets: list[float], num_clients: int
     return summarize(records, start)
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's step counters from /metrics: steps, and seconds scheduling, executing, making outputs."""
+    import httpx
+    counters = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in ("wde_steps_total", "wde_step_schedule_seconds_total", "wde_step_execute_seconds_total",
+                    "wde_step_output_seconds_total"):
+            counters[name] = float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def steps_between(before: dict[str, float], after: dict[str, float]) -> dict:
+    steps = after["wde_steps_total"] - before["wde_steps_total"]
+    spent = {name: after[name] - before[name] for name in after}
+    return {"steps": int(steps),
+            "host_ms_per_step": round(1000 * (spent["wde_step_schedule_seconds_total"] +
+                                              spent["wde_step_output_seconds_total"]) / max(steps, 1), 3),
+            "execute_ms_per_step": round(1000 * spent["wde_step_execute_seconds_total"] / max(steps, 1), 3)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -164,7 +186,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         drive(url, prompts[:8], [16] * 8, [0.0] * 8, 1)  # warm-up: compile the server's first shapes
+        before = engine_counters(url)
         burst = drive(url, prompts, output_lens, [0.0] * len(prompts), args.clients)
+        burst["engine"] = steps_between(before, engine_counters(url))
         logger.info("burst: %s", burst)
         if args.variants:  # where a burst's time goes: more client processes; no per-token events at all
             burst["with_14_clients"] = drive(url, prompts, output_lens, [0.0] * len(prompts), 14)

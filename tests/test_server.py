@@ -150,9 +150,11 @@ def test_rerank_metrics(url):
     assert [r["index"] for r in answer["results"]] == [0, 2]
     assert answer["results"][0]["relevance_score"] > answer["results"][1]["relevance_score"]
     assert answer["results"][0]["document"] == {"text": "A man is eating food."}
+    httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2}, timeout=60)
     text = httpx.get(f"{url}/metrics").text
     for name in ("wde_requests_running", "wde_requests_waiting", "wde_kv_cache_usage_ratio",
-                 "wde_generation_tokens_per_second", "wde_request_latency_seconds_count"):
+                 "wde_generation_tokens_per_second", "wde_request_latency_seconds_count", "wde_steps_total",
+                 "wde_step_execute_seconds_total"):
         assert f'{name}{{model="smollm2"}}' in text
     count_line = 'wde_request_latency_seconds_count{model="smollm2"}'
     count = next(line for line in text.splitlines() if line.startswith(count_line))
@@ -382,6 +384,7 @@ def test_a_client_that_hangs_up_while_sending_its_body_is_an_info_line(url, capl
 
 def test_latencies_are_kept_as_a_histogram(url):
     from wde.entrypoints.openai.metrics import LATENCY_BUCKETS
+    httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2}, timeout=60)
     text = httpx.get(f"{url}/metrics").text
     buckets = [int(line.split()[-1]) for line in text.splitlines()
                if line.startswith('wde_request_latency_seconds_bucket{model="smollm2"')]

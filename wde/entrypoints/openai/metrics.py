@@ -49,6 +49,13 @@ def render(engines: dict[str, "ServedEngine"], stats: dict[str, "EngineStats"]) 
            [(labels, s.num_prompt_tokens) for labels, s in running])
     metric("wde_generation_tokens_total", "counter", "Tokens generated.",
            [(labels, s.num_generation_tokens) for labels, s in running])
+    metric("wde_steps_total", "counter", "Engine steps run.",
+           [(labels, s.step_times.num_steps) for labels, s in running if s.step_times])
+    for phase, help_text in (("schedule", "scheduling and building the model input (host)"),
+                             ("execute", "the model step until its tokens are on the host"),
+                             ("output", "tokens, stop checks, text and outputs (host)")):
+        metric(f"wde_step_{phase}_seconds_total", "counter", f"Time in steps spent on {help_text}.",
+               [(labels, round(getattr(s.step_times, f"{phase}_s"), 6)) for labels, s in running if s.step_times])
     lines += ["# HELP wde_request_latency_seconds Time from a request's arrival to its last output.",
               "# TYPE wde_request_latency_seconds histogram"]
     for name, engine in engines.items():
