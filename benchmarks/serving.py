@@ -86,13 +86,9 @@ def start_server(args, port: int) -> subprocess.Popen:
     raise TimeoutError(f"wde serve was not up after {args.start_timeout} s")
 
 
-async def one_request(client, prompt: list[int], max_tokens: int, send_at: float, stream: bool = True) -> dict:
+async def one_request(client, prompt: list[int], max_tokens: int, send_at: float) -> dict:
     await asyncio.sleep(max(0.0, send_at - time.time()))
     sent = time.time()
-    if not stream:  # one answer: the time to it stands for the first token's
-        answer = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens,
-                                                 temperature=0, extra_body={"ignore_eos": True})
-        return {"sent": sent, "chunks": [time.time()], "tokens": answer.usage.completion_tokens}
     chunk_times, tokens = [], 0
     stream = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0, stream=True, stream_options={"include_usage": True},
@@ -105,7 +101,7 @@ async def one_request(client, prompt: list[int], max_tokens: int, send_at: float
     return {"sent": sent, "chunks": chunk_times, "tokens": tokens}
 
 
-def client_process(url: str, requests: list[tuple[list[int], int, float, bool]]) -> list[dict]:
+def client_process(url: str, requests: list[tuple[list[int], int, float]]) -> list[dict]:
     """One load-generating process: its share of the requests, each sent at its time (seconds since the epoch)."""
     import openai
 
@@ -115,15 +111,22 @@ def client_process(url: str, requests: list[tuple[list[int], int, float, bool]])
     return asyncio.run(run())
 
 
-def drive(url: str, prompts, output_lens, offsets: list[float], num_clients: int, stream: bool = True) -> dict:
-    """Send request i at offsets[i] seconds after a common start, from num_clients processes."""
-    start = time.time() + 1.0  # every client process up before the first request is due
-    shares = [[] for _ in range(num_clients)]
+def load_client(barrier) -> str:
+    """A load-generating process's start: the client library loaded before any clock starts."""
+    import openai
+    barrier.wait()
+    return openai.__version__
+
+
+def drive(pool, url: str, prompts, output_lens, offsets: list[float]) -> dict:
+    """Send request i at offsets[i] seconds after a common start, from the pool's processes."""
+    start = time.time() + 0.5
+    shares = [[] for _ in range(pool._processes)]
     for i, (prompt, n, offset) in enumerate(zip(prompts, output_lens, offsets)):
-        shares[i % num_clients].append((prompt, n, start + offset, stream))
-    with multiprocessing.get_context("spawn").Pool(num_clients) as pool:
-        records = [r for share in pool.starmap(client_process, [(url, share) for share in shares]) for r in share]
-    return summarize(records, start)
+        shares[i % len(shares)].append((prompt, n, start + offset))
+    records = [r for share in pool.starmap(client_process, [(url, share) for share in shares], chunksize=1)
+               for r in share]
+    return summarize(records)
 
 
 def engine_counters(url: str) -> dict[str, float]:
@@ -152,8 +155,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def summarize(records: list[dict], start: float) -> dict:
-    end = max(r["chunks"][-1] for r in records if r["chunks"])
+def summarize(records: list[dict]) -> dict:
+    """Throughput over the time from the first request sent to the last token received."""
+    start, end = min(r["sent"] for r in records), max(r["chunks"][-1] for r in records if r["chunks"])
     tokens = sum(r["tokens"] for r in records)
     ttft = [1000 * (r["chunks"][0] - r["sent"]) for r in records if r["chunks"]]
     gaps = [1000 * (b - a) for r in records for a, b in zip(r["chunks"], r["chunks"][1:])]
@@ -175,8 +179,6 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=min(8, os.cpu_count() or 1), help="load-generator processes")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--output-scale", type=float, default=1.0, help="CPU smoke runs: shorten W1's outputs")
-    parser.add_argument("--variants", action="store_true", help="also a burst from 14 client processes, and one "
-                                                                "not streamed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prompts, output_lens = w1(args.num_prompts)
@@ -184,26 +186,25 @@ def main() -> None:
     port = free_port()
     server = start_server(args, port)
     url = f"http://127.0.0.1:{port}"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(args.clients + 1)
     try:
-        drive(url, prompts[:8], [16] * 8, [0.0] * 8, 1)  # warm-up: compile the server's first shapes
-        before = engine_counters(url)
-        burst = drive(url, prompts, output_lens, [0.0] * len(prompts), args.clients)
-        burst["engine"] = steps_between(before, engine_counters(url))
-        logger.info("burst: %s", burst)
-        if args.variants:  # where a burst's time goes: more client processes; no per-token events at all
-            burst["with_14_clients"] = drive(url, prompts, output_lens, [0.0] * len(prompts), 14)
-            burst["not_streamed"] = drive(url, prompts, output_lens, [0.0] * len(prompts), args.clients, False)
-            logger.info("burst variants: %s / %s", burst["with_14_clients"], burst["not_streamed"])
-        rate = args.rate or burst["req_per_s"] / 2
-        arrivals, rng, offset = [], random.Random(0), 0.0
-        for _ in range(args.poisson_requests):
-            offset += rng.expovariate(rate)
-            arrivals.append(offset)
-        poisson_prompts, poisson_lens = w1(args.poisson_requests, seed=1)
-        poisson_lens = [max(1, int(n * args.output_scale)) for n in poisson_lens]
-        poisson = {"rate_req_per_s": round(rate, 2), **drive(url, poisson_prompts, poisson_lens, arrivals,
-                                                                args.clients)}
-        logger.info("poisson: %s", poisson)
+        with context.Pool(args.clients, initializer=load_client, initargs=(barrier,)) as pool:
+            barrier.wait(timeout=300)  # every client process loaded: none is still starting when requests are due
+            drive(pool, url, prompts[:8], [16] * 8, [0.0] * 8)  # warm-up: compile the server's first shapes
+            before = engine_counters(url)
+            burst = drive(pool, url, prompts, output_lens, [0.0] * len(prompts))
+            burst["engine"] = steps_between(before, engine_counters(url))
+            logger.info("burst: %s", burst)
+            rate = args.rate or burst["req_per_s"] / 2
+            arrivals, rng, offset = [], random.Random(0), 0.0
+            for _ in range(args.poisson_requests):
+                offset += rng.expovariate(rate)
+                arrivals.append(offset)
+            poisson_prompts, poisson_lens = w1(args.poisson_requests, seed=1)
+            poisson_lens = [max(1, int(n * args.output_scale)) for n in poisson_lens]
+            poisson = {"rate_req_per_s": round(rate, 2), **drive(pool, url, poisson_prompts, poisson_lens, arrivals)}
+            logger.info("poisson: %s", poisson)
     finally:
         server.terminate()
         server.wait(timeout=60)
