@@ -3,6 +3,7 @@ httpx: completions, chat (streamed and not), embeddings, rerank, health, metrics
 streaming clients with some disconnecting, and a table of bad inputs with the error each gets."""
 import asyncio
 import json
+import re
 import socket
 import time
 
@@ -199,6 +200,19 @@ def prompt_logprobs_of(llm: LLM, prompt: list[int]) -> list[float]:
     output = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1),
                           use_tqdm=False)[0]
     return [entry[token].logprob for token, entry in zip(prompt[1:], output.prompt_logprobs[1:])]
+
+
+def test_openapi_document_describes_every_endpoint(url):
+    """/openapi.json: each POST endpoint with its body's JSON schema, every reference resolving."""
+    from wde.entrypoints.openai.api_server import POST_ENDPOINTS
+    document = httpx.get(f"{url}/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert set(POST_ENDPOINTS) <= set(document["paths"]) and "/health" in document["paths"]
+    completion = schemas["CompletionRequest"]
+    assert {"prompt", "echo", "logprobs", "ignore_eos"} <= set(completion["properties"])
+    assert completion["additionalProperties"] is False  # unknown fields are refused, as the server does
+    references = re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document))
+    assert references and all(name in schemas for name in references)
 
 
 def test_tokenize_and_detokenize(url, reference):

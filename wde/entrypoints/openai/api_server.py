@@ -1,6 +1,10 @@
 """The OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/rerank,
-and vLLM's /v1/score, /v1/classify, /tokenize and /detokenize; /health and /metrics; over one engine per served
-model (ServedEngine: in its own process under `wde serve`).
+and vLLM's /v1/score, /v1/classify, /tokenize and /detokenize; /health, /metrics and /openapi.json; over one
+engine per served model (ServedEngine: in its own process under `wde serve`).
+
+Starlette, not FastAPI: every body is read by hand (a size cap while it streams in, json's messages, a nesting
+limit that never becomes a 500), which FastAPI's own parsing and 422 errors would replace with less; the
+OpenAPI document FastAPI would publish is made here from the same pydantic models (openapi_document).
 
 Every request body is checked by a pydantic model (unknown fields and out-of-range values get a 400 in OpenAI's
 error shape), its size is bounded (413), and with an API key every request but /health needs
@@ -588,19 +592,44 @@ async def http_error(request: Request, error) -> Response:
     return APIError(error.status_code, messages.get(error.status_code, str(error.detail))).response()
 
 
+# each POST endpoint: the Server method that answers it and the model of its body (also /openapi.json's)
+POST_ENDPOINTS = {"/v1/completions": ("completions", CompletionRequest),
+                  "/v1/chat/completions": ("chat_completions", ChatCompletionRequest),
+                  "/v1/embeddings": ("embeddings", EmbeddingRequest), "/v1/rerank": ("rerank", RerankRequest),
+                  "/v1/score": ("score", ScoreRequest), "/v1/classify": ("classify", ClassificationRequest),
+                  "/tokenize": ("tokenize", TokenizeRequest), "/detokenize": ("detokenize", DetokenizeRequest)}
+GET_ENDPOINTS = {"/health": "health", "/metrics": "metrics", "/v1/models": "models"}
+
+
+def openapi_document() -> dict:
+    """An OpenAPI 3.1 document of the endpoints, each POST's body as its pydantic model's JSON schema: what
+    clients' code generators and API fuzzers (schemathesis) read."""
+    schemas, paths = {}, {}
+    errors = {"description": "a client's mistake, in OpenAI's error shape: {\"error\": {\"message\", ...}}"}
+    for path, (_, model) in POST_ENDPOINTS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        body = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        paths[path] = {"post": {"requestBody": body, "responses": {"200": {"description": "the answer"},
+                                                                   "4XX": errors}}}
+    for path in GET_ENDPOINTS:
+        paths[path] = {"get": {"responses": {"200": {"description": "the answer"}}}}
+    return {"openapi": "3.1.0", "info": {"title": "wde", "version": "0.1.0"}, "paths": paths,
+            "components": {"schemas": schemas}}
+
+
 def build_app(engines: dict[str, ServedEngine], api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     server = Server(engines, api_key, max_body_bytes)
-    routes = [Route("/health", server.health), Route("/metrics", server.metrics),
-              Route("/v1/models", server.models),
-              Route("/v1/completions", server.completions, methods=["POST"]),
-              Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
-              Route("/v1/embeddings", server.embeddings, methods=["POST"]),
-              Route("/v1/rerank", server.rerank, methods=["POST"]),
-              Route("/v1/score", server.score, methods=["POST"]),
-              Route("/v1/classify", server.classify, methods=["POST"]),
-              Route("/tokenize", server.tokenize, methods=["POST"]),
-              Route("/detokenize", server.detokenize, methods=["POST"])]
+    document = openapi_document()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+    routes = [Route(path, getattr(server, name)) for path, name in GET_ENDPOINTS.items()]
+    routes += [Route(path, getattr(server, name), methods=["POST"]) for path, (name, _) in POST_ENDPOINTS.items()]
+    routes.append(Route("/openapi.json", openapi))
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     app = Starlette(routes=routes, middleware=[Middleware(BearerAuth, api_key=api_key)],
