@@ -7,7 +7,7 @@ import uvicorn
 
 from wde.entrypoints.openai.api_server import build_app
 
-MAX_BODY = 64 * 1024
+MAX_BODY = 256 * 1024
 
 
 def free_port() -> int:

@@ -76,11 +76,14 @@ def test_a_killed_engine_fails_its_open_requests_and_health_says_why(tiny_model_
 
 
 SERVER_THAT_DIES = """
-import os, sys
+import asyncio, sys
+from wde import SamplingParams
 from wde.core.config import EngineArgs
 from wde.entrypoints.openai.process_engine import ProcessEngine
 if __name__ == "__main__":
-    engine = ProcessEngine(EngineArgs(model=sys.argv[1], num_kv_blocks=16, disable_log_stats=True), "tiny")
+    engine = ProcessEngine(EngineArgs(model=sys.argv[1], num_kv_blocks=1024, disable_log_stats=True), "tiny")
+    busy = SamplingParams(n=16, max_tokens=1000, ignore_eos=True)  # minutes of work: the engine is busy
+    asyncio.run(engine.add_requests([(f"busy-{i}", [5, 6, 7], busy) for i in range(8)]))
     print(engine.pid, flush=True)
     sys.stdin.readline()  # the test kills this process here
 """
@@ -94,7 +97,7 @@ def test_the_engine_process_ends_when_the_server_dies(tiny_model_dir, tmp_path):
                               env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         engine_pid = int(server.stdout.readline())
-        server.kill()  # no atexit, no stop(): the engine is on its own
+        server.kill()  # no atexit, no stop(): the engine, busy with its requests, is on its own
         server.wait()
         assert wait_until(lambda: exited(engine_pid), 10), "the engine outlived its server"
     finally:
@@ -186,3 +189,4 @@ def test_prompts_that_could_fit_are_tokenized_and_then_refused(cli_server):
         assert answer.status_code == 400 and message.endswith("the prompt alone is longer than that.")
     fits = httpx.post(f"{cli_server}/v1/completions", json={**body, "prompt": "hello " * 100}, timeout=60)
     assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] == 100
+

@@ -215,6 +215,23 @@ def test_openapi_document_describes_every_endpoint(url):
     assert references and all(name in schemas for name in references)
 
 
+def test_inputs_that_cannot_fit_or_too_many_are_refused_before_the_engine_sees_them(url):
+    """A chat message, or a text the engine would tokenize (embeddings, score), that its length proves too long
+    is refused untokenized, naming the field; so is a request of more than 2,048 completions or inputs."""
+    text = "hello " * 15_000  # 90,000 characters: more than 4 x 81 x 257 (SmolLM2), 4 x 18 x 513 (MiniLM)
+    refused = [httpx.post(f"{url}{path}", json=body, timeout=60) for path, body in [
+        ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": text}]}),
+        ("/v1/embeddings", {"model": "minilm", "input": ["fine", text]}),
+        ("/v1/score", {"model": "minilm", "text_1": "q", "text_2": ["fine", text]})]]
+    assert [r.status_code for r in refused] == [400] * 3
+    assert [r.json()["error"]["param"] for r in refused] == ["messages", "input 1", "text_2.1"]
+    assert all("alone is longer than that" in r.json()["error"]["message"] for r in refused)
+    for path, body in [("/v1/completions", {"model": "smollm2", "prompt": [[5, 6]] * 1025, "n": 2}),
+                       ("/v1/embeddings", {"model": "minilm", "input": ["a"] * 2049})]:
+        answer = httpx.post(f"{url}{path}", json=body, timeout=60)
+        assert answer.status_code == 400 and "2048" in answer.json()["error"]["message"]
+
+
 def test_tokenize_and_detokenize(url, reference):
     tokenizer = reference.engine.tokenizer
     tokens = httpx.post(f"{url}/tokenize", json={"model": "smollm2", "prompt": "Hello world",
@@ -294,7 +311,7 @@ BAD_INPUTS = [  # (what, path, body or raw bytes, status, in the message)
      "dimensions=999 is more than the model's 384"),
     ("rerank without documents", "/v1/rerank", {"model": "minilm", "query": "q", "documents": []}, 400, "documents"),
     ("body too large", "/v1/completions", {"model": "smollm2", "prompt": "x" * (MAX_BODY + 10)}, 413,
-     "over 65536 bytes"),
+     f"over {MAX_BODY} bytes"),
     ("unknown endpoint", "/v1/fine_tuning/jobs", {}, 404, "no such endpoint"),
     # each of these was a 500 (or a 200 with nothing in it) before
     ("JSON nested 5,000 deep", "/v1/completions", b'{"model": "smollm2", "prompt": ' + b"[" * 5000 + b"]" * 5000

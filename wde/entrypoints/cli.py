@@ -143,7 +143,7 @@ def run_serve(namespace: argparse.Namespace) -> None:
         app = build_app(engines, namespace.api_key, namespace.max_body_bytes)
         logger.info("serving %s on http://%s:%d", ", ".join(engines), namespace.host, namespace.port)
         uvicorn.run(app, host=namespace.host, port=namespace.port, log_level=namespace.log_level.lower(),
-                    access_log=namespace.access_log)
+                    access_log=namespace.access_log, timeout_graceful_shutdown=namespace.shutdown_timeout)
     finally:
         for engine in engines.values():
             engine.stop()
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embed-task", default="auto", choices=["auto", "embed", "score", "classify"],
                        help="what the second model serves (auto: its architecture's task)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds a stop (SIGTERM, Ctrl+C) "
+                                                                             "waits for open requests to finish")
     serve.add_argument("--access-log", action="store_true", help="log a line per HTTP request (off: at load, "
                                                                  "the lines cost the server time)")
     serve.set_defaults(run=run_serve)

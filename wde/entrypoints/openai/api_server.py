@@ -46,7 +46,8 @@ POLL_S = 0.25  # how often a non-streaming request checks that its client is sti
 # Unicode normalization can fold a few characters into one before tokenizing: a prompt is refused untokenized
 # only when it is this many times longer than the longest text that could fit
 NORMALIZATION_SLACK = 4
-TOKENIZER_THREADS = 4  # the Rust tokenizer lets go of the GIL: prompts are tokenized side by side
+TOKENIZER_THREADS = 4
+STATS_TIMEOUT_S = 2.0  # /metrics answers without an engine that takes longer  # the Rust tokenizer lets go of the GIL: prompts are tokenized side by side
 
 
 class Server:
@@ -60,16 +61,13 @@ class Server:
     async def off_loop(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, function, *args)
 
-    async def prompt_ids(self, engine: ServedEngine, text: str) -> list[int]:
+    async def prompt_ids(self, engine: ServedEngine, text: str, field: str = "prompt",
+                         add_special_tokens: bool = True) -> list[int]:
         """A prompt's ids, cut one past the model's context: a longer prompt is refused whatever its length, and
         a megabyte prompt must not turn into millions of Python ints (built under the GIL, which would stall
         the event loop)."""
-        longest = engine.tokenizer.max_token_chars
-        if longest and len(text) > NORMALIZATION_SLACK * longest * (engine.max_model_len + 1):
-            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, "
-                                f"the prompt alone is longer than that ({len(text)} characters).", param="prompt",
-                           code="context_length_exceeded")
-        return await self.off_loop(engine.tokenizer.encode, text, True, engine.max_model_len + 1)
+        refuse_if_surely_too_long(engine, text, field)
+        return await self.off_loop(engine.tokenizer.encode, text, add_special_tokens, engine.max_model_len + 1)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -89,6 +87,8 @@ class Server:
         try:
             data = parse_json(body)
         except ValueError as e:  # UnicodeDecodeError (bytes that are not UTF-8) included
+            if "integer string conversion" in str(e):  # Python's cap on a number's digits, not a JSON error
+                raise APIError(400, "the request body holds a number of more than 4,300 digits") from e
             raise APIError(400, f"the request body is not valid JSON: {e}") from e
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply") from None
@@ -116,7 +116,9 @@ class Server:
     async def submit(self, engine: ServedEngine, prompts: list, params, names: list[str] | None = None
                      ) -> "Submitted":
         """Add one request per prompt (all or none: a refused one aborts those already added). A refusal names
-        the prompt as `names` does (default: "input i" when there are several)."""
+        the prompt as `names` does (default: "input i" when there are several). A text (the engine tokenizes
+        those of embeddings, rerank, score and classify) that cannot fit is refused here, untokenized."""
+        refuse_texts_surely_too_long(engine, prompts, names, "input")
         request_ids = [uuid.uuid4().hex for _ in prompts]
         try:
             queue = await engine.add_requests([(request_id, prompt, params)
@@ -219,9 +221,11 @@ class Server:
         stats = {}
         for name, engine in self.engines.items():
             try:
-                stats[name] = await engine.stats()
+                stats[name] = await asyncio.wait_for(engine.stats(), STATS_TIMEOUT_S)
             except EngineStopped:
                 pass  # a stopped engine shows only its latencies (and /health says it stopped)
+            except asyncio.TimeoutError:  # inside a long step (or stopped by a signal): answer without it
+                logger.warning("engine %s did not answer for its stats within %.0f s", name, STATS_TIMEOUT_S)
         return PlainTextResponse(metrics.render(self.engines, stats),
                                  media_type="text/plain; version=0.0.4")
 
@@ -272,7 +276,9 @@ class Server:
         body = await self.read(request, ChatCompletionRequest)
         engine = self.engine(body.model, "generate")
         try:
-            prompt = await self.off_loop(engine.tokenizer.encode_chat, [m.for_template() for m in body.messages])
+            text = await self.off_loop(engine.tokenizer.apply_chat_template, [m.for_template() for m in body.messages])
+            # the template holds the special tokens: tokenizing must not add a second BOS
+            prompt = await self.prompt_ids(engine, text, "messages", add_special_tokens=False)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -446,6 +452,23 @@ class Submitted:
 
     def __post_init__(self):
         self.index = {request_id: i for i, request_id in enumerate(self.request_ids)}
+
+
+def refuse_if_surely_too_long(engine: ServedEngine, text: str, field: str) -> None:
+    """A 400 for a text its length alone proves too long for the model (no token stands for more characters
+    than the vocabulary's longest entry), before any time goes into tokenizing it."""
+    longest = engine.tokenizer.max_token_chars
+    if longest and len(text) > NORMALIZATION_SLACK * longest * (engine.max_model_len + 1):
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, "
+                            f"{field} alone is longer than that ({len(text)} characters).", param=field,
+                       code="context_length_exceeded")
+
+
+def refuse_texts_surely_too_long(engine: ServedEngine, texts: list, names: list[str] | None, field: str) -> None:
+    for i, text in enumerate(texts):
+        for part in (text if isinstance(text, tuple) else (text,)):
+            if isinstance(part, str):
+                refuse_if_surely_too_long(engine, part, names[i] if names else field)
 
 
 class ClientDisconnected(Exception):

@@ -13,6 +13,8 @@ import logging
 import os
 import pickle
 import sys
+import time
+
 import msgspec
 import zmq
 
@@ -21,7 +23,8 @@ from wde.core.engine.llm_engine import LLMEngine
 from wde.entrypoints.openai.served_engine import EngineInfo, add_all
 
 logger = logging.getLogger(__name__)
-IDLE_POLL_MS = 500  # how often an idle engine checks that the server that started it is still there
+IDLE_POLL_MS = 500  # how long an idle engine waits for a command before it looks around again
+PARENT_CHECK_S = 0.5  # how often the engine checks that the server that started it is still there
 
 
 def run_engine_process(args: dict, commands_address: str, outputs_address: str, log_level: int) -> None:
@@ -61,6 +64,7 @@ class EngineLoop:
         self.encode_tokens = msgspec.msgpack.Encoder().encode if engine.workflow.task == "generate" else None
         self.described: set[str] = set()  # requests whose first output (with the prompt's ids) went out
         self.stopped = False
+        self.next_parent_check = 0.0
 
     def run(self) -> None:
         # what start-up made (the model, torch's state) is never walked by the collector again, and no full
@@ -76,10 +80,12 @@ class EngineLoop:
             if was_busy and not busy:
                 gc.collect()
             was_busy = busy
-            if not self.commands.poll(0 if busy else IDLE_POLL_MS) and not busy:
+            if time.monotonic() >= self.next_parent_check:  # busy or not: nobody may be reading any more
+                self.next_parent_check = time.monotonic() + PARENT_CHECK_S
                 if os.getppid() != self.parent_pid:  # the server died without a word: do not outlive it
                     logger.warning("the server's process is gone; the engine stops")
                     return
+            if not self.commands.poll(0 if busy else IDLE_POLL_MS) and not busy:
                 continue
             replies = self.apply_commands()
             if self.stopped:

@@ -8,6 +8,9 @@ from wde.core.inputs import check_text
 from wde.core.sampling.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams
 
 TokenIds = list[int]
+# the most prompts (times n) or inputs one request may carry: OpenAI's cap on embeddings inputs. The engine serves
+# requests first come, first served: one request of 100,000 prompts would hold every other client for minutes.
+MAX_INPUTS_PER_REQUEST = 2048
 
 
 def valid_text(text: str) -> str:
@@ -69,6 +72,17 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | TokenIds]:
         return one_or_many(self.prompt)
+
+    @model_validator(mode="after")
+    def not_too_many(self) -> "CompletionRequest":
+        if len(self.prompts()) * self.n > MAX_INPUTS_PER_REQUEST:
+            raise ValueError(f"{len(self.prompts())} prompts x n={self.n} is more than the "
+                             f"{MAX_INPUTS_PER_REQUEST} completions one request may ask for: split it")
+        return self
+
+    @model_validator(mode="after")
+    def stream_options_need_stream(self) -> "CompletionRequest":
+        return check_stream_options(self)
 
     def completion_params(self) -> SamplingParams:
         """echo with logprobs asks for the prompt's log-probabilities (how lm-eval scores a text)."""
@@ -133,6 +147,18 @@ class ChatCompletionRequest(SamplingFields):
     def token_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @model_validator(mode="after")
+    def top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return check_stream_options(self)
+
+
+def check_stream_options(request: SamplingFields) -> SamplingFields:
+    if request.stream_options is not None and not request.stream:
+        raise ValueError("stream_options is only for a streamed request (stream: true)")
+    return request
+
 
 class InputsRequest(Request):
     """A request over one or more inputs: texts or token-id lists."""
@@ -143,6 +169,13 @@ class InputsRequest(Request):
 
     def inputs(self) -> list[str | TokenIds]:
         return one_or_many(self.input)
+
+    @model_validator(mode="after")
+    def not_too_many(self) -> "InputsRequest":
+        if len(self.inputs()) > MAX_INPUTS_PER_REQUEST:
+            raise ValueError(f"{len(self.inputs())} inputs is more than the {MAX_INPUTS_PER_REQUEST} one request "
+                             "may carry: split it")
+        return self
 
 
 class EmbeddingRequest(InputsRequest):
@@ -163,7 +196,7 @@ class RerankRequest(Request):
 
     model: str
     query: Text
-    documents: list[Text | RerankDocument] = Field(min_length=1)
+    documents: list[Text | RerankDocument] = Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = True
 
@@ -184,6 +217,8 @@ class ScoreRequest(Request):
         if len(first) > 1 and len(first) != len(second):
             raise ValueError(f"text_1 holds {len(first)} texts and text_2 {len(second)}: give one text_1, or as "
                              "many as text_2")
+        if len(second) > MAX_INPUTS_PER_REQUEST:
+            raise ValueError(f"{len(second)} pairs is more than the {MAX_INPUTS_PER_REQUEST} one request may carry")
         return self
 
     def pairs(self) -> list[tuple[str, str]]:
