@@ -118,10 +118,10 @@ def load_client(barrier) -> str:
     return openai.__version__
 
 
-def drive(pool, url: str, prompts, output_lens, offsets: list[float]) -> dict:
-    """Send request i at offsets[i] seconds after a common start, from the pool's processes."""
+def drive(pool, num_clients: int, url: str, prompts, output_lens, offsets: list[float]) -> dict:
+    """Send request i at offsets[i] seconds after a common start, from the pool's num_clients processes."""
     start = time.time() + 0.5
-    shares = [[] for _ in range(pool._processes)]
+    shares = [[] for _ in range(num_clients)]
     for i, (prompt, n, offset) in enumerate(zip(prompts, output_lens, offsets)):
         shares[i % len(shares)].append((prompt, n, start + offset))
     records = [r for share in pool.starmap(client_process, [(url, share) for share in shares], chunksize=1)
@@ -191,9 +191,9 @@ def main() -> None:
     try:
         with context.Pool(args.clients, initializer=load_client, initargs=(barrier,)) as pool:
             barrier.wait(timeout=300)  # every client process loaded: none is still starting when requests are due
-            drive(pool, url, prompts[:8], [16] * 8, [0.0] * 8)  # warm-up: compile the server's first shapes
+            drive(pool, args.clients, url, prompts[:8], [16] * 8, [0.0] * 8)  # warm-up: the first shapes
             before = engine_counters(url)
-            burst = drive(pool, url, prompts, output_lens, [0.0] * len(prompts))
+            burst = drive(pool, args.clients, url, prompts, output_lens, [0.0] * len(prompts))
             burst["engine"] = steps_between(before, engine_counters(url))
             logger.info("burst: %s", burst)
             rate = args.rate or burst["req_per_s"] / 2
@@ -203,7 +203,8 @@ def main() -> None:
                 arrivals.append(offset)
             poisson_prompts, poisson_lens = w1(args.poisson_requests, seed=1)
             poisson_lens = [max(1, int(n * args.output_scale)) for n in poisson_lens]
-            poisson = {"rate_req_per_s": round(rate, 2), **drive(pool, url, poisson_prompts, poisson_lens, arrivals)}
+            poisson = {"rate_req_per_s": round(rate, 2),
+                       **drive(pool, args.clients, url, poisson_prompts, poisson_lens, arrivals)}
             logger.info("poisson: %s", poisson)
     finally:
         server.terminate()

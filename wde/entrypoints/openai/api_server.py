@@ -46,8 +46,8 @@ POLL_S = 0.25  # how often a non-streaming request checks that its client is sti
 # Unicode normalization can fold a few characters into one before tokenizing: a prompt is refused untokenized
 # only when it is this many times longer than the longest text that could fit
 NORMALIZATION_SLACK = 4
-TOKENIZER_THREADS = 4
-STATS_TIMEOUT_S = 2.0  # /metrics answers without an engine that takes longer  # the Rust tokenizer lets go of the GIL: prompts are tokenized side by side
+TOKENIZER_THREADS = 4  # the Rust tokenizer lets go of the GIL: prompts are tokenized side by side
+STATS_TIMEOUT_S = 2.0  # /metrics answers without an engine that takes longer
 
 
 class Server:

@@ -8,7 +8,6 @@ encoded with msgspec: 0.13 ms for 256 outputs against pickle's 0.65 ms, on the e
 rest (commands with their params, pooled outputs with tensors, replies, the tokenizer at start) is pickled:
 both ends are the same wde, and the sockets live in a folder only this user can open.
 """
-import gc
 import logging
 import os
 import pickle
@@ -67,19 +66,8 @@ class EngineLoop:
         self.next_parent_check = 0.0
 
     def run(self) -> None:
-        # what start-up made (the model, torch's state) is never walked by the collector again, and no full
-        # collection runs while requests do: each walks every object, and a batch's requests and outputs would
-        # set them off again and again. A full collection runs instead whenever the engine falls idle.
-        gc.collect()
-        gc.freeze()
-        young, middle, _ = gc.get_threshold()
-        gc.set_threshold(young, middle, 1 << 30)
-        was_busy = False
         while not self.stopped:
             busy = self.engine.has_unfinished_requests()
-            if was_busy and not busy:
-                gc.collect()
-            was_busy = busy
             if time.monotonic() >= self.next_parent_check:  # busy or not: nobody may be reading any more
                 self.next_parent_check = time.monotonic() + PARENT_CHECK_S
                 if os.getppid() != self.parent_pid:  # the server died without a word: do not outlive it
