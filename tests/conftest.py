@@ -1,5 +1,6 @@
 import logging
 import os
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run through the interpreter on a machine with no GPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# what the tests' .gguf files hold is cached for this run only (the engine processes it starts inherit it)
+_CACHE = tempfile.TemporaryDirectory(prefix="wde-test-cache-")
+os.environ.setdefault("WDE_CACHE_DIR", _CACHE.name)
 
 from tests.tiny_models import write_tiny_model
 from wde.core.config import DEFAULT_MODEL_FILE, default_model_path

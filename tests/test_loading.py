@@ -1,6 +1,9 @@
-"""Weights from every supported source give the same model: sharded safetensors, .gguf files."""
+"""Weights from every supported source give the same model: sharded safetensors, .gguf files (read once, then
+from the cache)."""
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from tests.conftest import run_to_completion
 from tests.gguf_export import export_gguf
 from tests.test_parity_random import random_prompts
 from wde import LLMEngine, SamplingParams
+from wde.core.loader import gguf_cache
 
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
 
@@ -48,7 +52,7 @@ def test_gguf_file_loads_the_same_model_as_safetensors(tiny_model_dir, tmp_path,
     """Qwen3's head_dim and q/k norms, Qwen2's biases, Llama's permuted q/k rows and rope_freqs (llama3 RoPE
     scaling), tied and untied heads."""
     folder = tiny_model_dir(shape, **overrides)
-    gguf_file = export_gguf(__import__("pathlib").Path(folder), tmp_path / f"{shape}.gguf")
+    gguf_file = export_gguf(Path(folder), tmp_path / f"{shape}.gguf")
     from_gguf = generate(str(gguf_file), tokenizer=folder)
     from_safetensors = generate(folder)
     assert [c.token_ids for c in from_gguf] == [c.token_ids for c in from_safetensors]
@@ -56,3 +60,53 @@ def test_gguf_file_loads_the_same_model_as_safetensors(tiny_model_dir, tmp_path,
         ours = torch.tensor([step[t].logprob for step, t in zip(a.logprobs, a.token_ids)])
         theirs = torch.tensor([step[t].logprob for step, t in zip(b.logprobs, b.token_ids)])
         assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_gguf_file_is_parsed_once_and_a_changed_file_again(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tiny_model_dir("qwen3")
+    gguf_file = export_gguf(Path(folder), tmp_path / "model.gguf")
+    first = generate(str(gguf_file), tokenizer=folder)
+    [entry] = (tmp_path / "cache" / "gguf").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["config"]  # the tokenizer came from the folder
+    opened = []
+    monkeypatch.setattr(gguf_cache.gguf, "GGUFReader", lambda path: opened.append(path))
+    again = generate(str(gguf_file), tokenizer=folder)
+    assert opened == []  # config and weights from the cache's table, not from parsing the file
+    assert [c.token_ids for c in again] == [c.token_ids for c in first]
+    os.utime(gguf_file, ns=(1, 1))  # a changed file is read anew
+    with pytest.raises(ValueError, match="model.gguf"):  # the stand-in reader gives None: it was asked
+        generate(str(gguf_file), tokenizer=folder)
+    assert opened and {str(path) for path in opened} == {str(gguf_file)}
+
+
+def test_the_smollm2_tokenizer_from_the_cache_is_the_files(smollm2_path, hf_smollm2):
+    from transformers import AutoTokenizer
+    cached = AutoTokenizer.from_pretrained(gguf_cache.tokenizer_folder(smollm2_path))
+    _, reference = hf_smollm2
+    text = "Héllo <|im_start|>user\n wörld 🙂 1234\t\n"
+    assert cached(text)["input_ids"] == reference(text)["input_ids"]
+    assert cached.get_vocab() == reference.get_vocab()
+    assert cached.chat_template == reference.chat_template
+    assert cached.all_special_ids == reference.all_special_ids
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_folder(tiny_model_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("WDE_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(gguf_cache, "_fallback_root", None)
+    folder = tiny_model_dir("llama")
+    gguf_file = export_gguf(Path(folder), tmp_path / "model.gguf")
+    assert [c.token_ids for c in generate(str(gguf_file), tokenizer=folder)] == \
+           [c.token_ids for c in generate(folder)]
+    assert Path(gguf_cache.config_folder(str(gguf_file))).is_relative_to(gguf_cache._fallback_root)
+
+
+def test_a_corrupt_gguf_file_leaves_no_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ValueError, match="broken.gguf"):
+        LLMEngine.from_engine_args(model=str(bad))
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, PretrainedConfig
 
+from wde.core.loader import gguf_cache
 from wde.core.registry import get_model_entry, tasks_of
 
 logger = logging.getLogger(__name__)
@@ -157,29 +158,14 @@ def split_model_path(model: str) -> tuple[str, str | None]:
 
 
 def load_hf_config(folder: str, gguf_file: str | None) -> PretrainedConfig:
+    """The model's transformers config: its config.json, or what its .gguf file holds (read once: gguf_cache)."""
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
         if gguf_file:
-            apply_gguf_metadata(config, str(Path(folder) / gguf_file))
-        return config
+            return AutoConfig.from_pretrained(gguf_cache.config_folder(str(Path(folder) / gguf_file)))
+        return AutoConfig.from_pretrained(folder)
     except Exception as e:  # transformers raises many kinds; the user needs to know which file was bad
         where = f"{folder}/{gguf_file}" if gguf_file else f"{folder}/config.json"
         raise ValueError(f"could not read the model config from {where}: {e}") from e
-
-
-def apply_gguf_metadata(config: PretrainedConfig, path: str) -> None:
-    """Two things transformers does not take from a .gguf file: attention.key_length (Qwen3's head_dim is not
-    hidden_size / heads) and the rope_freqs tensor, in which llama.cpp stores Llama 3.x RoPE scaling as one
-    divisor per frequency (kept on the config as `rope_freq_divisors` for RotaryEmbedding)."""
-    from gguf import GGUFReader
-    reader = GGUFReader(path)
-    architecture = reader.fields["general.architecture"].contents()
-    key_length = reader.fields.get(f"{architecture}.attention.key_length")
-    if key_length is not None:
-        config.head_dim = int(key_length.contents())
-    for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            config.rope_freq_divisors = [float(x) for x in tensor.data]
 
 
 def architecture_of(hf_config: PretrainedConfig) -> str:

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 from wde.core import interfaces
 from wde.core.config import EngineConfig, split_model_path
 from wde.core.inputs import check_text
+from wde.core.loader import gguf_cache
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ class HFTokenizer(interfaces.Tokenizer):
         else:
             folder, gguf_file = config.model.path, config.model.gguf_file
         start = time.perf_counter()
-        self.hf = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        source = gguf_cache.tokenizer_folder(f"{folder}/{gguf_file}") if gguf_file else folder  # read once
+        self.hf = AutoTokenizer.from_pretrained(source)
         if not self.hf.is_fast:
             raise ValueError(f"the tokenizer in {folder} has no fast (Rust) version, which wde needs")
         logger.info("tokenizer loaded from %s in %.1f s", gguf_file or folder, time.perf_counter() - start)

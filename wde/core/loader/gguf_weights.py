@@ -4,9 +4,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from transformers import PretrainedConfig
+
+from wde.core.loader import gguf_cache
 
 # llama.cpp's tensor names for the Llama family -> Hugging Face's (the part after "blk.N.")
 _LAYER_NAMES = {
@@ -47,17 +49,20 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's tensors, found through the table the config's load kept (gguf_cache), not by parsing the
+    file's metadata again."""
     try:
-        reader = GGUFReader(path)
+        table, file = gguf_cache.tensors(path), np.memmap(path, np.uint8, "r")
     except Exception as e:  # gguf raises ValueError, struct.error, ... for a damaged file
         raise ValueError(f"could not read weights from {path}: {e}") from e
     permuted = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
     is_llama = hf_config.model_type == "llama"  # llama.cpp permutes q/k only for Llama
-    for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":  # RoPE scaling, read into the config (see config.py)
+    for tensor in table:
+        if tensor.name == "rope_freqs.weight":  # RoPE scaling, read into the config (see gguf_cache)
             continue
         name = hf_name(tensor.name)
-        weight = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        weight = dequantize(gguf_cache.tensor_data(file, tensor), GGMLQuantizationType(tensor.ggml_type))
+        weight = weight.reshape(tensor.shape)
         proj = name.split(".")[-2]
         if is_llama and proj in permuted:
             weight = unpermute_rows(weight, permuted[proj])

@@ -1,0 +1,141 @@
+"""What a .gguf file holds besides its tensors' bytes (the model config, the tokenizer, where each tensor lies),
+read once and kept on disk.
+
+gguf-py parses every metadata entry in Python: opening SmolLM2's file costs ~6 s on a CPU core (49k vocabulary
+strings and as many merges), and a load used to open it four times (transformers' config and tokenizer, the
+metadata transformers leaves out, the weights): 23 of the 29 s `LLM()` took. The first load of a file writes
+the config, a table of its tensors and (when asked for) its tokenizer to a folder of the cache; later loads
+read those in 0.3 s and map the tensors straight from the file. A file is known by its real path, size and
+modification time, with the transformers and gguf versions that read it (a newer conversion makes a new entry).
+
+The cache is $WDE_CACHE_DIR, else $XDG_CACHE_HOME/wde, else ~/.cache/wde; where it cannot be written, the
+entries go to a temporary folder this process removes at exit (every load then reads the file again).
+"""
+import atexit
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import transformers
+
+logger = logging.getLogger(__name__)
+CACHE_FORMAT = 1  # raise when what an entry holds changes: old entries are then left unused
+
+
+@dataclass
+class GGUFTensor:
+    """Where one tensor's bytes lie in the file, in the layout gguf-py reads them (quantized: raw bytes)."""
+
+    name: str
+    ggml_type: int  # gguf.GGMLQuantizationType
+    dtype: str  # numpy's name of the type the bytes are read as
+    stored_shape: list[int]  # of the array the bytes are read into (quantized: rows of blocks' bytes)
+    shape: list[int]  # the tensor's, rows first (PyTorch's order; the file lists the dimensions the other way)
+    offset: int  # from the start of the file
+
+
+def config_folder(path: str) -> str:
+    """A folder with the transformers config of the .gguf file at `path` (config.json) and its tensor table."""
+    return str(entry(path, "config", write_config))
+
+
+def tokenizer_folder(path: str) -> str:
+    """A folder with the tokenizer of the .gguf file at `path`, as transformers saves a fast tokenizer."""
+    return str(entry(path, "tokenizer", write_tokenizer))
+
+
+def tensors(path: str) -> list[GGUFTensor]:
+    table = json.loads((Path(config_folder(path)) / "tensors.json").read_text())
+    return [GGUFTensor(**row) for row in table]
+
+
+def tensor_data(file: np.memmap, tensor: GGUFTensor) -> np.ndarray:
+    """The tensor's bytes in `file` (the whole .gguf file mapped as uint8), read-only, as gguf-py gives them."""
+    return np.ndarray(tuple(tensor.stored_shape), np.dtype(tensor.dtype), buffer=file, offset=tensor.offset)
+
+
+def entry(path: str, part: str, write) -> Path:
+    """The cache's folder for `part` of the file at `path`, which `write(path, folder)` fills the first time."""
+    folder = cache_root() / entry_key(path) / part
+    if folder.is_dir():
+        return folder
+    start = time.perf_counter()
+    folder.parent.mkdir(exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=folder.parent))  # renamed whole when complete
+    try:
+        write(path, building)
+        os.rename(building, folder)
+    except OSError:
+        if not folder.is_dir():  # not because another process put its copy there first
+            raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # gone already when renamed
+        with contextlib.suppress(OSError):  # a file that could not be read leaves no empty entry behind
+            folder.parent.rmdir()
+    logger.info("read the %s of %s in %.1f s; kept in %s", part, path, time.perf_counter() - start, folder)
+    return folder
+
+
+def entry_key(path: str) -> str:
+    real = os.path.realpath(path)
+    status = os.stat(real)
+    identity = f"{real}|{status.st_size}|{status.st_mtime_ns}|{CACHE_FORMAT}|{transformers.__version__}|" \
+               f"{importlib.metadata.version('gguf')}"
+    return f"{Path(real).stem[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+_fallback_root: Path | None = None
+
+
+def cache_root() -> Path:
+    global _fallback_root
+    base = os.environ.get("WDE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wde"
+    root = Path(base) / "gguf"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    if _fallback_root is None:
+        _fallback_root = Path(tempfile.mkdtemp(prefix="wde-gguf-"))
+        atexit.register(shutil.rmtree, _fallback_root, True)
+        logger.warning("the cache %s cannot be written: what .gguf files hold is read again at each load", root)
+    return _fallback_root
+
+
+def write_config(path: str, folder: Path) -> None:
+    """transformers' config of the file, with two things it does not take from a .gguf file: attention.key_length
+    (Qwen3's head_dim is not hidden_size / heads) and the rope_freqs tensor, in which llama.cpp stores Llama 3.x
+    RoPE scaling as one divisor per frequency (kept on the config as `rope_freq_divisors` for RotaryEmbedding);
+    and the table of its tensors."""
+    config = transformers.AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    reader = gguf.GGUFReader(path)
+    architecture = reader.fields["general.architecture"].contents()
+    key_length = reader.fields.get(f"{architecture}.attention.key_length")
+    if key_length is not None:
+        config.head_dim = int(key_length.contents())
+    table = []
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            config.rope_freq_divisors = [float(x) for x in tensor.data]
+        table.append(asdict(GGUFTensor(tensor.name, int(tensor.tensor_type), tensor.data.dtype.str,
+                                       list(tensor.data.shape), list(reversed(tensor.shape.tolist())),
+                                       int(tensor.data_offset))))
+    config.save_pretrained(folder)
+    (folder / "tensors.json").write_text(json.dumps(table))
+
+
+def write_tokenizer(path: str, folder: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tokenizer.save_pretrained(folder)
