@@ -1,7 +1,10 @@
-"""Streamed outputs a client has not read yet are joined: one output per request, its deltas in order."""
+"""Streamed outputs a client has not read yet are taken at once and joined: one output per request, its deltas
+in order."""
+import asyncio
+
 from wde.core.outputs import CompletionOutput, Logprob, RequestOutput
 from wde.entrypoints.openai.served_engine import EngineStopped
-from wde.entrypoints.openai.streaming import coalesce
+from wde.entrypoints.openai.streaming import Outputs, coalesce
 
 
 def delta(request_id: str, text: str, token: int, finish: str | None = None, index: int = 0,
@@ -26,3 +29,24 @@ def test_a_failure_or_a_stopped_engine_is_not_lost_in_a_join():
     assert coalesce([delta("a", "x", 1), failed]) == [failed]
     stopped = EngineStopped("killed")
     assert coalesce([delta("a", "x", 1), stopped, delta("a", "y", 2)]) == [stopped]
+
+
+def test_completions_without_logprobs_join_to_none_and_with_them_keep_every_step():
+    plain = [RequestOutput("a", None, [1], [CompletionOutput(0, t, [i])], False) for i, t in enumerate("abc")]
+    [joined] = coalesce(plain)
+    assert (joined.outputs[0].text, joined.outputs[0].token_ids, joined.outputs[0].logprobs) == ("abc", [0, 1, 2],
+                                                                                                 None)
+    [joined] = coalesce([delta("a", "x", 1), plain[1], delta("a", "y", 3)])  # a step without: no entry lost
+    assert [list(entry) for entry in joined.outputs[0].logprobs] == [[1], [3]]
+
+
+def test_outputs_are_taken_all_at_once_and_a_take_waits_for_the_next_put():
+    async def scenario():
+        box = Outputs()
+        box.put(1)
+        box.put(2)
+        assert await box.take_all() == [1, 2]
+        assert await box.take_all(timeout=0.01) == []  # nothing came
+        asyncio.get_running_loop().call_later(0.01, box.put, 3)
+        assert await box.take_all() == [3]  # woken by the put
+    asyncio.run(scenario())

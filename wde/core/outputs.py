@@ -4,7 +4,8 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+# slots: a streaming engine makes one RequestOutput and CompletionOutput per request every step
+@dataclass(slots=True)
 class Logprob:
     logprob: float
     rank: int  # 1 = the most likely token
@@ -15,7 +16,7 @@ class Logprob:
 TokenLogprobs = dict[int, Logprob]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
@@ -29,7 +30,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -38,7 +38,7 @@ from wde.entrypoints.openai.protocol import (ChatCompletionRequest, Classificati
                                              DetokenizeRequest, EmbeddingRequest, RerankRequest, ScoreRequest,
                                              TokenizeRequest)
 from wde.entrypoints.openai.served_engine import EngineStopped, Refused, ServedEngine
-from wde.entrypoints.openai.streaming import coalesce
+from wde.entrypoints.openai.streaming import Outputs, coalesce
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -121,8 +121,8 @@ class Server:
         refuse_texts_surely_too_long(engine, prompts, names, "input")
         request_ids = [uuid.uuid4().hex for _ in prompts]
         try:
-            queue = await engine.add_requests([(request_id, prompt, params)
-                                                for request_id, prompt in zip(request_ids, prompts)])
+            outputs = await engine.add_requests([(request_id, prompt, params)
+                                                 for request_id, prompt in zip(request_ids, prompts)])
         except Refused as refused:  # none of them runs
             if not isinstance(refused.error, (ValueError, TypeError)):
                 raise refused.error from None
@@ -134,7 +134,7 @@ class Server:
         except BaseException:  # the client went away while they were being added: none of them runs
             engine.abort(request_ids)
             raise
-        return Submitted(request_ids, queue)
+        return Submitted(request_ids, outputs)
 
     async def finals(self, request: Request, engine: ServedEngine, submitted: "Submitted") -> list:
         """Each request's finished output, in the order submitted; the requests are aborted if the client goes
@@ -143,17 +143,15 @@ class Server:
         remaining = set(submitted.request_ids)
         try:
             while remaining:
-                try:
-                    output = await asyncio.wait_for(submitted.queue.get(), POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise ClientDisconnected from None
-                    continue
-                if isinstance(output, Exception):
-                    raise APIError(503, f"the engine of {engine.name!r} stopped: {output}", type="server_error")
-                if output.finished:
-                    results[submitted.index[output.request_id]] = output
-                    remaining.discard(output.request_id)
+                taken = await submitted.outputs.take_all(POLL_S)
+                if not taken and await request.is_disconnected():
+                    raise ClientDisconnected
+                for output in taken:
+                    if isinstance(output, Exception):
+                        raise APIError(503, f"the engine of {engine.name!r} stopped: {output}", type="server_error")
+                    if output.finished:
+                        results[submitted.index[output.request_id]] = output
+                        remaining.discard(output.request_id)
         except (ClientDisconnected, asyncio.CancelledError):
             engine.abort(list(remaining))
             raise
@@ -169,9 +167,7 @@ class Server:
         remaining = set(submitted.request_ids)
         try:
             while remaining:
-                waiting = [await submitted.queue.get()]
-                waiting += [submitted.queue.get_nowait() for _ in range(submitted.queue.qsize())]
-                for output in coalesce(waiting):
+                for output in coalesce(await submitted.outputs.take_all()):
                     if isinstance(output, Exception):
                         raise output
                     yield submitted.index[output.request_id], output
@@ -444,10 +440,10 @@ def parse_json(body: bytes) -> Any:
 
 @dataclass
 class Submitted:
-    """The requests of one HTTP request, in order, and the queue their outputs come on."""
+    """The requests of one HTTP request, in order, and the box their outputs come to."""
 
     request_ids: list[str]
-    queue: asyncio.Queue
+    outputs: Outputs
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ from typing import Any
 from wde.core.engine.llm_engine import LLMEngine
 from wde.core.engine.stats import EngineStats
 from wde.entrypoints.openai.served_engine import EngineInfo, EngineStopped, ServedEngine, add_all, settle
+from wde.entrypoints.openai.streaming import Outputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ class AsyncEngine(ServedEngine):
     def alive(self) -> bool:
         return self._thread.is_alive() and self.failure is None
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
         accepted, streams = asyncio.get_running_loop().create_future(), self.new_streams(len(requests))
         self._commands.append(("add", requests, accepted, streams))
         self._wake.set()
         if not self.alive:  # stopped before or while this was queued: its thread is not there to answer
             self._refuse_commands()
         await accepted
-        return streams[0].queue
+        return streams[0].outputs
 
     def abort(self, request_ids: list[str]) -> None:
         self._commands.append(("abort", request_ids))

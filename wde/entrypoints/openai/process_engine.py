@@ -27,6 +27,7 @@ from wde.core.engine.stats import EngineStats
 from wde.core.outputs import RequestOutput
 from wde.entrypoints.openai.engine_process import run_engine_process
 from wde.entrypoints.openai.served_engine import EngineInfo, EngineStopped, ServedEngine, settle
+from wde.entrypoints.openai.streaming import Outputs
 
 logger = logging.getLogger(__name__)
 READ_POLL_MS = 200  # how often the output reader checks whether it should stop
@@ -71,10 +72,10 @@ class ProcessEngine(ServedEngine):
     def pid(self) -> int:
         return self._process.pid
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
         streams = self.new_streams(len(requests))
         await self._call("add", requests, streams)
-        return streams[0].queue
+        return streams[0].outputs
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -1,9 +1,9 @@
 """What the server sees of an engine: its name, task, context length and tokenizer, a way to add and abort
-requests, and each request's outputs as an asyncio queue.
+requests, and each request's outputs in a box its handler reads (streaming.Outputs).
 
 Two kinds run behind it: AsyncEngine (the engine in a thread of this process, for tests and embedded use) and
 ProcessEngine (the engine core in its own process, what `wde serve` runs). This class keeps what they share:
-the queue of every open request and the hand-over of outputs to the event loop that waits on them.
+the outputs box of every open request and the hand-over of outputs to the event loop that waits on them.
 """
 import asyncio
 import time
@@ -12,6 +12,7 @@ from typing import Any
 
 from wde.core.engine.stats import EngineStats
 from wde.entrypoints.openai.metrics import LatencyHistogram
+from wde.entrypoints.openai.streaming import Outputs
 
 
 @dataclass
@@ -35,7 +36,7 @@ class EngineInfo:
 @dataclass
 class Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    outputs: Outputs
     started: float = field(default_factory=time.monotonic)
     prompt_token_ids: list[int] | None = None  # from its first output: later ones need not carry them
 
@@ -63,9 +64,9 @@ class ServedEngine:
     def alive(self) -> bool:
         raise NotImplementedError
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
         """Add (request id, prompt, params) requests in one go, all or none: if the engine refuses one, none
-        runs and Refused says which it was and why. The queue gets the outputs of all of them, in the order the
+        runs and Refused says which it was and why. The box gets the outputs of all of them, in the order the
         engine made them (or the exception that stopped the engine)."""
         raise NotImplementedError
 
@@ -79,12 +80,12 @@ class ServedEngine:
         raise NotImplementedError
 
     def new_streams(self, count: int) -> list[Stream]:
-        """Streams for a batch of requests, which share one queue: whoever reads it waits on one thing."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        return [Stream(loop, queue) for _ in range(count)]
+        """Streams for a batch of requests, which share one outputs box: whoever reads it waits on one thing."""
+        loop, outputs = asyncio.get_running_loop(), Outputs()
+        return [Stream(loop, outputs) for _ in range(count)]
 
     def deliver(self, outputs: list) -> None:
-        """Hand a step's outputs to the queues of their requests, with one wake-up per event loop (a step of
+        """Hand a step's outputs to the boxes of their requests, with one wake-up per event loop (a step of
         256 requests must not schedule 256 callbacks). Called by the thread that reads the engine's outputs."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         now = time.monotonic()
@@ -99,16 +100,16 @@ class ServedEngine:
             if output.finished:
                 del self._streams[output.request_id]
                 self.latency.observe(now - stream.started)
-            batches.setdefault(stream.loop, []).append((stream.queue, output))
+            batches.setdefault(stream.loop, []).append((stream.outputs, output))
         for loop, items in batches.items():
             loop.call_soon_threadsafe(put_all, items)
 
     def fail_all(self, error: Exception) -> None:
         """The engine stopped: every open request gets `error`."""
         streams, self._streams = self._streams, {}
-        queues = {id(stream.queue): stream for stream in streams.values()}  # a batch's requests share one
-        for stream in queues.values():
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        boxes = {id(stream.outputs): stream for stream in streams.values()}  # a batch's requests share one
+        for stream in boxes.values():
+            stream.loop.call_soon_threadsafe(stream.outputs.put, error)
 
 
 class Refused(Exception):
@@ -143,9 +144,9 @@ def add_all(engine, requests: list[tuple[str, Any, Any]]) -> Refused | None:
     return None
 
 
-def put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def put_all(items: list[tuple[Outputs, Any]]) -> None:
+    for box, item in items:
+        box.put(item)
 
 
 def settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -97,25 +97,26 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
 
 
 def request_output(group: SequenceGroup) -> RequestOutput | None:
-    kind = group.params.output_kind
+    kind = group.request.params.output_kind
     finished = group.is_finished
     if kind is RequestOutputKind.FINAL_ONLY and not finished:
         return None
+    delta = kind is RequestOutputKind.DELTA
     first = group.sequences[0]
     # prompt logprobs go out once: with the first output (for deltas) or with every output (otherwise)
-    prompt_logprobs = first.prompt_logprobs
-    if kind is RequestOutputKind.DELTA and first.num_emitted_tokens > 0:
-        prompt_logprobs = None
-    completions = [completion_output(seq, delta=kind is RequestOutputKind.DELTA) for seq in group.sequences]
-    return RequestOutput(group.request_id, group.request.prompt, group.prompt_token_ids, completions, finished,
-                         prompt_logprobs=prompt_logprobs, num_cached_tokens=group.num_cached_tokens)
+    prompt_logprobs = None if delta and first.num_emitted_tokens > 0 else first.prompt_logprobs
+    completions = [completion_output(seq, delta) for seq in group.sequences]
+    return RequestOutput(group.request.request_id, group.request.prompt, group.prompt_token_ids, completions,
+                         finished, None, False, prompt_logprobs, group.num_cached_tokens)
 
 
 def completion_output(seq: Sequence, delta: bool) -> CompletionOutput:
+    """Made every step for every streamed request (a delta): kept to slices of what is new."""
     first_token, first_char = (seq.num_emitted_tokens, seq.num_emitted_chars) if delta else (0, 0)
     visible = visible_text_length(seq)
-    token_ids = seq.output_token_ids[first_token:]
+    num_tokens = len(seq.token_ids) - seq.num_prompt_tokens
+    token_ids = seq.token_ids[seq.num_prompt_tokens + first_token:]
     logprobs = seq.logprobs[first_token:] if seq.logprobs is not None else None
-    seq.num_emitted_tokens, seq.num_emitted_chars = seq.num_output_tokens, visible
+    seq.num_emitted_tokens, seq.num_emitted_chars = num_tokens, visible
     return CompletionOutput(seq.index, seq.text[first_char:visible], token_ids, seq.cumulative_logprob, logprobs,
                             seq.finish_reason, seq.stop_reason)

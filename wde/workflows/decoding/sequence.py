@@ -33,7 +33,10 @@ class SequenceGroup:
 
     @property
     def is_finished(self) -> bool:
-        return all(seq.is_finished for seq in self.sequences)
+        for seq in self.sequences:  # a loop, not all(...): asked of every request every step
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 @dataclass(eq=False)
