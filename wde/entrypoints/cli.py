@@ -1,6 +1,7 @@
 """The `wde` command: generate text or chat (default model: the embedded SmolLM2), or embed texts (default:
 all-MiniLM-L6-v2); --model takes any HF folder or .gguf file."""
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -141,6 +142,10 @@ def run_serve(namespace: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         app = build_app(engines, namespace.api_key, namespace.max_body_bytes)
+        # what start-up made (transformers, the tokenizers, the app) is never walked by the collector again: a
+        # full collection over it stopped every stream for ~300 ms, three times in a 27 s W6 run on an H200
+        gc.collect()
+        gc.freeze()
         logger.info("serving %s on http://%s:%d", ", ".join(engines), namespace.host, namespace.port)
         uvicorn.run(app, host=namespace.host, port=namespace.port, log_level=namespace.log_level.lower(),
                     access_log=namespace.access_log, timeout_graceful_shutdown=namespace.shutdown_timeout)
