@@ -110,3 +110,39 @@ def test_a_corrupt_gguf_file_leaves_no_cache_entry(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="broken.gguf"):
         LLMEngine.from_engine_args(model=str(bad))
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_a_file_copied_over_with_its_mtime_kept_is_read_anew(tiny_model_dir, tmp_path, monkeypatch):
+    """rsync -a and cp -p keep the modification time: the cache must not serve the old file's table."""
+    monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
+    first, second = tiny_model_dir("qwen3"), tiny_model_dir("qwen3", seed=1)
+    served = tmp_path / "model.gguf"
+    export_gguf(Path(first), served)
+    generate(str(served), tokenizer=first)
+    other = export_gguf(Path(second), tmp_path / "other.gguf")
+    before = served.stat()
+    shutil.copyfile(other, served)
+    os.utime(served, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert served.stat().st_size == before.st_size and served.stat().st_mtime_ns == before.st_mtime_ns
+    assert [c.token_ids for c in generate(str(served), tokenizer=first)] == \
+           [c.token_ids for c in generate(second, tokenizer=first)]
+
+
+def test_a_damaged_cache_entry_is_made_again(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tiny_model_dir("llama")
+    gguf_file = export_gguf(Path(folder), tmp_path / "model.gguf")
+    expected = [c.token_ids for c in generate(str(gguf_file), tokenizer=folder)]
+    table = Path(gguf_cache.config_folder(str(gguf_file))) / "tensors.json"
+    table.write_text(table.read_text()[:100])  # half-written
+    assert [c.token_ids for c in generate(str(gguf_file), tokenizer=folder)] == expected
+    assert json.loads(table.read_text())  # whole again
+
+
+def test_a_gguf_file_named_relative_to_the_current_folder(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tiny_model_dir("qwen2")
+    export_gguf(Path(folder), tmp_path / "model.gguf")
+    monkeypatch.chdir(tmp_path)
+    assert [c.token_ids for c in generate("model.gguf", tokenizer=folder)] == \
+           [c.token_ids for c in generate(folder)]

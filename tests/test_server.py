@@ -413,6 +413,26 @@ def test_a_client_that_hangs_up_while_sending_its_body_is_an_info_line(url, capl
     assert_disconnect_logged_at_info(caplog, hang_up)
 
 
+def test_a_body_that_stops_half_way_is_refused_with_408_and_its_connection_closed(url, monkeypatch):
+    from urllib.parse import urlparse
+
+    from wde.entrypoints.openai import api_server
+    monkeypatch.setattr(api_server, "BODY_TIMEOUT_S", 0.5)
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 500\r\n\r\n{\"model\": \"smollm2\"")  # and nothing more
+        started = time.monotonic()
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert time.monotonic() - started < 5
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["error"]["message"] == "the request body did not arrive within 0.5 s"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_latencies_are_kept_as_a_histogram(url):
     from wde.entrypoints.openai.metrics import LATENCY_BUCKETS
     httpx.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2}, timeout=60)

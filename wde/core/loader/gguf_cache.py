@@ -8,8 +8,9 @@ the config, a table of its tensors and (when asked for) its tokenizer to a folde
 read those in 0.3 s and map the tensors straight from the file. A file is known by its real path, size and
 modification time, with the transformers and gguf versions that read it (a newer conversion makes a new entry).
 
-The cache is $WDE_CACHE_DIR, else $XDG_CACHE_HOME/wde, else ~/.cache/wde; where it cannot be written, the
-entries go to a temporary folder this process removes at exit (every load then reads the file again).
+The cache is $WDE_CACHE_DIR, else $XDG_CACHE_HOME/wde, else ~/.cache/wde; where it cannot take an entry (not
+writable, full), the entry goes to a temporary folder this process removes at exit. A damaged entry (a file
+missing or not JSON) is made again.
 """
 import atexit
 import contextlib
@@ -46,12 +47,12 @@ class GGUFTensor:
 
 def config_folder(path: str) -> str:
     """A folder with the transformers config of the .gguf file at `path` (config.json) and its tensor table."""
-    return str(entry(path, "config", write_config))
+    return str(entry(path, "config", write_config, ["config.json", "tensors.json"]))
 
 
 def tokenizer_folder(path: str) -> str:
     """A folder with the tokenizer of the .gguf file at `path`, as transformers saves a fast tokenizer."""
-    return str(entry(path, "tokenizer", write_tokenizer))
+    return str(entry(path, "tokenizer", write_tokenizer, ["tokenizer.json", "tokenizer_config.json"]))
 
 
 def tensors(path: str) -> list[GGUFTensor]:
@@ -64,19 +65,47 @@ def tensor_data(file: np.memmap, tensor: GGUFTensor) -> np.ndarray:
     return np.ndarray(tuple(tensor.stored_shape), np.dtype(tensor.dtype), buffer=file, offset=tensor.offset)
 
 
-def entry(path: str, part: str, write) -> Path:
-    """The cache's folder for `part` of the file at `path`, which `write(path, folder)` fills the first time."""
-    folder = cache_root() / entry_key(path) / part
-    if folder.is_dir():
+def entry(path: str, part: str, write, files: list[str]) -> Path:
+    """The cache's folder for `part` of the file at `path` (holding the JSON `files`), which `write(path,
+    folder)` fills the first time. An entry already there is used even in a cache this process cannot write
+    (one baked into a read-only image); where the cache cannot take a new one (not writable, full), it goes to
+    this process's temporary folder."""
+    key = entry_key(path)
+    folder = cache_root() / key / part
+    if is_whole(folder, files):
         return folder
+    try:
+        return build(path, part, write, folder, files)
+    except OSError as e:
+        logger.warning("the cache %s cannot keep what %s holds (%s): it goes to a temporary folder, and is read "
+                       "again by the next process", cache_root(), path, e)
+    folder = fallback_root() / key / part
+    return folder if is_whole(folder, files) else build(path, part, write, folder, files)
+
+
+def is_whole(folder: Path, files: list[str]) -> bool:
+    try:
+        for name in files:
+            json.loads((folder / name).read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def build(path: str, part: str, write, folder: Path, files: list[str]) -> Path:
+    if folder.is_dir():
+        logger.warning("the cache entry %s is damaged (a file missing or not JSON): %s is read again", folder, path)
+        shutil.rmtree(folder)
     start = time.perf_counter()
-    folder.parent.mkdir(exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=folder.parent))  # renamed whole when complete
     try:
         write(path, building)
+        for item in [building, *building.rglob("*")]:  # mkdtemp's 0700: other users of a shared cache read it
+            item.chmod(0o755 if item.is_dir() else 0o644)
         os.rename(building, folder)
     except OSError:
-        if not folder.is_dir():  # not because another process put its copy there first
+        if not is_whole(folder, files):  # not because another process put its copy there first
             raise
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already when renamed
@@ -87,30 +116,29 @@ def entry(path: str, part: str, write) -> Path:
 
 
 def entry_key(path: str) -> str:
+    """The file's identity: its real path, size, modification and change times and inode (a file copied over
+    another with its mtime kept, as rsync -a and cp -p do, still has a new ctime), and the readers' versions."""
     real = os.path.realpath(path)
     status = os.stat(real)
-    identity = f"{real}|{status.st_size}|{status.st_mtime_ns}|{CACHE_FORMAT}|{transformers.__version__}|" \
-               f"{importlib.metadata.version('gguf')}"
+    identity = f"{real}|{status.st_size}|{status.st_mtime_ns}|{status.st_ctime_ns}|{status.st_ino}|" \
+               f"{CACHE_FORMAT}|{transformers.__version__}|{importlib.metadata.version('gguf')}"
     return f"{Path(real).stem[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("WDE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wde"
+    return Path(base) / "gguf"
 
 
 _fallback_root: Path | None = None
 
 
-def cache_root() -> Path:
+def fallback_root() -> Path:
+    """This process's own temporary folder, removed at exit."""
     global _fallback_root
-    base = os.environ.get("WDE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wde"
-    root = Path(base) / "gguf"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
     if _fallback_root is None:
         _fallback_root = Path(tempfile.mkdtemp(prefix="wde-gguf-"))
         atexit.register(shutil.rmtree, _fallback_root, True)
-        logger.warning("the cache %s cannot be written: what .gguf files hold is read again at each load", root)
     return _fallback_root
 
 
@@ -119,7 +147,8 @@ def write_config(path: str, folder: Path) -> None:
     (Qwen3's head_dim is not hidden_size / heads) and the rope_freqs tensor, in which llama.cpp stores Llama 3.x
     RoPE scaling as one divisor per frequency (kept on the config as `rope_freq_divisors` for RotaryEmbedding);
     and the table of its tensors."""
-    config = transformers.AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    folder_of, name = os.path.split(os.path.abspath(path))  # "model.gguf" alone is in the current folder
+    config = transformers.AutoConfig.from_pretrained(folder_of, gguf_file=name)
     reader = gguf.GGUFReader(path)
     architecture = reader.fields["general.architecture"].contents()
     key_length = reader.fields.get(f"{architecture}.attention.key_length")
@@ -132,10 +161,11 @@ def write_config(path: str, folder: Path) -> None:
         table.append(asdict(GGUFTensor(tensor.name, int(tensor.tensor_type), tensor.data.dtype.str,
                                        list(tensor.data.shape), list(reversed(tensor.shape.tolist())),
                                        int(tensor.data_offset))))
-    config.save_pretrained(folder)
     (folder / "tensors.json").write_text(json.dumps(table))
+    config.save_pretrained(folder)
 
 
 def write_tokenizer(path: str, folder: Path) -> None:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    folder_of, name = os.path.split(os.path.abspath(path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder_of, gguf_file=name)
     tokenizer.save_pretrained(folder)

@@ -6,6 +6,9 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 
+BODY_NOT_READ = frozenset({408, 413})
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -18,7 +21,10 @@ class APIError(Exception):
 
     def response(self) -> Response:
         # ASCII escapes: a message may quote what the client sent, which can hold text UTF-8 cannot encode
-        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json")
+        # a body refused before it was all read (too large, too slow) leaves the connection unusable: it closes
+        headers = {"connection": "close"} if self.status in BODY_NOT_READ else None
+        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
+                        headers=headers)
 
 
 # how pydantic names the members of a union it tried, in an error's location: not a field a client sent
