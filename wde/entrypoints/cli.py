@@ -117,8 +117,9 @@ def run_plugins(namespace: argparse.Namespace) -> None:
 
 
 def served_name(model: str) -> str:
-    from pathlib import Path
     path = Path(model)
+    if not path.exists():  # a Hub id is served under its own name, as vLLM does
+        return model
     return path.stem if path.suffix == ".gguf" else (path.parent.name if path.name == "model" else path.name)
 
 
@@ -135,7 +136,8 @@ def run_serve(namespace: argparse.Namespace) -> None:
     served = {namespace.served_model_name or served_name(model): args.model_copy(update={"model": model})}
     if namespace.embed_model:
         served[served_name(namespace.embed_model)] = EngineArgs(model=namespace.embed_model, device=args.device,
-                                                                task=namespace.embed_task)
+                                                                task=namespace.embed_task,
+                                                                download_dir=args.download_dir)
     engines = start_engines(served)
     # uvicorn raises the signal that stopped it again once it is done: a SIGTERM must then unwind (stopping the
     # engines below), not end this process on the spot
