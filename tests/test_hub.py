@@ -61,8 +61,8 @@ def test_one_gguf_file_of_a_repository_and_a_hub_tokenizer(hub):
 
 
 @pytest.mark.parametrize("model,message", [
-    ("wde-test/absent", "'wde-test/absent' is not a local path, and is not in the Hugging Face cache at"),
-    ("wde-test/tiny-gguf:missing.gguf", "is not in the Hugging Face cache"),
+    ("wde-test/absent", "'wde-test/absent' is not a local path, and is not \\(all\\) in the Hugging Face cache at"),
+    ("wde-test/tiny-gguf:missing.gguf", "is not \\(all\\) in the Hugging Face cache"),
     ("wde-test/tiny:weights.bin", "after the colon of a Hub id comes a .gguf file"),
     ("not a path//nor an id", "does not exist: give a Hugging Face folder"),
 ])
@@ -105,3 +105,20 @@ def test_the_cache_is_read_first_and_a_download_asks_only_for_what_the_loader_re
     assert tokens("wde-test/new", download_dir=str(cache)) == tokens(folder)
     assert [a[2] for a in asked] == [True, False]  # the cache, then a download of the loader's files
     assert asked[1][1] == hub_module.FOLDER_FILES and "*.bin" not in asked[1][1]
+
+
+def test_a_snapshot_with_configs_alone_is_not_taken_for_the_model(hub, tmp_path):
+    """What per-file downloads leave (config and tokenizer, no weights) is not all the loader reads."""
+    cache, folder, _, _ = hub
+    partial = [p for p in sorted(Path(folder).iterdir()) if not p.name.endswith(".safetensors")]
+    add_snapshot(cache, "wde-test/partial", COMMIT, partial)
+    with pytest.raises(FileNotFoundError, match="is not \\(all\\) in the Hugging Face cache"):
+        generate("wde-test/partial", download_dir=str(cache))
+
+
+def test_a_repository_of_gguf_files_named_without_one_says_which_to_name(hub):
+    cache, *_ = hub
+    with pytest.raises(FileNotFoundError, match="name one, as wde-test/tiny-gguf:other.gguf"):
+        generate("wde-test/tiny-gguf", download_dir=str(cache))
+    with pytest.raises(FileNotFoundError, match="after the colon of a Hub id comes a .gguf file"):
+        generate("wde-test/tiny:", download_dir=str(cache))

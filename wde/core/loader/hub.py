@@ -26,16 +26,18 @@ def local_model_path(model: str, revision: str | None = None, download_dir: str 
     repo_id, gguf_file = split_hub_id(model)
     patterns = [gguf_file] if gguf_file else FOLDER_FILES
     arguments = {"repo_id": repo_id, "revision": revision, "cache_dir": download_dir, "allow_patterns": patterns}
+    cached = None
     try:
-        folder = huggingface_hub.snapshot_download(**arguments, local_files_only=True)
-        if holds_the_model(Path(folder), gguf_file):
-            return str(Path(folder) / gguf_file) if gguf_file else folder
+        cached = Path(huggingface_hub.snapshot_download(**arguments, local_files_only=True))
+        if holds_the_model(cached, gguf_file):
+            return str(cached / gguf_file) if gguf_file else str(cached)
     except LocalEntryNotFoundError:
-        pass  # not in the cache (or not all of it): download it
+        pass  # not in the cache (or not all of it: per-file downloads leave configs alone): download it
     where = download_dir or huggingface_hub.constants.HF_HUB_CACHE
     if offline():
-        raise FileNotFoundError(f"model {model!r}{at_revision(revision)} is not a local path, and is not in the "
-                                f"Hugging Face cache at {where} (HF_HUB_OFFLINE is set: nothing is downloaded)")
+        raise FileNotFoundError(f"model {model!r}{at_revision(revision)} is not a local path, and is not (all) in "
+                                f"the Hugging Face cache at {where} (HF_HUB_OFFLINE is set: nothing is downloaded)"
+                                f"{gguf_hint(cached, repo_id, gguf_file)}")
     logger.info("downloading %s%s from the Hugging Face Hub into %s", model, at_revision(revision), where)
     try:
         folder = huggingface_hub.snapshot_download(**arguments)
@@ -44,14 +46,15 @@ def local_model_path(model: str, revision: str | None = None, download_dir: str 
                                 f"had from the Hugging Face Hub: {type(e).__name__}: {e}") from e
     if not holds_the_model(Path(folder), gguf_file):
         raise FileNotFoundError(f"the Hub repository {repo_id!r}{at_revision(revision)} has no "
-                                f"{gguf_file or 'config.json'}")
+                                f"{gguf_file or 'config.json with safetensors weights, nor a tokenizer'}"
+                                f"{gguf_hint(Path(folder), repo_id, gguf_file)}")
     return str(Path(folder) / gguf_file) if gguf_file else folder
 
 
 def split_hub_id(model: str) -> tuple[str, str | None]:
     """"org/name" -> ("org/name", None); "org/name:file.gguf" -> ("org/name", "file.gguf")."""
-    repo_id, _, gguf_file = model.partition(":")
-    if gguf_file and not gguf_file.endswith(".gguf"):
+    repo_id, colon, gguf_file = model.partition(":")
+    if colon and not gguf_file.endswith(".gguf"):
         raise FileNotFoundError(f"model {model!r} does not exist: after the colon of a Hub id comes a .gguf file")
     try:
         validate_repo_id(repo_id)
@@ -62,8 +65,17 @@ def split_hub_id(model: str) -> tuple[str, str | None]:
 
 
 def holds_the_model(folder: Path, gguf_file: str | None) -> bool:
-    return (folder / gguf_file).is_file() if gguf_file else (folder / "config.json").is_file() or \
-        (folder / "tokenizer_config.json").is_file()
+    """The .gguf file; else a model (config.json and safetensors weights) or a tokenizer alone."""
+    if gguf_file:
+        return (folder / gguf_file).is_file()
+    model = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    return model or (folder / "tokenizer_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def gguf_hint(folder: Path | None, repo_id: str, gguf_file: str | None) -> str:
+    """For a repository of .gguf files named without one: which to name."""
+    files = sorted(path.name for path in folder.glob("*.gguf")) if folder is not None and not gguf_file else []
+    return f"; it holds .gguf files: name one, as {repo_id}:{files[0]}" if files else ""
 
 
 def offline() -> bool:
