@@ -326,8 +326,8 @@ class Server:
         tokens = sum(len(o.prompt_token_ids) for o in outputs)
 
         def response_body() -> bytes:  # 2,048 vectors of 4,096 floats: ~80 MB of JSON, made off the event loop
-            data = [{"object": "embedding", "index": i, "embedding": encode_vector(o.outputs.data, body.encoding_format)}
-                    for i, o in enumerate(outputs)]
+            data = [{"object": "embedding", "index": i,
+                     "embedding": encode_vector(o.outputs.data, body.encoding_format)} for i, o in enumerate(outputs)]
             return msgspec.json.encode({"object": "list", "data": data, "model": body.model,
                                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         return Response(await self.off_loop(response_body), media_type="application/json")
