@@ -220,8 +220,9 @@ def main() -> None:
               "poisson_requests": args.poisson_requests, "client": "openai AsyncOpenAI, streamed completions",
               "client_processes": args.clients, "max_num_seqs": args.max_num_seqs, "output_scale": args.output_scale}
     path = write_result("W6", args.device, {"burst": burst, "poisson": poisson, **checks},
-                        {"offline_wde_W1": reference}, peer_error="the peer here is wde's own offline run (LLM.generate, "
-                        "same process, same prompts), which the issue's targets compare against",
+                        {"offline_wde_W1": reference},
+                        peer_error="the peer here is wde's own offline run (LLM.generate, same process, same prompts), "
+                                   "which the issue's targets compare against",
                         workload_detail=detail)
     print(f"\nW6 serving ({path.name})\n  offline W1: {reference['out_tok_per_s']:,.1f} out tok/s, "
           f"{reference['ms_per_step']} ms/step\n  burst:      {burst['out_tok_per_s']:,.1f} out tok/s "

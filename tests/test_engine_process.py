@@ -115,8 +115,9 @@ def cli_server(tiny_model_dir):
     from tests.served import free_port
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "wde.entrypoints.cli", "serve", "--model",
-                               tiny_model_dir("qwen3"), "--served-model-name", "tiny", "--port", str(port), "--max-body-bytes", str(64 << 20),
-                               "--disable-log-stats"], env={**os.environ, "PYTHONPATH": os.getcwd()})
+                               tiny_model_dir("qwen3"), "--served-model-name", "tiny", "--port", str(port),
+                               "--max-body-bytes", str(64 << 20), "--disable-log-stats"],
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: server.poll() is not None or healthy(url), 120), "wde serve did not start"

@@ -18,7 +18,8 @@ class HFTokenizer(interfaces.Tokenizer):
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         if config.args.tokenizer:
-            folder, gguf_file = split_model_path(local_model_path(config.args.tokenizer, None, config.args.download_dir))
+            tokenizer = local_model_path(config.args.tokenizer, None, config.args.download_dir)
+            folder, gguf_file = split_model_path(tokenizer)
         else:
             folder, gguf_file = config.model.path, config.model.gguf_file
         start = time.perf_counter()

@@ -5,8 +5,8 @@ gguf-py parses every metadata entry in Python: opening SmolLM2's file costs ~6 s
 strings and as many merges), and a load used to open it four times (transformers' config and tokenizer, the
 metadata transformers leaves out, the weights): 23 of the 29 s `LLM()` took. The first load of a file writes
 the config, a table of its tensors and (when asked for) its tokenizer to a folder of the cache; later loads
-read those in 0.3 s and map the tensors straight from the file. A file is known by its real path, size and
-modification time, with the transformers and gguf versions that read it (a newer conversion makes a new entry).
+read those in 0.3 s and map the tensors straight from the file. A file is known by its real path, size,
+modification and change times and inode, with the transformers and gguf versions that read it (entry_key).
 
 The cache is $WDE_CACHE_DIR, else $XDG_CACHE_HOME/wde, else ~/.cache/wde; where it cannot take an entry (not
 writable, full), the entry goes to a temporary folder this process removes at exit. A damaged entry (a file
@@ -147,8 +147,7 @@ def write_config(path: str, folder: Path) -> None:
     (Qwen3's head_dim is not hidden_size / heads) and the rope_freqs tensor, in which llama.cpp stores Llama 3.x
     RoPE scaling as one divisor per frequency (kept on the config as `rope_freq_divisors` for RotaryEmbedding);
     and the table of its tensors."""
-    folder_of, name = os.path.split(os.path.abspath(path))  # "model.gguf" alone is in the current folder
-    config = transformers.AutoConfig.from_pretrained(folder_of, gguf_file=name)
+    config = from_gguf(transformers.AutoConfig, path)
     reader = gguf.GGUFReader(path)
     architecture = reader.fields["general.architecture"].contents()
     key_length = reader.fields.get(f"{architecture}.attention.key_length")
@@ -166,6 +165,10 @@ def write_config(path: str, folder: Path) -> None:
 
 
 def write_tokenizer(path: str, folder: Path) -> None:
-    folder_of, name = os.path.split(os.path.abspath(path))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder_of, gguf_file=name)
-    tokenizer.save_pretrained(folder)
+    from_gguf(transformers.AutoTokenizer, path).save_pretrained(folder)
+
+
+def from_gguf(auto_class, path: str):
+    """transformers' reading of the .gguf file at `path` ("model.gguf" alone: in the current folder)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return auto_class.from_pretrained(folder, gguf_file=name)

@@ -30,7 +30,7 @@ def local_model_path(model: str, revision: str | None = None, download_dir: str 
     try:
         cached = Path(huggingface_hub.snapshot_download(**arguments, local_files_only=True))
         if holds_the_model(cached, gguf_file):
-            return str(cached / gguf_file) if gguf_file else str(cached)
+            return path_in(cached, gguf_file)
     except LocalEntryNotFoundError:
         pass  # not in the cache (or not all of it: per-file downloads leave configs alone): download it
     where = download_dir or huggingface_hub.constants.HF_HUB_CACHE
@@ -48,7 +48,11 @@ def local_model_path(model: str, revision: str | None = None, download_dir: str 
         raise FileNotFoundError(f"the Hub repository {repo_id!r}{at_revision(revision)} has no "
                                 f"{gguf_file or 'config.json with safetensors weights, nor a tokenizer'}"
                                 f"{gguf_hint(Path(folder), repo_id, gguf_file)}")
-    return str(Path(folder) / gguf_file) if gguf_file else folder
+    return path_in(Path(folder), gguf_file)
+
+
+def path_in(folder: Path, gguf_file: str | None) -> str:
+    return str(folder / gguf_file) if gguf_file else str(folder)
 
 
 def split_hub_id(model: str) -> tuple[str, str | None]:
@@ -68,8 +72,10 @@ def holds_the_model(folder: Path, gguf_file: str | None) -> bool:
     """The .gguf file; else a model (config.json and safetensors weights) or a tokenizer alone."""
     if gguf_file:
         return (folder / gguf_file).is_file()
-    model = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-    return model or (folder / "tokenizer_config.json").is_file() and not (folder / "config.json").is_file()
+    has_config = (folder / "config.json").is_file()
+    if has_config:
+        return any(folder.glob("*.safetensors"))
+    return (folder / "tokenizer_config.json").is_file()
 
 
 def gguf_hint(folder: Path | None, repo_id: str, gguf_file: str | None) -> str:
