@@ -45,8 +45,11 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
 
 def destroy_tensor_parallel(timeout_s: float = 5.0) -> None:
     """Leave the group. NCCL's teardown can block once a peer has exited, so it gets `timeout_s` in a thread and
-    is then abandoned: closing an engine must never hang."""
-    if dist.is_initialized():
+    is then abandoned: closing an engine must never hang. Gloo's is local and is waited for: a gloo group still
+    alive when the interpreter exits aborts the process (its threads free tensors after Python is gone)."""
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+    elif dist.is_initialized():
         teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
         teardown.start()
         teardown.join(timeout_s)
