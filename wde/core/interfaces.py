@@ -280,7 +280,10 @@ class AttentionBackend(ABC):
     """
 
     kind: ClassVar[str | None] = None  # a backend that does not say is refused by resolve() and the selector
-    supports_cuda_graphs: ClassVar[bool] = False  # its forward can be captured in a CUDA graph
+    supports_cuda_graphs: ClassVar[bool] = False  # its forward over a decode step can be captured in a CUDA graph
+    # its forward over a step with prefill reads the batch's lengths from the device tensors alone (the host
+    # lists only bound its launches), so such a step, padded, can be captured too
+    supports_prefill_cuda_graphs: ClassVar[bool] = False
     # forward takes `rotation=` (wde.core.layers.rotary.Rotation) and rotates q and k itself, fused with its
     # K/V store; otherwise the layer rotates them before calling forward
     fuses_rotation: ClassVar[bool] = False

@@ -15,6 +15,7 @@ MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost outweighs the extr
 class TritonAttentionBackend(AttentionBackend):
     kind = "paged"
     supports_cuda_graphs = True
+    supports_prefill_cuda_graphs = True  # both kernels find each sequence's rows and lengths on the device
     fuses_rotation = True
 
     @classmethod

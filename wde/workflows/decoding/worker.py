@@ -4,7 +4,7 @@ from dataclasses import replace
 import torch
 
 from wde.core.attention.metadata import dummy_paged_batch
-from wde.core.cuda_graphs import DecodeCudaGraphs
+from wde.core.cuda_graphs import StepCudaGraphs
 from wde.core.forward_context import set_forward_context
 from wde.core.layers.embedding import gather_vocab, greedy_tokens
 from wde.core.parallel.distributed import broadcast_from_first_rank, get_tp_rank, get_tp_size
@@ -20,15 +20,16 @@ class DecodingWorker(ModelWorker):
         self.sampler = Sampler(self.device, config.args.seed)
         self.vocab_size = config.model.vocab_size
         self.last_sampled: torch.Tensor | None = None  # the last step's samples (async scheduling)
-        self.cuda_graphs: DecodeCudaGraphs | None = None
+        self.cuda_graphs: StepCudaGraphs | None = None
 
     def init_kv_cache(self, num_blocks: int) -> None:
         super().init_kv_cache(num_blocks)
         args = self.config.args
         if self.device.type == "cuda" and not args.enforce_eager and self.attn_backend.supports_cuda_graphs:
-            self.cuda_graphs = DecodeCudaGraphs(self.model, args.max_num_seqs, self.config.model.max_model_len,
-                                                args.block_size, self.device,
-                                                self._greedy_tokens if get_tp_size() == 1 else None)
+            self.cuda_graphs = StepCudaGraphs(self.model, args.max_num_seqs, args.max_num_batched_tokens,
+                                              self.config.model.max_model_len, args.block_size, self.device,
+                                              self._greedy_tokens if get_tp_size() == 1 else None,
+                                              with_prefill=self.attn_backend.supports_prefill_cuda_graphs)
 
     def _greedy_tokens(self, shard_logits: torch.Tensor) -> torch.Tensor:
         return greedy_tokens(shard_logits, self.vocab_size)
@@ -46,12 +47,16 @@ class DecodingWorker(ModelWorker):
         meta = model_input.attn_metadata
         if model_input.in_flight_rows is not None:
             model_input = self._take_in_flight_tokens(model_input)
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(meta.num_seqs, meta.max_query_len):
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.can_run_decode(meta):
             # a decode step: every row samples, and no prompt is being read (so no prompt logprobs)
-            shard_logits, greedy = self.cuda_graphs.run(model_input.input_ids, model_input.positions, meta)
+            shard_logits, greedy = graphs.run_decode(model_input.input_ids, model_input.positions, meta)
             return self._sample(shard_logits, model_input, [], greedy)
-        with set_forward_context(model_input.attn_metadata):
-            hidden = self.model(model_input.input_ids, model_input.positions)
+        if graphs is not None and graphs.can_run_with_prefill(len(model_input.input_ids), meta):
+            hidden = graphs.run_with_prefill(model_input.input_ids, model_input.positions, meta)
+        else:
+            with set_forward_context(meta):
+                hidden = self.model(model_input.input_ids, model_input.positions)
         shard_logits = self.model.compute_logits(hidden[model_input.logits_indices], gather=False)
         prompt_logprobs = []
         for rows in model_input.prompt_logprobs:
