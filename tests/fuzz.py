@@ -57,6 +57,20 @@ any_value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_siz
                          max_leaves=8)
 
 
+# JSON schemas, good and bad: xgrammar compiles them, or the request fails with its message
+JSON_SCHEMAS = st.recursive(
+    st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "object",
+                                                    "array", "nonsense"])},
+                          optional={"maxLength": any_int, "minimum": any_int, "enum": st.lists(scalar, max_size=3),
+                                    "pattern": any_text}),
+    lambda inner: st.one_of(st.fixed_dictionaries({"type": st.just("object"),
+                                                   "properties": st.dictionaries(any_text, inner, max_size=3)},
+                                                  optional={"required": st.lists(any_text, max_size=2)}),
+                            st.fixed_dictionaries({"type": st.just("array"), "items": inner}),
+                            st.dictionaries(any_text, any_value, max_size=2)),
+    max_leaves=6)
+
+
 def mostly(common: st.SearchStrategy, rare: st.SearchStrategy, odds: int = 4) -> st.SearchStrategy:
     """`common`, and `rare` about one time in odds + 1: a case whose every field is wild is refused at once
     and reaches nothing past input validation."""
@@ -110,6 +124,12 @@ def sampling_fields(vocab_size: int) -> dict[str, st.SearchStrategy]:
         "skip_special_tokens": with_plausible(st.booleans()),
         "detokenize": with_plausible(st.booleans()),
         "output_kind": with_plausible(st.sampled_from(["cumulative", "delta", "final_only"])),
+        "structured_outputs": with_plausible(st.one_of(
+            st.none(), st.fixed_dictionaries({}, optional={"regex": any_text, "choice": st.lists(any_text, max_size=3),
+                                                           "grammar": any_text, "json_object": st.booleans(),
+                                                           "json": st.one_of(any_text, JSON_SCHEMAS)}),
+            st.sampled_from([{"regex": "w1[0-9] w2"}, {"choice": ["w10", "w11 w12"]}, {"json_object": True},
+                             {"grammar": 'root ::= "w1" [0-9]'}]))),
     }
 
 

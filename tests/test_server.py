@@ -9,6 +9,7 @@ import time
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -556,3 +557,38 @@ def test_a_request_that_fails_in_the_engine_says_why_streamed_or_not(faulty_url)
         for _ in client.completions.create(model="faulty", prompt=[5, 13, 6], max_tokens=4, stream=True):
             pass
     assert client.completions.create(model="faulty", prompt=[5, 6], max_tokens=3).usage.completion_tokens == 3
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    age: int = pydantic.Field(ge=0, le=120)
+
+
+def test_structured_outputs_through_the_openai_client(client):
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    parsed = client.chat.completions.parse(model="smollm2", messages=messages, response_format=Person,
+                                           temperature=0, max_tokens=60).choices[0].message.parsed
+    assert isinstance(parsed, Person)
+    short = [{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}]
+    reply = client.chat.completions.create(model="smollm2", messages=short, temperature=0, max_tokens=200,
+                                           response_format={"type": "json_object"}).choices[0]
+    assert reply.finish_reason == "stop" and isinstance(json.loads(reply.message.content), dict)
+    chosen = client.completions.create(model="smollm2", prompt="Is the sky blue?", max_tokens=5, temperature=0,
+                                       extra_body={"guided_choice": ["yes", "no"]}).choices[0].text
+    assert chosen in ("yes", "no")
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=20, temperature=0, stream=True,
+        extra_body={"structured_outputs": {"regex": "[a-z]{3,6}@[a-z]{3,6}\\.com"}}))
+    assert re.fullmatch(r"[a-z]{3,6}@[a-z]{3,6}\.com", streamed)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"structured_outputs": {"regex": "(open"}}, "structured_outputs.regex could not be compiled"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "give one"),
+    ({"response_format": {"type": "json_schema"}}, "takes a json_schema"),
+    ({"guided_json": '{"type": "object", "properties": 3}'}, "structured_outputs.json could not be compiled")])
+def test_a_bad_constraint_is_a_400_naming_it(client, extra, message):
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=5, extra_body=extra)

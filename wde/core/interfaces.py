@@ -16,6 +16,7 @@ resolved components alone. A slot's class must implement every abstract method o
 `Workflow.resolve()` refuses one that does not.
 """
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -257,6 +258,38 @@ class OutputProcessor(Component, Generic[SchedulerOutputT, ModelOutputT, OutputT
     @abstractmethod
     def failed_output(self, failure: "Failure") -> OutputT:
         """The finished output of a request that failed, carrying `failure.message`."""
+
+
+class StructuredOutputBackend(Component):
+    """Decoding under a constraint (SamplingParams.structured_outputs): a grammar engine's compiler, matchers
+    and token masks. The engine builds it once (the `StructuredOutputs` slot of a decoding workflow); the
+    InputProcessor starts each request's compilation, the RequestProcessor gives each sequence a matcher, the
+    ModelPreProcessor asks for the step's mask, the OutputProcessor advances the matchers."""
+
+    @abstractmethod
+    def compile(self, spec: Any) -> Future:
+        """Start compiling `spec` (a StructuredOutputsParams) off the step's path; the Future's result is the
+        compiled grammar, or raises (ValueError) with the grammar engine's message."""
+
+    @abstractmethod
+    def new_matcher(self, grammar: Any) -> "GrammarMatcher":
+        """A matcher at the start of `grammar` (a compiled grammar, the result of compile()'s Future)."""
+
+    @abstractmethod
+    def token_mask(self, rows: list[int], matchers: list["GrammarMatcher"]) -> "TokenMask":
+        """The mask of the step's sampling rows `rows`, each constrained by its matcher, as the Sampler applies
+        it (filled on the host when applied, which is once the step's forward pass is queued on the device)."""
+
+
+class GrammarMatcher(Protocol):
+    def accept_token(self, token_id: int) -> bool: ...  # False: the grammar does not allow it here
+
+    def is_terminated(self) -> bool: ...  # the constraint is complete (its stop token accepted)
+
+
+class TokenMask(Protocol):
+    def apply(self, logits: Any) -> None:
+        """Set the logits of the tokens the constraints forbid to -inf, in place ([rows, vocabulary])."""
 
 
 class Stepper(Component, Generic[OutputT]):

@@ -10,3 +10,4 @@ class Request:
     prompt_token_ids: list[int] | None  # the ids, when the user gave ids (else filled in at schedule time)
     params: Any  # SamplingParams, PoolingParams, ... as the workflow expects
     arrival_time: float
+    grammar: Any = None  # decoding with structured outputs: its grammar, compiling (a Future), from the InputProcessor

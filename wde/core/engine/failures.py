@@ -23,6 +23,11 @@ T = TypeVar("T")
 CLIENT_STAGES = frozenset({"input processing", "request processing"})
 
 
+class RequestContentError(ValueError):
+    """What a request carries cannot go on, found past the stages that read its input (its structured output's
+    constraint allows no token at some point): the client's failure, whatever the stage."""
+
+
 @dataclass
 class Failure:
     request: Request
@@ -38,7 +43,8 @@ class RequestFailures:
         """Note that `request` failed in `stage`; its first failure is the one reported."""
         if request.request_id in self._failed:
             return
-        client = stage in CLIENT_STAGES and isinstance(error, (ValueError, TypeError))
+        client = isinstance(error, RequestContentError) or (stage in CLIENT_STAGES
+                                                            and isinstance(error, (ValueError, TypeError)))
         message = str(error) if client and str(error) else f"{stage} failed: {type(error).__name__}: {error}"
         if log and client:
             logger.warning("request %s refused: %s", request.request_id, message)

@@ -30,6 +30,8 @@ class LLMEngine:
         self.stats_tracker = StatsTracker(log=not config.args.disable_log_stats)
         build = self._build
         self.tokenizer = build("Tokenizer")
+        # a decoding workflow's grammar engine (structured outputs), used by the components built below
+        self.structured_outputs = build("StructuredOutputs") if "StructuredOutputs" in self.components else None
         self.executor = build("Executor")  # loads the model and allocates the KV cache
         self.kv_cache_manager = build("KVCacheManager")
         self.request_processor = build("RequestProcessor")

@@ -1,6 +1,7 @@
 """Picks the next token of every sequence in a step at once, on the device.
 
-Per row: penalties (repetition, then frequency and presence), then greedy rows take the argmax; the others
+Per row: penalties (repetition, then frequency and presence), tokens banned for now (min_tokens) and those a
+structured output forbids, then greedy rows take the argmax; the others
 are divided by their temperature, cut by min_p, top_k and top_p, and sampled. Rows whose request has a seed
 draw their noise from the request's own generator, so its tokens do not depend on the rest of the batch.
 """
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wde.core.interfaces import TokenMask
 from wde.core.pinned_copy import copy_to_host
 
 
@@ -33,11 +35,13 @@ class SamplingMetadata:
     penalties: Penalties | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) that may not be sampled yet
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its request's generator
+    allowed: TokenMask | None = None  # structured outputs: what the constrained rows may sample
 
     @property
     def only_argmax(self) -> bool:
         """Every row's token is the argmax of its raw logits, and no log-probabilities are wanted."""
-        return self.all_greedy and self.num_logprobs is None and self.penalties is None and self.banned is None
+        return (self.all_greedy and self.num_logprobs is None and self.penalties is None and self.banned is None
+                and self.allowed is None)
 
 
 @dataclass
@@ -143,6 +147,9 @@ class Sampler(nn.Module):
             logits = apply_penalties(logits, meta.penalties)
         if meta.banned is not None:
             logits = logits.index_put(meta.banned, torch.tensor(float("-inf"), device=logits.device))
+        if meta.allowed is not None:
+            logits = logits.clone() if logits is raw_logits else logits  # logprobs are of the raw logits
+            meta.allowed.apply(logits)
         token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
         logprobs = None
         if meta.num_logprobs is not None:

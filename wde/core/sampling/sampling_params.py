@@ -21,6 +21,39 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = "final_only"  # one RequestOutput, when the request finishes
 
 
+class StructuredOutputsParams(BaseModel):
+    """A constraint on the generated text, as vLLM names it: exactly one of the fields. Decoding then only
+    samples tokens the constraint allows, and the sequence stops once the constraint is complete."""
+
+    # `json` (vLLM's name) is the schema's alias: as a field name it would hide pydantic's own BaseModel.json
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    json_schema: dict | str | None = Field(None, alias="json",
+                                           description="a JSON schema (an object, or its JSON text)")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+    regex: str | None = Field(None, min_length=1, description="a regular expression the whole text matches")
+    choice: list[str] | None = Field(None, min_length=1, description="the text is one of these strings")
+    grammar: str | None = Field(None, min_length=1, description="an EBNF grammar (GBNF style, `root ::= ...`), "
+                                                               "or a Lark grammar (`start: ...`)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputsParams":
+        given = self._given()
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {', '.join(given) or 'none'}")
+        return self
+
+    def _given(self) -> list[str]:
+        return [field.alias or name for name, field in type(self).model_fields.items()
+                if getattr(self, name) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is: json, json_object, regex, choice or grammar."""
+        return self._given()[0]
+
+
 class SamplingParams(BaseModel):
     """Invalid values are refused when the object is made (or a field is set), naming the field."""
 
@@ -63,6 +96,8 @@ class SamplingParams(BaseModel):
     detokenize: bool = Field(True, description="produce text (False: token ids only)")
     output_kind: RequestOutputKind = Field(RequestOutputKind.CUMULATIVE,
                                            description="what LLMEngine.step() returns for this request")
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="constrain the text to a JSON schema, a regex, a grammar or a choice of strings")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -5,7 +5,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from wde.core.inputs import check_text
-from wde.core.sampling.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams
+from wde.core.sampling.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
+                                               StructuredOutputsParams)
 
 TokenIds = list[int]
 # the most prompts (times n) or inputs one request may carry: OpenAI's cap on embeddings inputs. The engine serves
@@ -36,6 +37,32 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Request):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    # OpenAI's own field name; pydantic's BaseModel has a `schema` method, hence the alias
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None  # wde always holds the output to the schema
+
+
+class ResponseFormat(Request):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format of type json_schema takes a json_schema, and only that type does")
+        return self
+
+    def structured_outputs(self) -> dict | None:
+        if self.type == "json_object":
+            return {"json_object": True}
+        return None if self.type == "text" else {"json": self.json_schema.json_schema}
+
+
 class SamplingFields(Request):
     """The fields /v1/completions and /v1/chat/completions share."""
 
@@ -53,10 +80,35 @@ class SamplingFields(Request):
     # vLLM's extensions, which load generators send to fix the length of every answer
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
+    # the constraint on the text: OpenAI's response_format, vLLM's structured_outputs, or its older guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @model_validator(mode="after")
+    def one_constraint(self) -> "SamplingFields":
+        self.constraint()  # refused with the body, as a 400, not once the request runs
+        return self
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The one constraint the request asked for, however it asked."""
+        guided = {name: value for name, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                                                  ("choice", self.guided_choice), ("grammar", self.guided_grammar))
+                  if value is not None}
+        asked = [spec for spec in (self.response_format and self.response_format.structured_outputs(),
+                                   self.structured_outputs, guided or None) if spec]
+        if len(asked) > 1:
+            raise ValueError("response_format, structured_outputs and guided_* each set a constraint: give one")
+        if not asked or isinstance(asked[0], StructuredOutputsParams):
+            return asked[0] if asked else None
+        return StructuredOutputsParams.model_validate(asked[0])
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        return SamplingParams(
+        return SamplingParams(structured_outputs=self.constraint(),
             n=self.n, temperature=self.temperature, top_p=self.top_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop, max_tokens=max_tokens,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos,

@@ -8,8 +8,13 @@ from wde.core.sampling.sampling_params import SamplingParams
 
 
 class DecodingInputProcessor(interfaces.InputProcessor):
-    def __init__(self, config):
+    @classmethod
+    def from_engine(cls, engine) -> "DecodingInputProcessor":
+        return cls(engine.config, engine.structured_outputs)
+
+    def __init__(self, config, structured_outputs: interfaces.StructuredOutputBackend | None = None):
         super().__init__(config)
+        self.structured_outputs = structured_outputs
         # read once: attribute access on a transformers config object is slow, and this runs per request
         self.vocab_size, self.max_model_len = config.model.vocab_size, config.model.max_model_len
 
@@ -22,7 +27,12 @@ class DecodingInputProcessor(interfaces.InputProcessor):
         text, token_ids = parse_prompt(prompt, vocab_size)
         if token_ids is not None:
             check_prompt_fits(len(token_ids), self.max_model_len)
-        return Request(request_id, text, token_ids, params, arrival_time)
+        request = Request(request_id, text, token_ids, params, arrival_time)
+        if params.structured_outputs is not None:
+            if self.structured_outputs is None:
+                raise ValueError("structured_outputs: this workflow has no StructuredOutputs slot")
+            request.grammar = self.structured_outputs.compile(params.structured_outputs)
+        return request
 
 
 def check_prompt_fits(prompt_len: int, max_model_len: int) -> None:

@@ -44,14 +44,17 @@ def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.int64).view(len(rows), width)
 
 
-def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: frozenset[int]) -> SamplingMetadata:
+def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: frozenset[int],
+                            structured_outputs: interfaces.StructuredOutputBackend | None = None
+                            ) -> SamplingMetadata:
     """Per-row sampling settings of the sequences that sample this step; optional parts only when used."""
     params = [seq.params for seq in seqs]
     temperatures = [p.temperature for p in params]
     meta = SamplingMetadata(temperature=torch.tensor(temperatures, dtype=torch.float32),
                             all_greedy=not any(temperatures), all_random=all(temperatures),
                             num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
-    special = [p for p in params if p.truncates or p.uses_penalties or p.min_tokens or p.seed is not None]
+    special = [p for p in params if p.truncates or p.uses_penalties or p.min_tokens or p.seed is not None
+               or p.structured_outputs is not None]
     if not special:  # nothing below applies to any row (the usual case): skip the per-row scans
         return meta
     if any(p.top_k > 0 for p in params):
@@ -75,6 +78,9 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: froz
         meta.banned = (torch.tensor([r for r, _ in banned]), torch.tensor([t for _, t in banned]))
     meta.generators = {row: seq.generator for row, seq in enumerate(seqs)
                        if seq.generator is not None and seq.params.temperature > 0}
+    constrained = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+    if constrained:
+        meta.allowed = structured_outputs.token_mask(constrained, [seqs[row].grammar for row in constrained])
     return meta
 
 
@@ -102,10 +108,13 @@ def prompt_logprob_rows(index: int, scheduled: ScheduledSequence, first_flat_row
 class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, ModelInput]):
     @classmethod
     def from_engine(cls, engine) -> "DecodingModelPreProcessor":
-        return cls(engine.config, eos_token_ids(engine.tokenizer, engine.config.model.hf_config))
+        return cls(engine.config, eos_token_ids(engine.tokenizer, engine.config.model.hf_config),
+                   engine.structured_outputs)
 
-    def __init__(self, config, eos_ids: frozenset[int]):
+    def __init__(self, config, eos_ids: frozenset[int],
+                 structured_outputs: interfaces.StructuredOutputBackend | None = None):
         super().__init__(config)
+        self.structured_outputs = structured_outputs
         self.block_size = config.args.block_size
         self.vocab_size = config.model.vocab_size
         self.eos_ids = eos_ids
@@ -140,7 +149,7 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, Mo
             if scheduled.samples:
                 logits_indices.append(len(token_ids) - 1)
                 sampled.append(seq)
-        sampling = build_sampling_metadata(sampled, self.vocab_size, self.eos_ids)
+        sampling = build_sampling_metadata(sampled, self.vocab_size, self.eos_ids, self.structured_outputs)
         # only once the whole step is built: a build that fails leaves every sequence as it was
         for row, seq in enumerate(sampled):
             seq.sample_row = row
@@ -150,7 +159,9 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, Mo
                           in_flight_source(in_flight_rows, len(token_ids)), sampling.only_argmax)
 
     def needs_known_tokens(self, scheduler_output: SchedulerOutput) -> bool:
-        """Whether some row's sampling reads its sequence's output so far (penalties, min_tokens) while its
-        last token is still in flight: async scheduling then lets that token arrive before building the step."""
-        return any(s.seq.num_pending_tokens and (s.seq.params.uses_penalties or s.seq.params.min_tokens)
+        """Whether some row's sampling reads its sequence's output so far (penalties, min_tokens, a structured
+        output's matcher) while its last token is still in flight: async scheduling then lets that token arrive
+        before building the step."""
+        return any(s.seq.num_pending_tokens and (s.seq.params.uses_penalties or s.seq.params.min_tokens
+                                                 or s.seq.grammar is not None)
                    for s in scheduler_output.scheduled)

@@ -1,6 +1,6 @@
 """Sampled tokens -> sequences grown by one token, stop decisions, text, and RequestOutputs."""
 from wde.core import interfaces
-from wde.core.engine.failures import Failure, RequestFailures
+from wde.core.engine.failures import Failure, RequestContentError, RequestFailures
 from wde.core.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from wde.core.sampling.sampler import SamplerOutput
 from wde.core.sampling.sampler import TokenLogprobs as BatchLogprobs
@@ -69,6 +69,10 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
         token = sampler_output.token_ids[row]
         seq.token_ids.append(token)
         seq.num_pending_tokens -= 1
+        if seq.grammar is not None and not seq.grammar.accept_token(token):  # the mask let nothing else through
+            raise RequestContentError(f"structured_outputs: the constraint allows no token after "
+                                      f"{seq.num_output_tokens - 1} generated tokens (the model's vocabulary "
+                                      "cannot continue it)")
         params = seq.params
         if params.logprobs is not None:
             if seq.logprobs is None:
@@ -83,6 +87,8 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
             new_text = seq.decoder.step(token)
             seq.text += new_text
         self.stop_checker.check(seq, len(new_text))
+        if seq.grammar is not None and not seq.is_finished and seq.grammar.is_terminated():
+            seq.finish("stop")  # the constraint is complete (its stop token taken), ignore_eos or not
 
     def _logprob_entry(self, logprobs: BatchLogprobs, row: int, k: int, detokenize: bool) -> TokenLogprobs:
         """{token id: Logprob} for the chosen token of `row` and its k most likely alternatives."""

@@ -10,11 +10,13 @@ from wde.workflows.decoding.sequence import Sequence, SequenceGroup
 class DecodingRequestProcessor(interfaces.RequestProcessor[SequenceGroup]):
     @classmethod
     def from_engine(cls, engine) -> "DecodingRequestProcessor":
-        return cls(engine.config, engine.tokenizer, engine.kv_cache_manager)
+        return cls(engine.config, engine.tokenizer, engine.kv_cache_manager, engine.structured_outputs)
 
-    def __init__(self, config, tokenizer, kv_cache_manager):
+    def __init__(self, config, tokenizer, kv_cache_manager,
+                 structured_outputs: interfaces.StructuredOutputBackend | None = None):
         super().__init__(config)
         self.tokenizer = tokenizer
+        self.structured_outputs = structured_outputs
         self.max_model_len = config.model.max_model_len
         kv_capacity = kv_cache_manager.num_blocks * kv_cache_manager.block_size
         # a sequence alone in the engine must always fit in the cache, or preemption could never make room
@@ -34,13 +36,16 @@ class DecodingRequestProcessor(interfaces.RequestProcessor[SequenceGroup]):
         params = request.params
         room = self.max_seq_len - prompt_len
         max_output = room if params.max_tokens is None else min(params.max_tokens, room)
+        grammar = None if request.grammar is None else request.grammar.result()  # raises what compiling raised
         group = SequenceGroup(request, prompt_ids)
-        group.sequences = [self._sequence(group, i, max_output) for i in range(params.n)]
+        group.sequences = [self._sequence(group, i, max_output, grammar) for i in range(params.n)]
         return group
 
-    def _sequence(self, group: SequenceGroup, index: int, max_output: int) -> Sequence:
+    def _sequence(self, group: SequenceGroup, index: int, max_output: int, grammar) -> Sequence:
         params, prompt_ids = group.params, group.prompt_token_ids
         seq = Sequence(group, index, list(prompt_ids), len(prompt_ids), max_output)
+        if grammar is not None:  # each completion follows the constraint on its own
+            seq.grammar = self.structured_outputs.new_matcher(grammar)
         if params.seed is not None:  # completion i of a seeded request draws from seed + i (as an unsigned
             # 64-bit seed, the range torch takes: a negative seed or one near the top wraps instead of overflowing)
             seq.generator = torch.Generator(self.config.device).manual_seed((params.seed + index) % 2**64)

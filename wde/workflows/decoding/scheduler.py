@@ -172,8 +172,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
         """The first waiting sequence, tokenizing new requests (lazily, only now) when none is waiting.
 
         The hook an admission order overrides (docs/plugins.md); `output` is the step scheduled so far."""
-        while not self.waiting and self.new_requests:
-            request = self.new_requests.popleft()
+        while not self.waiting and (request := self._next_ready_request()) is not None:
             group = self.process_request(request)
             if group is None:
                 del self.requests[request.request_id]
@@ -181,6 +180,15 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
             self.requests[request.request_id] = group
             self.waiting.extend(group.sequences)
         return self.waiting[0] if self.waiting else None
+
+    def _next_ready_request(self) -> Request | None:
+        """The first new request that can be tokenized now, taken from new_requests: one whose structured
+        output's grammar is still compiling waits, and the requests behind it go first."""
+        for index, request in enumerate(self.new_requests):
+            if request.grammar is None or request.grammar.done():
+                del self.new_requests[index]
+                return request
+        return None
 
     def _drop_pending(self, seq) -> None:
         """A sequence that ends with tokens in flight (async scheduling: a step launched before it stopped)

@@ -1,6 +1,7 @@
 """The state of a request while it decodes: one SequenceGroup per request, one Sequence per completion."""
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,6 +62,7 @@ class Sequence:
     cumulative_logprob: float | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # [None, then one per prompt token] when asked
     generator: torch.Generator | None = None  # the request's own, when it has a seed
+    grammar: Any = None  # its structured output's matcher, advanced by the OutputProcessor with each token
     # how much of the output the last RequestOutput carried (for delta outputs)
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0

@@ -1,0 +1,158 @@
+"""Structured outputs (SamplingParams.structured_outputs) on SmolLM2: what comes out follows the constraint,
+greedy decoding under it is transformers' argmax over the same mask, and a constraint that cannot be compiled
+fails its request alone."""
+import json
+import re
+from concurrent.futures import Future
+
+import jsonschema
+import pytest
+import torch
+import xgrammar
+
+from tests.conftest import assert_all_blocks_free, run_to_completion
+from wde import LLM, SamplingParams
+from wde.core.request import Request
+from wde.core.sampling.sampling_params import StructuredOutputsParams
+from wde.workflows.decoding.structured_outputs import choice_grammar
+
+SCHEMAS = {
+    "nested object": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False}},
+        "required": ["name", "address"], "additionalProperties": False},
+    "array of enums": {"type": "object", "properties": {
+        "colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3}},
+        "required": ["colors"], "additionalProperties": False},
+    "bounded numbers": {"type": "object", "properties": {
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "score": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["age", "score"], "additionalProperties": False},
+    "patterned string": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+                                                          "ok": {"type": "boolean"}},
+                         "required": ["code", "ok"], "additionalProperties": False},
+}
+MESSAGES = [{"role": "user", "content": "Answer with a JSON object describing a person."}]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_kv_blocks=96, max_num_seqs=8)
+
+
+def constrained(max_tokens: int = 80, **spec) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, structured_outputs=spec)
+
+
+def test_every_json_output_parses_and_validates(llm):
+    prompts = [MESSAGES] * len(SCHEMAS) + [MESSAGES]
+    params = [constrained(json=schema) for schema in SCHEMAS.values()] + [constrained(300, json_object=True)]
+    params[0] = constrained(json=json.dumps(SCHEMAS["nested object"]))  # the schema as JSON text too
+    outputs = llm.chat(prompts, params, use_tqdm=False)
+    for (name, schema), output in zip(SCHEMAS.items(), outputs):
+        completion = output.outputs[0]
+        assert completion.finish_reason == "stop", f"{name}: {completion.text!r}"
+        jsonschema.validate(json.loads(completion.text), schema)
+    assert outputs[-1].outputs[0].finish_reason == "stop"
+    assert isinstance(json.loads(outputs[-1].outputs[0].text), dict)
+    assert_all_blocks_free(llm.engine)
+
+
+def test_regex_choice_and_grammar_outputs_match(llm):
+    params = [constrained(regex=r"[0-9]{3}-[0-9]{4}"), constrained(choice=["yes", "no", 'it "depends"']),
+              constrained(grammar='root ::= "a" ("b" | "c"){2,4} "!"'), constrained(grammar='start: "x" "y" "z"?')]
+    texts = [o.outputs[0].text for o in llm.generate(["Phone number:", "Is it raining?", "Say:", "Go:"], params,
+                                                     use_tqdm=False)]
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[0])
+    assert texts[1] in ("yes", "no", 'it "depends"')
+    assert re.fullmatch(r"a[bc]{2,4}!", texts[2])
+    assert re.fullmatch(r"xyz?", texts[3])
+
+
+def test_every_completion_and_async_steps_follow_the_constraint():
+    choices = ["red", "green", "blue", "dark purple"]
+    spec = {"choice": choices}
+    for async_scheduling in (False, True):
+        llm = LLM(num_kv_blocks=64, async_scheduling=async_scheduling, max_num_batched_tokens=16)  # chunked prompts
+        sampled = llm.generate(["My favourite colour is"] * 2, SamplingParams(
+            temperature=1.5, n=4, seed=3, max_tokens=10, structured_outputs=spec), use_tqdm=False)
+        assert all(c.text in choices and c.finish_reason == "stop" for o in sampled for c in o.outputs)
+        greedy = llm.generate(["Reply with a phone number:"], constrained(regex=r"\(\d{3}\) \d{3}"),
+                              use_tqdm=False)[0].outputs[0]
+        assert re.fullmatch(r"\(\d{3}\) \d{3}", greedy.text)
+        if async_scheduling:
+            assert greedy.token_ids == synchronous_ids
+        synchronous_ids = greedy.token_ids
+        assert_all_blocks_free(llm.engine)
+
+
+def test_greedy_constrained_ids_are_transformers_masked_argmax(llm, hf_smollm2):
+    model, tokenizer = hf_smollm2
+    schema = SCHEMAS["bounded numbers"]
+    prompt = "A JSON object with an age and a score:"
+    ours = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0,
+                                                 structured_outputs={"json": schema}), use_tqdm=False)[0].outputs[0]
+    vocab_size = llm.engine.config.model.vocab_size
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                   stop_token_ids=[tokenizer.eos_token_id])
+    matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_json_schema(schema))
+    ids = tokenizer(prompt).input_ids
+    expected = []
+    for _ in range(10):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + expected])).logits[0, -1:].float()
+        bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        matcher.fill_next_token_bitmask(bitmask)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)
+        expected.append(int(logits.argmax()))
+        assert matcher.accept_token(expected[-1])
+    assert ours.token_ids == expected
+    # the log-probabilities reported are the model's own, from before the mask
+    with torch.no_grad():
+        raw = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    assert abs(ours.logprobs[0][expected[0]].logprob - float(raw[expected[0]])) < 1e-3
+
+
+def test_a_constraint_that_cannot_compile_fails_alone(llm):
+    params = [constrained(regex="(unclosed"), constrained(json='{"type": "object", "properties": 7}'),
+              constrained(grammar="root ::= undefined_rule"), SamplingParams(temperature=0, max_tokens=6),
+              constrained(choice=["ok"])]
+    outputs = llm.generate(["a", "b", "c", "d", "e"], params, use_tqdm=False)
+    assert "structured_outputs.regex could not be compiled" in outputs[0].error
+    assert "parenthesis" in outputs[0].error and not outputs[0].error.startswith("[")
+    assert "structured_outputs.json could not be compiled" in outputs[1].error
+    assert "structured_outputs.grammar could not be compiled" in outputs[2].error
+    assert outputs[3].error is None and len(outputs[3].outputs[0].token_ids) == 6
+    assert outputs[4].error is None and outputs[4].outputs[0].text == "ok"
+    assert_all_blocks_free(llm.engine)
+
+
+@pytest.mark.parametrize("spec,message", [({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
+                                          ({"choice": []}, "at least 1"), ({"regex": ""}, "at least 1"),
+                                          ({"json_schema_typo": {}}, "Extra inputs"),
+                                          ({"regex": "\ud800"}, "structured_outputs.regex")])
+def test_bad_structured_outputs_are_refused_when_made(spec, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(structured_outputs=spec)
+
+
+def test_choices_become_a_grammar_of_exactly_those_strings():
+    assert choice_grammar(["a", 'say "hi"', "é\n"]) == 'root ::= "a" | "say \\"hi\\"" | "é\\n"'
+    assert StructuredOutputsParams(json={"type": "object"}).kind == "json"
+
+
+def test_a_request_whose_grammar_compiles_waits_and_the_next_goes_first(llm):
+    engine = llm.engine
+    compiling, spec = Future(), StructuredOutputsParams(choice=["x"])
+    engine.scheduler.add_request(Request("slow", None, [5, 6, 7], SamplingParams(
+        temperature=0, max_tokens=5, structured_outputs=spec), 0.0, grammar=compiling))
+    engine.scheduler.add_request(Request("fast", None, [5, 6], SamplingParams(max_tokens=2), 0.0))
+    finished = {}
+    while "fast" not in finished:
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.scheduler.new_requests[0].request_id == "slow"  # still waiting for its grammar
+    compiling.set_result(engine.structured_outputs.compile(spec).result())
+    finished.update(run_to_completion(engine))
+    assert finished["slow"].outputs[0].text == "x"
