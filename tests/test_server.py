@@ -8,6 +8,7 @@ import socket
 import time
 
 import httpx
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -589,6 +590,76 @@ def test_structured_outputs_through_the_openai_client(client):
     ({"response_format": {"type": "json_schema"}}, "takes a json_schema"),
     ({"guided_json": '{"type": "object", "properties": 3}'}, "structured_outputs.json could not be compiled")])
 def test_a_bad_constraint_is_a_400_naming_it(client, extra, message):
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=5, extra_body=extra)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_call_comes_back_as_tool_calls_that_validate(client, stream):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    answer = client.chat.completions.create(model="smollm2", messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL],
+                                            tool_choice=named, temperature=0, max_tokens=60, stream=stream)
+    if stream:
+        chunks = list(answer)
+        deltas = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
+        assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+        name, arguments = deltas[0].function.name, deltas[0].function.arguments
+    else:
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        name, arguments = call.function.name, call.function.arguments
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_tool_choice_required_and_a_conversation_that_carries_the_tools_answer(client):
+    choice = client.chat.completions.create(model="smollm2", messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL],
+                                            tool_choice="required", temperature=0, max_tokens=80).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    assert {c.function.name for c in choice.message.tool_calls} <= {"get_weather", "get_time"}
+    call = choice.message.tool_calls[0]
+    follow_up = WEATHER_QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees"}]
+    answer = client.chat.completions.create(model="smollm2", messages=follow_up, tools=[WEATHER_TOOL],
+                                            temperature=0, max_tokens=12).choices[0]  # tool_choice auto
+    assert answer.finish_reason in ("stop", "length") and answer.message.content
+
+
+def test_langchain_with_structured_output_and_bind_tools(url):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(base_url=f"{url}/v1", api_key="unused", model="smollm2", temperature=0,
+                                       max_tokens=150)
+    person = chat.with_structured_output(Person, method="json_schema").invoke("Describe a person.")
+    assert isinstance(person, Person)
+    by_function = chat.with_structured_output(Person, method="function_calling").invoke("Describe a person.")
+    assert isinstance(by_function, Person)
+    forced = chat.bind_tools([WEATHER_TOOL], tool_choice="get_weather").invoke("Weather in Oslo?")
+    [call] = forced.tool_calls
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER_TOOL["function"]["parameters"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "not among the tools"),
+    ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "same function name"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "takes no other constraint"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "name")])
+def test_bad_tools_are_a_400_naming_them(client, extra, message):
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=5, extra_body=extra)

@@ -84,8 +84,10 @@ class Tokenizer(Component):
         """A decoder fed one token at a time whose text never shows a broken character."""
 
     @abstractmethod
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it; ValueError naming what is wrong."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The conversation as the model's chat template writes it (tools: OpenAI's tool definitions, for a
+        template that describes them); ValueError naming what is wrong."""
 
     @abstractmethod
     def encode_chat(self, messages: list[dict]) -> list[int]:

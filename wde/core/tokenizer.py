@@ -59,9 +59,11 @@ class HFTokenizer(interfaces.Tokenizer):
     def decode_stream(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it; ValueError naming what is wrong with it
-        (a template may refuse a conversation, e.g. one whose roles do not alternate)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The conversation as the model's chat template writes it (with `tools`, OpenAI's tool definitions, for
+        a template that describes them); ValueError naming what is wrong with it (a template may refuse a
+        conversation, e.g. one whose roles do not alternate)."""
         if not self.hf.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
         for i, message in enumerate(messages):
@@ -71,8 +73,8 @@ class HFTokenizer(interfaces.Tokenizer):
                 if isinstance(value, str):
                     check_text(value, f"message {i}'s {key}")
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=add_generation_prompt)
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                               tools=tools)
         except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja's TemplateError) or a message of
             # a shape it cannot render: either way, what the conversation carries
             raise ValueError(f"the chat template could not render the conversation: {type(e).__name__}: {e}") \

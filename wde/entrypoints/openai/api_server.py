@@ -39,6 +39,7 @@ from wde.entrypoints.openai.protocol import (ChatCompletionRequest, Classificati
                                              TokenizeRequest)
 from wde.entrypoints.openai.served_engine import EngineStopped, Refused, ServedEngine
 from wde.entrypoints.openai.streaming import Outputs, coalesce
+from wde.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS, forced_calls
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -53,8 +54,9 @@ BODY_TIMEOUT_S = 30.0  # a body that has not all arrived by then is refused (a h
 
 class Server:
     def __init__(self, engines: dict[str, ServedEngine], api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_call_parser: str = "hermes"):
         self.engines, self.api_key, self.max_body_bytes = engines, api_key, max_body_bytes
+        self.tool_call_parser = TOOL_CALL_PARSERS[tool_call_parser]  # how tool_choice "auto" finds the calls
         self.created = int(time.time())
         # tokenizing a long prompt takes seconds: never on the event loop, which would stall every other client
         self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="wde-tokenize")
@@ -277,7 +279,8 @@ class Server:
         body = await self.read(request, ChatCompletionRequest)
         engine = self.engine(body.model, "generate")
         try:
-            text = await self.off_loop(engine.tokenizer.apply_chat_template, [m.for_template() for m in body.messages])
+            text = await self.off_loop(engine.tokenizer.apply_chat_template, [m.for_template() for m in body.messages],
+                                       True, body.template_tools())
             # the template holds the special tokens: tokenizing must not add a second BOS
             prompt = await self.prompt_ids(engine, text, "messages", add_special_tokens=False)
         except (ValueError, TypeError) as e:
@@ -290,10 +293,26 @@ class Server:
         if body.stream:
             return self.sse(self._stream_chat(engine, submitted, head, body, len(prompt)))
         [output] = await self.finals(request, engine, submitted)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason, "logprobs": chat_logprobs(c, body)} for c in output.outputs]
+        choices = []
+        for c in output.outputs:
+            message, finish_reason = self.assistant_message(body, c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
+                            "logprobs": chat_logprobs(c, body)})
         return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                              "usage": usage(len(prompt), generated_tokens([output]))})
+
+    def assistant_message(self, body: ChatCompletionRequest, text: str, finish_reason: str | None
+                          ) -> tuple[dict, str | None]:
+        """The answer as OpenAI's assistant message, with the tool calls read out of it when tools may be called
+        (finish_reason then "tool_calls")."""
+        content, calls = text, []
+        if body.forces_tool_calls() and finish_reason == "stop":
+            content, calls = None, forced_calls(text)
+        elif body.calls_tools():
+            content, calls = self.tool_call_parser(text)
+        if not calls:
+            return {"role": "assistant", "content": text}, finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
     async def _stream_chat(self, engine, submitted, head, body, prompt_tokens) -> AsyncIterator[dict]:
         head = {**head, "object": "chat.completion.chunk"}
@@ -301,17 +320,29 @@ class Server:
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
         generated = 0
+        # with tools, an answer goes out whole at its end: only then is it known whether it holds tool calls
+        held = {index: "" for index in range(body.n)} if body.calls_tools() else None
         async for _, output in self.merged(engine, submitted):
             if output.error:
                 yield output_error(output).body()
                 return
             for c in output.outputs:
                 generated += len(c.token_ids)
-                if c.text or c.token_ids:
+                if held is not None:
+                    held[c.index] += c.text
+                elif c.text or c.token_ids:
                     yield {**head, "choices": [{"index": c.index, "delta": {"content": c.text},
                                                 "finish_reason": None, "logprobs": chat_logprobs(c, body)}]}
                 if c.finish_reason:
-                    yield {**head, "choices": [{"index": c.index, "delta": {}, "finish_reason": c.finish_reason,
+                    finish_reason = c.finish_reason
+                    if held is not None:
+                        message, finish_reason = self.assistant_message(body, held[c.index], c.finish_reason)
+                        delta = {key: value for key, value in message.items() if key != "role"}
+                        for position, call in enumerate(delta.get("tool_calls", [])):
+                            call["index"] = position
+                        yield {**head, "choices": [{"index": c.index, "delta": delta, "finish_reason": None,
+                                                    "logprobs": None}]}
+                    yield {**head, "choices": [{"index": c.index, "delta": {}, "finish_reason": finish_reason,
                                                 "logprobs": None}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": usage(prompt_tokens, generated)}
@@ -648,8 +679,8 @@ def openapi_document() -> dict:
 
 
 def build_app(engines: dict[str, ServedEngine], api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
-    server = Server(engines, api_key, max_body_bytes)
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_call_parser: str = "hermes") -> Starlette:
+    server = Server(engines, api_key, max_body_bytes, tool_call_parser)
     document = openapi_document()
 
     async def openapi(request: Request) -> Response:

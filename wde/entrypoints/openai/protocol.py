@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from wde.core.inputs import check_text
+from wde.entrypoints.openai.tool_calls import forced_schema
 from wde.core.sampling.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
                                                StructuredOutputsParams)
 
@@ -165,16 +166,31 @@ class ContentPart(Request):
         return value
 
 
+class FunctionCall(Request):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     # a string, or a list of text parts (what many clients send); null only for an assistant turn
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: Text | None = None  # a tool's answer: to which call
 
     @model_validator(mode="after")
     def content_given(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content (null is only for an assistant message)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
         return self
 
     def for_template(self) -> dict:
@@ -186,7 +202,32 @@ class ChatMessage(Request):
         message = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls is not None:  # templates read each call's function name and arguments
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+class FunctionDefinition(Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # wde holds forced calls to the schema always
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -195,6 +236,46 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("two tools have the same function name")
+        return self
+
+    def named_tool(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    def calls_tools(self) -> bool:
+        """Whether tool calls may come back: tools given, and tool_choice not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forces_tool_calls(self) -> bool:
+        return self.calls_tools() and (self.tool_choice == "required" or self.named_tool() is not None)
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as chat templates read them (transformers' apply_chat_template(tools=...))."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.calls_tools() else None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """A forced tool call is a constraint too: the JSON of the calls (tool_calls.forced_schema)."""
+        asked = super().constraint()
+        if not self.forces_tool_calls():
+            return asked
+        if asked is not None:
+            raise ValueError("tool_choice forces a tool call: it takes no other constraint (response_format, "
+                             "structured_outputs, guided_*)")
+        schema = forced_schema([tool.function.model_dump(exclude_none=True) for tool in self.tools],
+                               self.named_tool())
+        if not self.parallel_tool_calls and schema["type"] == "array":
+            schema["maxItems"] = 1
+        return StructuredOutputsParams(json=schema)
 
     def token_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
