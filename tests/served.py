@@ -16,11 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(engines: dict, api_key: str | None = None):
+def serve(engines: dict, api_key: str | None = None, reasoning_parser: str | None = None):
     """Start a server in a thread; yield its base URL; stop it and its engines."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engines, api_key, MAX_BODY), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    app = build_app(engines, api_key, MAX_BODY, reasoning_parser=reasoning_parser)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -663,3 +663,29 @@ def test_bad_tools_are_a_400_naming_them(client, extra, message):
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=5, extra_body=extra)
+
+
+@pytest.fixture(scope="module")
+def reasoning_client():
+    """A server that splits <think> reasoning off (--reasoning-parser qwen3), over SmolLM2, which a regex makes
+    write some."""
+    engine = LLMEngine.from_engine_args(num_kv_blocks=64, max_model_len=128, disable_log_stats=True)
+    for url in serve({"smollm2": AsyncEngine(engine, "smollm2")}, reasoning_parser="qwen3"):
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+
+THINKING = r"<think>[a-z]{2,6}( [a-z]{2,6}){0,3}</think>\n\n[A-Z][a-z]{1,8}\."
+
+
+@pytest.mark.parametrize("tools", [None, [WEATHER_TOOL]], ids=["no tools", "tools (content held)"])
+def test_reasoning_is_split_off_whole_and_streamed(reasoning_client, tools):
+    request = dict(model="smollm2", messages=WEATHER_QUESTION, temperature=0, max_tokens=40,
+                   extra_body={"guided_regex": THINKING}, **({"tools": tools} if tools else {}))
+    whole = reasoning_client.chat.completions.create(**request).choices[0].message
+    reasoning = whole.model_extra["reasoning_content"]
+    assert re.fullmatch(r"[a-z]{2,6}( [a-z]{2,6}){0,3}", reasoning)
+    assert re.fullmatch(r"[A-Z][a-z]{1,8}\.", whole.content)
+    chunks = list(reasoning_client.chat.completions.create(stream=True, **request))
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == whole.content

@@ -51,3 +51,14 @@ def test_a_forced_answer_is_a_call_whose_arguments_fit_the_parameters():
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
     with pytest.raises(ValueError, match="not among the tools"):
         forced_schema([WEATHER], "get_time")
+
+
+def test_the_chat_template_gets_the_tools(tiny_model_dir):
+    from wde import LLMEngine
+    tokenizer = LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), num_kv_blocks=8).tokenizer
+    tokenizer.hf.chat_template = ("{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}; "
+                                  "{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    tools = [{"type": "function", "function": WEATHER}, {"type": "function", "function": TIME}]
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages, tools=tools) == "tools: get_weather get_time; user: hi\n"
+    assert tokenizer.apply_chat_template(messages) == "user: hi\n"

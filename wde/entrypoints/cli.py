@@ -144,7 +144,8 @@ def run_serve(namespace: argparse.Namespace) -> None:
     # engines below), not end this process on the spot
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        app = build_app(engines, namespace.api_key, namespace.max_body_bytes, namespace.tool_call_parser)
+        app = build_app(engines, namespace.api_key, namespace.max_body_bytes, namespace.tool_call_parser,
+                        namespace.reasoning_parser)
         # what start-up made (transformers, the tokenizers, the app) is never walked by the collector again: a
         # full collection over it stopped every stream for ~300 ms, three times in a 27 s W6 run on an H200
         gc.collect()
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
     serve.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default="hermes",
                        help="how tool calls are read out of an answer with tool_choice auto (the model's format)")
+    serve.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"],
+                       help="split a reasoning model's <think> text from its answer into reasoning_content")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds a stop (SIGTERM, Ctrl+C) "
                                                                              "waits for open requests to finish")
     serve.add_argument("--access-log", action="store_true", help="log a line per HTTP request (off: at load, "

@@ -39,6 +39,7 @@ from wde.entrypoints.openai.protocol import (ChatCompletionRequest, Classificati
                                              TokenizeRequest)
 from wde.entrypoints.openai.served_engine import EngineStopped, Refused, ServedEngine
 from wde.entrypoints.openai.streaming import Outputs, coalesce
+from wde.entrypoints.openai.reasoning import ReasoningSplitter, split_reasoning
 from wde.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS, forced_calls
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,11 @@ BODY_TIMEOUT_S = 30.0  # a body that has not all arrived by then is refused (a h
 
 class Server:
     def __init__(self, engines: dict[str, ServedEngine], api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_call_parser: str = "hermes"):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_call_parser: str = "hermes",
+                 reasoning_parser: str | None = None):
         self.engines, self.api_key, self.max_body_bytes = engines, api_key, max_body_bytes
         self.tool_call_parser = TOOL_CALL_PARSERS[tool_call_parser]  # how tool_choice "auto" finds the calls
+        self.splits_reasoning = reasoning_parser is not None  # qwen3 / deepseek_r1: <think> -> reasoning_content
         self.created = int(time.time())
         # tokenizing a long prompt takes seconds: never on the event loop, which would stall every other client
         self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="wde-tokenize")
@@ -301,18 +304,25 @@ class Server:
         return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                              "usage": usage(len(prompt), generated_tokens([output]))})
 
-    def assistant_message(self, body: ChatCompletionRequest, text: str, finish_reason: str | None
-                          ) -> tuple[dict, str | None]:
-        """The answer as OpenAI's assistant message, with the tool calls read out of it when tools may be called
-        (finish_reason then "tool_calls")."""
+    def assistant_message(self, body: ChatCompletionRequest, text: str, finish_reason: str | None,
+                          reasoning_done: bool = False) -> tuple[dict, str | None]:
+        """The answer as OpenAI's assistant message, with its reasoning split off (unless `reasoning_done`: a
+        stream gave it out already) and the tool calls read out of it when tools may be called (finish_reason
+        then "tool_calls")."""
+        reasoning = None
+        if self.splits_reasoning and not reasoning_done:
+            reasoning, text = split_reasoning(text)
         content, calls = text, []
         if body.forces_tool_calls() and finish_reason == "stop":
             content, calls = None, forced_calls(text)
         elif body.calls_tools():
             content, calls = self.tool_call_parser(text)
+        message = {"role": "assistant", "content": content if calls else text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         if not calls:
-            return {"role": "assistant", "content": text}, finish_reason
-        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return message, finish_reason
+        return {**message, "tool_calls": calls}, "tool_calls"
 
     async def _stream_chat(self, engine, submitted, head, body, prompt_tokens) -> AsyncIterator[dict]:
         head = {**head, "object": "chat.completion.chunk"}
@@ -320,30 +330,34 @@ class Server:
             yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
         generated = 0
-        # with tools, an answer goes out whole at its end: only then is it known whether it holds tool calls
+        # with tools, an answer's content goes out whole at its end: only then is it known whether it holds calls
         held = {index: "" for index in range(body.n)} if body.calls_tools() else None
+        splitters = {index: ReasoningSplitter() for index in range(body.n)} if self.splits_reasoning else None
         async for _, output in self.merged(engine, submitted):
             if output.error:
                 yield output_error(output).body()
                 return
             for c in output.outputs:
                 generated += len(c.token_ids)
+                delta = streamed_delta(c, splitters and splitters[c.index])
                 if held is not None:
-                    held[c.index] += c.text
-                elif c.text or c.token_ids:
-                    yield {**head, "choices": [{"index": c.index, "delta": {"content": c.text},
+                    held[c.index] += delta.pop("content")
+                if delta.get("content") or delta.get("reasoning_content") or (c.token_ids and held is None):
+                    yield {**head, "choices": [{"index": c.index, "delta": delta,
                                                 "finish_reason": None, "logprobs": chat_logprobs(c, body)}]}
-                if c.finish_reason:
-                    finish_reason = c.finish_reason
-                    if held is not None:
-                        message, finish_reason = self.assistant_message(body, held[c.index], c.finish_reason)
-                        delta = {key: value for key, value in message.items() if key != "role"}
-                        for position, call in enumerate(delta.get("tool_calls", [])):
-                            call["index"] = position
-                        yield {**head, "choices": [{"index": c.index, "delta": delta, "finish_reason": None,
-                                                    "logprobs": None}]}
-                    yield {**head, "choices": [{"index": c.index, "delta": {}, "finish_reason": finish_reason,
+                if not c.finish_reason:
+                    continue
+                finish_reason = c.finish_reason
+                if held is not None:
+                    message, finish_reason = self.assistant_message(body, held[c.index], c.finish_reason,
+                                                                    reasoning_done=True)
+                    delta = {key: value for key, value in message.items() if key != "role"}
+                    for position, call in enumerate(delta.get("tool_calls", [])):
+                        call["index"] = position
+                    yield {**head, "choices": [{"index": c.index, "delta": delta, "finish_reason": None,
                                                 "logprobs": None}]}
+                yield {**head, "choices": [{"index": c.index, "delta": {}, "finish_reason": finish_reason,
+                                            "logprobs": None}]}
         if body.stream_options and body.stream_options.include_usage:
             yield {**head, "choices": [], "usage": usage(prompt_tokens, generated)}
 
@@ -582,6 +596,17 @@ class Echo:
         return self.made[index]
 
 
+def streamed_delta(completion, splitter: ReasoningSplitter | None) -> dict:
+    """A chat stream's delta of a completion's new text, its reasoning split off when the server splits it."""
+    if splitter is None:
+        return {"content": completion.text}
+    reasoning, content = splitter.feed(completion.text)
+    if completion.finish_reason:
+        rest_reasoning, rest_content = splitter.finish()
+        reasoning, content = reasoning + rest_reasoning, content + rest_content
+    return {"content": content, **({"reasoning_content": reasoning} if reasoning else {})}
+
+
 def chat_logprobs(completion, body: ChatCompletionRequest) -> dict | None:
     if not body.logprobs or completion.logprobs is None:
         return None
@@ -679,8 +704,9 @@ def openapi_document() -> dict:
 
 
 def build_app(engines: dict[str, ServedEngine], api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_call_parser: str = "hermes") -> Starlette:
-    server = Server(engines, api_key, max_body_bytes, tool_call_parser)
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tool_call_parser: str = "hermes",
+              reasoning_parser: str | None = None) -> Starlette:
+    server = Server(engines, api_key, max_body_bytes, tool_call_parser, reasoning_parser)
     document = openapi_document()
 
     async def openapi(request: Request) -> Response:
