@@ -8,6 +8,9 @@ EOS ignored, greedy. The peer is transformers' continuous batching (benchmarks/p
 CPU: 32 prompts of random ids, U[16, 128] long (seed 0), 64 output tokens each, float32; the peer is
 transformers' `generate` on the same .gguf file, all prompts in one left-padded batch.
 Metric: output tokens per wall-clock second, the median of --runs runs (the peer: one run).
+--structured-outputs (GPU): W1 again in the same process with every request held to a JSON schema it cannot
+complete within its max_tokens (an array of at least UNENDING_ITEMS integers), so the outputs keep W1's lengths
+and the figure is the constraint's own cost (issue 17: at most 15% below the unconstrained run).
 """
 import argparse
 import logging
@@ -25,6 +28,8 @@ from benchmarks.roofline import generation_cost, print_roofline, roofline
 from benchmarks.workloads import W1_SHAPE, w1
 
 logger = logging.getLogger("benchmarks")
+UNENDING_ITEMS = 4096  # more integers than 1,024 tokens can write
+UNENDING_SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": UNENDING_ITEMS}
 
 
 def cpu_workload(num_prompts: int, seed: int = 0) -> list[list[int]]:
@@ -91,6 +96,8 @@ def run_gpu(args) -> None:
            "seconds": round(best.seconds, 2), "steps": best.steps, "ms_per_step": round(1000 * best.seconds /
                                                                                       best.steps, 2),
            "host_ms_per_step": round(best.host_ms_per_step, 2)}
+    if args.structured_outputs:
+        wde["json_schema"] = constrained_runs(llm, prompts, output_lens, args.runs, wde["out_tok_per_s"])
     if args.profile:
         wde["steps_by_batch"] = traced_generate(llm, prompts, params)
         print("steps by the number of sequences running:", wde["steps_by_batch"])
@@ -116,6 +123,22 @@ def run_gpu(args) -> None:
     print(f"\nwritten to {path}")
 
 
+def constrained_runs(llm, prompts, output_lens, num_runs: int, unconstrained_rate: float) -> dict:
+    """W1 with UNENDING_SCHEMA on every request: its rate, and its fraction of the unconstrained one."""
+    from wde import SamplingParams
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                             structured_outputs={"json": UNENDING_SCHEMA}) for n in output_lens]
+    runs = [timed_generate(llm, prompts, params) for _ in range(num_runs)]
+    best = median_run(runs)
+    assert best.out_tokens == sum(output_lens), "a constrained request ended before its max_tokens"
+    rate = best.out_tokens / best.seconds
+    logger.info("wde W1 under a JSON schema: %.0f output tok/s, %.1f%% of unconstrained", rate,
+                100 * rate / unconstrained_rate)
+    return {"out_tok_per_s": round(rate, 1), "runs_out_tok_per_s": spread(runs, lambda r: r.out_tokens / r.seconds),
+            "fraction_of_unconstrained": round(rate / unconstrained_rate, 3), "schema": UNENDING_SCHEMA,
+            "host_ms_per_step": round(best.host_ms_per_step, 2), "steps": best.steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +152,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="time the steps of one more run by batch size, and "
                                                                    "print a kernel profile of decode steps")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
+    parser.add_argument("--structured-outputs", action="store_true",
+                        help="GPU: also run W1 with a JSON schema on every request, in the same process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cpu":

@@ -156,3 +156,27 @@ def test_a_request_whose_grammar_compiles_waits_and_the_next_goes_first(llm):
     compiling.set_result(engine.structured_outputs.compile(spec).result())
     finished.update(run_to_completion(engine))
     assert finished["slow"].outputs[0].text == "x"
+
+
+def test_constrained_tokens_are_the_same_over_two_ranks_and_through_preemption(tiny_model_dir):
+    """A word-level vocabulary ("w10" is one token): the constraint is over the tokens' concatenated text."""
+    folder = tiny_model_dir("qwen3")
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    params = [SamplingParams(temperature=0, max_tokens=8, structured_outputs={"choice": ["w10w11w12", "w13", "w14w15"]}),
+              SamplingParams(temperature=0, max_tokens=8, structured_outputs={"regex": "(w1[0-9]){3}"}),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+
+    def token_ids(**args) -> list[list[int]]:
+        llm = LLM(model=folder, **args)
+        try:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.close()
+    alone = token_ids(num_kv_blocks=48)
+    vocab = {f"w{i}": i for i in range(512)}  # the tiny models' word-level ids (tests/tiny_models.py)
+    allowed = [[[vocab["w10"], vocab["w11"], vocab["w12"]], [vocab["w13"]], [vocab["w14"], vocab["w15"]]]]
+    assert alone[0][:-1] in allowed[0]  # the choice, then the end-of-sequence token
+    assert len(alone[1]) == 4 and all(vocab["w10"] <= t <= vocab["w19"] for t in alone[1][:3])
+    assert token_ids(num_kv_blocks=48, tensor_parallel_size=2) == alone
+    # 3 blocks of 4 tokens for 3 sequences of up to 12: the scheduler preempts and recomputes
+    assert token_ids(num_kv_blocks=3, block_size=4, max_num_seqs=3) == alone
