@@ -162,7 +162,8 @@ def test_constrained_tokens_are_the_same_over_two_ranks_and_through_preemption(t
     """A word-level vocabulary ("w10" is one token): the constraint is over the tokens' concatenated text."""
     folder = tiny_model_dir("qwen3")
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    params = [SamplingParams(temperature=0, max_tokens=8, structured_outputs={"choice": ["w10w11w12", "w13", "w14w15"]}),
+    choice = {"choice": ["w10w11w12", "w13", "w14w15"]}
+    params = [SamplingParams(temperature=0, max_tokens=8, structured_outputs=choice),
               SamplingParams(temperature=0, max_tokens=8, structured_outputs={"regex": "(w1[0-9]){3}"}),
               SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
 
