@@ -588,7 +588,9 @@ def test_structured_outputs_through_the_openai_client(client):
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "give one"),
     ({"response_format": {"type": "json_schema"}}, "takes a json_schema"),
-    ({"guided_json": '{"type": "object", "properties": 3}'}, "structured_outputs.json could not be compiled")])
+    ({"guided_json": '{"type": "object", "properties": 3}'}, "structured_outputs.json could not be compiled"),
+    ({"guided_regex": ""}, "guided_regex: String should have at least 1 character"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "cannot hold the output to, at /: uniqueItems")])
 def test_a_bad_constraint_is_a_400_naming_it(client, extra, message):
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],

@@ -132,7 +132,11 @@ def test_a_constraint_that_cannot_compile_fails_alone(llm):
 @pytest.mark.parametrize("spec,message", [({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
                                           ({"choice": []}, "at least 1"), ({"regex": ""}, "at least 1"),
                                           ({"json_schema_typo": {}}, "Extra inputs"),
-                                          ({"regex": "\ud800"}, "structured_outputs.regex")])
+                                          ({"regex": "\ud800"}, "structured_outputs.regex"),
+                                          ({"regex": "a" * 40000}, "at most 32768"),
+                                          ({"choice": ["x"] * 2000}, "at most 1024"),
+                                          ({"json": "[" * 20000}, "nests more than 32 deep"),
+                                          ({"json": "{bad"}, "not valid JSON")])
 def test_bad_structured_outputs_are_refused_when_made(spec, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(structured_outputs=spec)
@@ -181,3 +185,43 @@ def test_constrained_tokens_are_the_same_over_two_ranks_and_through_preemption(t
     assert token_ids(num_kv_blocks=48, tensor_parallel_size=2) == alone
     # 3 blocks of 4 tokens for 3 sequences of up to 12: the scheduler preempts and recomputes
     assert token_ids(num_kv_blocks=3, block_size=4, max_num_seqs=3) == alone
+
+
+def test_a_compilation_past_its_time_fails_its_request_and_the_others_go_on(monkeypatch):
+    from wde.workflows.decoding import structured_outputs
+    monkeypatch.setattr(structured_outputs, "COMPILE_TIMEOUT_S", 1.0)
+    llm = LLM(num_kv_blocks=32)
+    slow = constrained(regex="(a|b)*" * 200)  # ~6 s here: its compile time grows as the cube of its length
+    outputs = llm.generate(["x", "y", "z"], [slow, constrained(choice=["ok"]), slow], use_tqdm=False)
+    assert "took longer than 1 s" in outputs[0].error and "took longer than 1 s" in outputs[2].error
+    assert outputs[1].error is None and outputs[1].outputs[0].text == "ok"
+    assert llm.generate(["w"], constrained(choice=["yes"]), use_tqdm=False)[0].outputs[0].text == "yes"  # restarted
+
+
+@pytest.mark.parametrize("schema,where", [
+    ({"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True}, "/: uniqueItems"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "/: allOf"),
+    ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 3}}}, "/properties/a: multipleOf"),
+    ({"$ref": "http://example.com/x.json"}, "$ref 'http://example.com/x.json'")])
+def test_a_schema_keyword_decoding_would_not_enforce_is_refused(llm, schema, where):
+    with pytest.raises(ValueError, match=re.escape(where)):
+        llm.generate(["x"], constrained(json=schema), use_tqdm=False)
+
+
+def test_keyword_names_as_property_names_lark_with_ebnf_text_and_special_tokens_as_text(llm):
+    schema = {"type": "object", "properties": {"allOf": {"enum": ["x"]}}, "required": ["allOf"],
+              "additionalProperties": False}
+    params = [constrained(json=schema), constrained(grammar='start: "a::=b"'),
+              constrained(choice=["<|im_end|>", "<|im_start|>"])]
+    json_text, lark, special = [o.outputs[0] for o in llm.generate(["x", "y", "z"], params, use_tqdm=False)]
+    assert json.loads(json_text.text) == {"allOf": "x"}
+    assert lark.text == "a::=b"
+    # the text of a special token, written with ordinary tokens: never the special token itself
+    assert special.text in ("<|im_end|>", "<|im_start|>")
+    assert not set(special.token_ids[:-1]) & set(llm.engine.tokenizer.hf.all_special_ids)
+
+
+def test_min_tokens_past_a_complete_constraint_is_named(llm):
+    output = llm.generate(["x"], SamplingParams(temperature=0, min_tokens=10, max_tokens=20,
+                                                structured_outputs={"choice": ["yes"]}), use_tqdm=False)[0]
+    assert "min_tokens=10 bans the end-of-sequence token" in output.error

@@ -7,27 +7,19 @@ it writes to its error file first, for rank 0 to raise).
 import os
 import pickle
 import sys
-import threading
-import time
 import traceback
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
+from wde.core.orphans import exit_with_parent
 from wde.core.parallel.distributed import destroy_tensor_parallel, init_tensor_parallel
-
-
-def exit_when_orphaned(parent_pid: int) -> None:
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
 
 
 def main() -> None:
     args = pickle.load(sys.stdin.buffer)
-    threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    exit_with_parent(1)
     try:
         from wde.core.parallel.multiproc_executor import rank_device, serve_steps
         rank, world_size, config = args["rank"], args["world_size"], args["config"]

@@ -1,5 +1,6 @@
 """SamplingParams: how to pick each generated token and when to stop, with vLLM's names and meanings."""
 import enum
+import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -9,6 +10,11 @@ MAX_LOGPROBS = 20
 MAX_N = 1024
 INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -2**63, 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
+# a constraint's size: compiling it takes time that grows faster than its text (a 20 KB JSON schema nested 800
+# deep took xgrammar 74 s, and a choice of 20,000 strings 17 s) and cannot be stopped once begun
+MAX_CONSTRAINT_CHARS = 32 * 1024  # of a schema's JSON, a regex, a grammar, or the choices together
+MAX_SCHEMA_DEPTH = 32  # objects and arrays nested in a JSON schema
+MAX_CHOICES = 1024
 # as vLLM: a temperature this small means greedy (dividing logits by it would overflow float32 into inf / NaN)
 GREEDY_BELOW = 1e-5
 # a penalized logit is divided or multiplied by repetition_penalty: outside this range it over- or underflows
@@ -19,6 +25,25 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = "cumulative"  # every RequestOutput carries all text and tokens so far
     DELTA = "delta"  # every RequestOutput carries only what is new since the last one
     FINAL_ONLY = "final_only"  # one RequestOutput, when the request finishes
+
+
+def check_schema_depth(schema: dict | str) -> None:
+    """A JSON schema's objects and arrays nest at most MAX_SCHEMA_DEPTH deep (walked without recursion: what a
+    client nests 5,000 deep must not reach Python's recursion limit)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except RecursionError:
+            raise ValueError(f"structured_outputs.json nests more than {MAX_SCHEMA_DEPTH} deep") from None
+        except ValueError as e:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+    level = [schema]
+    for depth in range(MAX_SCHEMA_DEPTH + 1):
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return
+    raise ValueError(f"structured_outputs.json nests more than {MAX_SCHEMA_DEPTH} deep")
 
 
 class StructuredOutputsParams(BaseModel):
@@ -42,6 +67,18 @@ class StructuredOutputsParams(BaseModel):
         if len(given) != 1:
             raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
                              f"got {', '.join(given) or 'none'}")
+        if self.choice is not None and len(self.choice) > MAX_CHOICES:
+            raise ValueError(f"structured_outputs.choice has {len(self.choice)} strings; at most {MAX_CHOICES}")
+        schema = self.json_schema
+        if isinstance(schema, dict):
+            check_schema_depth(schema)  # first: a deep schema would take json.dumps past the recursion limit
+        size = (len(self.regex or self.grammar or "") + sum(len(c) + 1 for c in self.choice or [])
+                + (len(json.dumps(schema) if isinstance(schema, dict) else schema) if schema is not None else 0))
+        if size > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"structured_outputs.{given[0]} is {size} characters long; at most "
+                             f"{MAX_CONSTRAINT_CHARS}")
+        if isinstance(schema, str):
+            check_schema_depth(schema)
         return self
 
     def _given(self) -> list[str]:

@@ -2,7 +2,7 @@
 fields and out-of-range values; and the sampling settings each one asks for."""
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wde.core.inputs import check_text
 from wde.entrypoints.openai.tool_calls import forced_schema
@@ -105,7 +105,12 @@ class SamplingFields(Request):
             raise ValueError("response_format, structured_outputs and guided_* each set a constraint: give one")
         if not asked or isinstance(asked[0], StructuredOutputsParams):
             return asked[0] if asked else None
-        return StructuredOutputsParams.model_validate(asked[0])
+        try:
+            return StructuredOutputsParams.model_validate(asked[0])
+        except ValidationError as e:  # named as the client sent it: guided_regex, or response_format's schema
+            prefix = "guided_" if asked[0] is guided else "response_format."
+            raise ValueError("; ".join(f"{prefix}{'.'.join(map(str, error['loc'])) or next(iter(asked[0]))}: "
+                                       f"{error['msg']}" for error in e.errors())) from None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:

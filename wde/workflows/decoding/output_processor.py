@@ -70,9 +70,7 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
         seq.token_ids.append(token)
         seq.num_pending_tokens -= 1
         if seq.grammar is not None and not seq.grammar.accept_token(token):  # the mask let nothing else through
-            raise RequestContentError(f"structured_outputs: the constraint allows no token after "
-                                      f"{seq.num_output_tokens - 1} generated tokens (the model's vocabulary "
-                                      "cannot continue it)")
+            raise RequestContentError(constraint_dead_end(seq))
         params = seq.params
         if params.logprobs is not None:
             if seq.logprobs is None:
@@ -100,6 +98,16 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
             for token_id, logprob in entry.items():
                 logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return entry
+
+
+def constraint_dead_end(seq: Sequence) -> str:
+    """Why a constrained sequence got a token its constraint refuses: nothing was left to sample."""
+    generated = seq.num_output_tokens - 1
+    if generated < seq.params.min_tokens and seq.grammar.is_completed():  # its end-of-sequence token was banned
+        return (f"structured_outputs: the constraint is complete after {generated} tokens, but min_tokens="
+                f"{seq.params.min_tokens} bans the end-of-sequence token it ends with")
+    return (f"structured_outputs: the constraint allows no token after {generated} generated tokens (the "
+            "model's vocabulary cannot continue it)")
 
 
 def request_output(group: SequenceGroup) -> RequestOutput | None:

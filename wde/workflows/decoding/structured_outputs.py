@@ -3,33 +3,103 @@
 xgrammar rather than llguidance or outlines-core: it is what vLLM and SGLang default to, it compiles a JSON
 schema, a regex, EBNF and Lark, and its masks come out as the packed bitmask its own kernel applies to a batch
 of logits at once (one op for all the constrained rows, on the GPU or the CPU). A compiled grammar is shared by
-every request with the same constraint (xgrammar caches them by their text); each sequence keeps its own
-matcher. Compilation runs on a thread of its own, started when the request is added, so no step waits for it
-(the scheduler admits the request once its grammar is ready).
+every request with the same constraint (the last CACHED_GRAMMARS kept); each sequence keeps its own matcher.
+Compilation starts when the request is added, in a compiler process (grammar_compiler.py: one that runs past
+COMPILE_TIMEOUT_S is ended), so no step waits for it: the scheduler admits the request once its grammar is ready.
 """
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from wde.core import interfaces
 from wde.core.sampling.sampling_params import StructuredOutputsParams
+from wde.workflows.decoding.grammar_compiler import CompilerProcess
 from wde.workflows.decoding.stop_checker import eos_token_ids
 
 logger = logging.getLogger(__name__)
+CACHED_GRAMMARS = 256
+COMPILER_PROCESSES = 2  # constraints compiled at once, each in a process of its own (grammar_compiler.py)
+COMPILE_TIMEOUT_S = 10.0  # a compilation's time: past it, its process is ended and its request fails
 # xgrammar's threads that fill a step's masks (256 rows of a JSON schema: 1.5 ms on 2 threads here)
 FILL_THREADS = min(8, os.cpu_count() or 1)
-XGRAMMAR_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[01:58:03] /project/cpp/file.cc:94: " of its errors
+# what xgrammar puts before its messages: "[01:58:03] /project/cpp/file.cc:94: ", "Check failed: (...) is false: "
+XGRAMMAR_PREFIXES = re.compile(r"^(\[[\d:]+\] \S+:\d+: )?(Check failed: \(.*?\) is false: )?")
+EBNF_RULE = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)  # `root ::= ...`; Lark writes `start: ...`
+# JSON schema keywords xgrammar does not hold the output to (it compiles the schema as if they were absent):
+# refused, so that what comes out always validates against the schema as the client wrote it
+UNENFORCED_KEYWORDS = frozenset({
+    "allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "uniqueItems", "contains",
+    "minContains", "maxContains", "patternProperties", "propertyNames", "minProperties", "maxProperties",
+    "multipleOf", "unevaluatedProperties", "unevaluatedItems"})
+
+
+NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
+DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "description", "title"})  # values, not schemas
+
+
+def unenforced_keyword(schema) -> str | None:
+    """Where in `schema` (a JSON schema, already checked to nest at most MAX_SCHEMA_DEPTH deep) a keyword
+    xgrammar does not enforce is, or a $ref that is not within the schema: "path: keyword"; None if nowhere."""
+    todo = [("", schema)]
+    while todo:
+        path, node = todo.pop()
+        if isinstance(node, list):
+            todo += [(f"{path}/{i}", child) for i, child in enumerate(node)]
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in UNENFORCED_KEYWORDS:
+                return f"{path or '/'}: {key}"
+            if key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
+                return f"{path or '/'}: $ref {value!r} (only references within the schema, '#/...')"
+            if key in NAMED_SCHEMAS and isinstance(value, dict):  # name -> schema: the names are no keywords
+                todo += [(f"{path}/{key}/{name}", child) for name, child in value.items()]
+            elif key not in DATA_KEYWORDS:
+                todo.append((f"{path}/{key}", value))
+    return None
 
 
 def choice_grammar(choices: list[str]) -> str:
     """EBNF whose only sentences are the choices: each as a quoted literal (JSON's escapes are EBNF's)."""
     return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
+
+
+def clean(error: Exception) -> str:
+    return XGRAMMAR_PREFIXES.sub("", str(error).strip()).strip()
+
+
+def stop_all(processes: list[CompilerProcess]) -> None:
+    for process in processes:
+        process.stop()
+
+
+def grammar_source(spec: StructuredOutputsParams) -> tuple[str, str]:
+    """(how xgrammar compiles it: json, regex, ebnf or lark; its text); ValueError for a JSON schema that uses
+    what xgrammar would not enforce."""
+    kind = spec.kind
+    if kind == "json":
+        schema = spec.json_schema
+        where = unenforced_keyword(json.loads(schema) if isinstance(schema, str) else schema)
+        if where is not None:
+            raise ValueError(f"structured_outputs.json uses what decoding cannot hold the output to, at {where}")
+        return "json", schema if isinstance(schema, str) else json.dumps(schema)
+    if kind == "json_object":
+        return "json", '{"type": "object"}'
+    if kind == "regex":
+        return "regex", spec.regex
+    if kind == "choice":
+        return "ebnf", choice_grammar(spec.choice)
+    return ("ebnf" if EBNF_RULE.search(spec.grammar) else "lark"), spec.grammar
 
 
 class XGrammarBackend(interfaces.StructuredOutputBackend):
@@ -41,45 +111,73 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
         super().__init__(config)
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.vocab_size = config.model.vocab_size  # the logits' width, which may exceed the tokenizer's
-        # two threads: one long compilation does not hold up the next request's
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wde-grammar")
-        self._compiler = None  # made by the first constrained request: reading the vocabulary takes a while
-        self._compiler_lock = threading.Lock()
+        # a thread per compiler process waits for it: one long compilation does not hold up the next request's
+        self.pool = ThreadPoolExecutor(max_workers=COMPILER_PROCESSES, thread_name_prefix="wde-grammar")
+        self._processes: queue.Queue[CompilerProcess] | None = None  # made by the first constrained request
+        self._info = None  # the vocabulary as xgrammar reads it (reading it takes a while: then too)
+        self._setup_lock = threading.Lock()
         self._batch_matcher = None  # fills a step's masks on several threads; made with the first mask
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # the latest, by their source
+        self._compiled_lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputsParams) -> Future:
-        return self.pool.submit(self._compile, spec)
+        """The constraint's grammar, compiled once for all the requests that ask for the same (unless that
+        compilation failed); ValueError at once for a JSON schema xgrammar would not enforce."""
+        source = grammar_source(spec)
+        with self._compiled_lock:
+            future = self._compiled.get(source)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._compiled[source] = self.pool.submit(self._compile, spec.kind, *source)
+            self._compiled.move_to_end(source)
+            while len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+            return future
 
-    def _compile(self, spec: StructuredOutputsParams):
-        compiler = self._get_compiler()
-        kind = spec.kind
+    def _compile(self, kind: str, method: str, text: str):
+        import xgrammar
+        processes = self._compiler_processes()
+        process = processes.get()
         try:
-            if kind == "json":
-                return compiler.compile_json_schema(spec.json_schema)
-            if kind == "json_object":
-                return compiler.compile_json_schema({"type": "object"})
-            if kind == "regex":
-                return compiler.compile_regex(spec.regex)
-            if kind == "choice":
-                return compiler.compile_grammar(choice_grammar(spec.choice))
-            if "::=" in spec.grammar:
-                return compiler.compile_grammar(spec.grammar)
-            return compiler.compile_lark(spec.grammar)
-        except Exception as e:  # noqa: BLE001 - xgrammar raises several kinds; the request gets the message
-            message = XGRAMMAR_LOG_PREFIX.sub("", str(e)).strip()
-            raise ValueError(f"structured_outputs.{kind} could not be compiled: {message}") from None
+            compiled, result = process.compile(method, text, COMPILE_TIMEOUT_S)
+        finally:
+            processes.put(process)
+        if not compiled:
+            raise ValueError(f"structured_outputs.{kind} could not be compiled: {clean(result)}")
+        return xgrammar.CompiledGrammar.deserialize_json(result, self._info)
 
-    def _get_compiler(self):
-        with self._compiler_lock:
-            if self._compiler is None:
-                import xgrammar
+    def _compiler_processes(self) -> "queue.Queue[CompilerProcess]":
+        with self._setup_lock:
+            if self._processes is None:
                 start = time.perf_counter()
-                info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer.hf, vocab_size=self.vocab_size,
-                                                               stop_token_ids=sorted(self.eos_ids))
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
-                logger.info("structured outputs: xgrammar read the vocabulary (%d tokens) in %.1f s",
-                            self.vocab_size, time.perf_counter() - start)
-            return self._compiler
+                self._info = self._tokenizer_info()
+                info_json = self._info.serialize_json()
+                self._processes = queue.Queue()
+                processes = [CompilerProcess(info_json) for _ in range(COMPILER_PROCESSES)]
+                for process in processes:
+                    self._processes.put(process)
+                weakref.finalize(self, stop_all, processes)  # with the engine, not only with its process
+                logger.info("structured outputs: xgrammar read the vocabulary (%d tokens) in %.1f s; %d compiler "
+                            "processes, %.0f s for each compilation", self.vocab_size, time.perf_counter() - start,
+                            COMPILER_PROCESSES, COMPILE_TIMEOUT_S)
+            return self._processes
+
+    def _tokenizer_info(self):
+        """The vocabulary as xgrammar reads it, special tokens left out. xgrammar takes a token for special only
+        when its text is empty, and read SmolLM2's <|im_start|> as the text "<|im_start|>" (a choice of that
+        text came out as the special token, which the detokenized text then drops): the special tokens, and
+        the ids past the tokenizer's vocabulary, are given to it as empty strings."""
+        import xgrammar
+        hf, size = self.tokenizer.hf, self.vocab_size
+        detected = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=size, stop_token_ids=sorted(self.eos_ids))
+        vocab = [""] * size
+        for token, index in hf.get_vocab().items():
+            if index < size:
+                vocab[index] = token
+        special = set(hf.all_special_ids) | {i for i, token in hf.added_tokens_decoder.items() if token.special}
+        for index in special:
+            if index < size:
+                vocab[index] = ""
+        return xgrammar.TokenizerInfo.from_vocab_and_metadata(vocab, detected.dump_metadata())
 
     def new_matcher(self, grammar) -> interfaces.GrammarMatcher:
         import xgrammar
