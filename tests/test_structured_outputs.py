@@ -3,6 +3,7 @@ greedy decoding under it is transformers' argmax over the same mask, and a const
 fails its request alone."""
 import json
 import re
+import time
 from concurrent.futures import Future
 
 import jsonschema
@@ -225,3 +226,16 @@ def test_min_tokens_past_a_complete_constraint_is_named(llm):
     output = llm.generate(["x"], SamplingParams(temperature=0, min_tokens=10, max_tokens=20,
                                                 structured_outputs={"choice": ["yes"]}), use_tqdm=False)[0]
     assert "min_tokens=10 bans the end-of-sequence token" in output.error
+
+
+def test_an_engine_waiting_only_for_a_grammar_does_not_spin(llm):
+    engine = llm.engine
+    compiling = Future()
+    engine.scheduler.add_request(Request("waits", None, [5, 6], SamplingParams(
+        max_tokens=2, structured_outputs={"choice": ["x"]}), 0.0, grammar=compiling))
+    start = time.monotonic()
+    for _ in range(10):
+        assert engine.step() == []
+    assert time.monotonic() - start >= 10 * 0.04  # each idle step waited for the grammar, not returned at once
+    engine.abort_request("waits")
+    assert compiling.cancelled()

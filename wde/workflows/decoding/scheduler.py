@@ -6,6 +6,7 @@ So prefill and decode share a step, and a long prompt is prefilled in chunks acr
 """
 import logging
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,7 @@ from wde.core.request import Request
 from wde.workflows.decoding.sequence import Sequence, SequenceGroup, SequenceStatus
 
 logger = logging.getLogger(__name__)
+GRAMMAR_WAIT_S = 0.05  # an idle step waits at most this for a compiling grammar
 
 
 @dataclass
@@ -185,11 +187,14 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
 
     def _next_ready_request(self) -> Request | None:
         """The first new request that can be tokenized now, taken from new_requests: one whose structured
-        output's grammar is still compiling waits, and the requests behind it go first."""
+        output's grammar is still compiling waits, and the requests behind it go first. With nothing else to
+        run, the step waits a little for a grammar rather than return empty at once, again and again."""
         for index, request in enumerate(self.new_requests):
             if request.grammar is None or request.grammar.done():
                 del self.new_requests[index]
                 return request
+        if self.new_requests and not self.running:
+            wait([r.grammar for r in self.new_requests], timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
         return None
 
     def _drop_pending(self, seq) -> None:
