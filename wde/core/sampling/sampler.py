@@ -1,9 +1,9 @@
 """Picks the next token of every sequence in a step at once, on the device.
 
 Per row: penalties (repetition, then frequency and presence), tokens banned for now (min_tokens) and those a
-structured output forbids, then greedy rows take the argmax; the others
-are divided by their temperature, cut by min_p, top_k and top_p, and sampled. Rows whose request has a seed
-draw their noise from the request's own generator, so its tokens do not depend on the rest of the batch.
+structured output forbids, then greedy rows take the argmax; the others are divided by their temperature, cut
+by min_p, top_k and top_p, and sampled. Rows whose request has a seed draw their noise from the request's own
+generator, so its tokens do not depend on the rest of the batch.
 """
 from dataclasses import dataclass, field
 

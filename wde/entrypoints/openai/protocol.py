@@ -2,12 +2,12 @@
 fields and out-of-range values; and the sampling settings each one asks for."""
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from wde.core.inputs import check_text
-from wde.entrypoints.openai.tool_calls import forced_schema
 from wde.core.sampling.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, RequestOutputKind, SamplingParams,
                                                StructuredOutputsParams)
+from wde.entrypoints.openai.tool_calls import forced_schema
 
 TokenIds = list[int]
 # the most prompts (times n) or inputs one request may carry: OpenAI's cap on embeddings inputs. The engine serves
@@ -88,10 +88,11 @@ class SamplingFields(Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    _constraint: StructuredOutputsParams | None = PrivateAttr(None)  # made once, by one_constraint
 
     @model_validator(mode="after")
     def one_constraint(self) -> "SamplingFields":
-        self.constraint()  # refused with the body, as a 400, not once the request runs
+        self._constraint = self.constraint()  # refused with the body, as a 400, not once the request runs
         return self
 
     def constraint(self) -> StructuredOutputsParams | None:
@@ -114,7 +115,7 @@ class SamplingFields(Request):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        return SamplingParams(structured_outputs=self.constraint(),
+        return SamplingParams(structured_outputs=self._constraint,
             n=self.n, temperature=self.temperature, top_p=self.top_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop, max_tokens=max_tokens,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos,

@@ -40,8 +40,6 @@ UNENFORCED_KEYWORDS = frozenset({
     "allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "uniqueItems", "contains",
     "minContains", "maxContains", "patternProperties", "propertyNames", "minProperties", "maxProperties",
     "multipleOf", "unevaluatedProperties", "unevaluatedItems"})
-
-
 NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
 DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "description", "title"})  # values, not schemas
 
