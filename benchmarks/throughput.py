@@ -10,7 +10,8 @@ transformers' `generate` on the same .gguf file, all prompts in one left-padded 
 Metric: output tokens per wall-clock second, the median of --runs runs (the peer: one run).
 --structured-outputs (GPU): W1 again in the same process with every request held to a JSON schema it cannot
 complete within its max_tokens (an array of at least UNENDING_ITEMS integers), so the outputs keep W1's lengths
-and the figure is the constraint's own cost (issue 17: at most 15% below the unconstrained run).
+and the figure is the constraint's own cost (issue 17: at most 15% below the unconstrained run). Both runs then
+use a byte-level BPE vocabulary of the shape's size (benchmarks/model_folder.py), whose tokens can write JSON.
 """
 import argparse
 import logging
@@ -81,8 +82,11 @@ def run_transformers_cpu(model_path: str, prompts: list[list[int]], output_len: 
 def run_gpu(args) -> None:
     from wde import LLM, SamplingParams
     prompts, output_lens = w1(args.num_prompts)
-    llm = LLM(model=model_folder(W1_SHAPE), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
-              attention_backend=args.attention_backend, async_scheduling=args.async_scheduling)
+    # structured outputs need tokens that spell JSON: both runs then on the BPE vocabulary (model_folder.py)
+    tokenizer = "bpe" if args.structured_outputs else "word-level"
+    llm = LLM(model=model_folder(W1_SHAPE, tokenizer), load_format="dummy", dtype="bfloat16",
+              max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
+              async_scheduling=args.async_scheduling)
     warm_up(llm, prompts)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     runs = []
@@ -112,8 +116,9 @@ def run_gpu(args) -> None:
         result = continuous_batching(W1_SHAPE, prompts, sum(output_lens) // len(output_lens))
         return {"out_tok_per_s": round(result["out_tokens"] / result["seconds"], 1), **result, "runs": 1}
     peer, peer_error = peer_figures(args.no_peer, measure_peer)
-    detail = {"shape": W1_SHAPE, "weights": "random bf16", "num_requests": args.num_prompts,
-              "prompt_len": "U[100,1024] seed 0", "output_len": "U[100,1024] seed 0", "sampling": "greedy",
+    detail = {"shape": W1_SHAPE, "weights": "random bf16", "tokenizer": tokenizer,
+              "num_requests": args.num_prompts, "prompt_len": "U[100,1024] seed 0",
+              "output_len": "U[100,1024] seed 0", "sampling": "greedy",
               "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
               "statistic": "median"}
     path = write_result("W1", "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
