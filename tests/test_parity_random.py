@@ -1,4 +1,5 @@
-"""Random-weight Llama / Qwen2 / Qwen3 shapes: greedy tokens and their logprobs against transformers (float32)."""
+"""Random-weight Llama / Qwen2 / Qwen3 and MoE (Qwen3-MoE, Qwen2-MoE, Mixtral) shapes: greedy tokens and their
+logprobs against transformers (float32)."""
 import random
 
 import pytest
@@ -11,7 +12,9 @@ from wde import LLMEngine, SamplingParams
 
 NUM_TOKENS = 32
 VARIANTS = [("qwen3", {}), ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("llama", {}),
-            ("qwen3", {"attention_bias": True, "tie_word_embeddings": False})]
+            ("qwen3", {"attention_bias": True, "tie_word_embeddings": False}), ("qwen3_moe", {}),
+            ("qwen3_moe", {"num_experts_per_tok": 8, "norm_topk_prob": False, "mlp_only_layers": []}),
+            ("qwen2_moe", {}), ("mixtral", {})]
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -57,8 +57,10 @@ def wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("shape,overrides", [("llama", {}), ("qwen3", {}), ("qwen2", {"num_key_value_heads": 4})],
-                         ids=["1 KV head (copied)", "2 KV heads", "4 KV heads"])
+@pytest.mark.parametrize("shape,overrides", [("llama", {}), ("qwen3", {}), ("qwen2", {"num_key_value_heads": 4}),
+                                             ("qwen2_moe", {}), ("mixtral", {})],
+                         ids=["1 KV head (copied)", "2 KV heads", "4 KV heads",
+                              "experts and a shared expert sliced", "experts sliced"])
 def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, shape, overrides):
     folder = tiny_model_dir(shape, **overrides)
     assert_same_generation(generate(folder, tensor_parallel_size=2), generate(folder))

@@ -1,4 +1,5 @@
-"""Small random-weight checkpoints of the Llama / Qwen2 / Qwen3 shapes in ../shared/models, for parity tests.
+"""Small random-weight checkpoints of the Llama / Qwen2 / Qwen3 shapes in ../shared/models and of the MoE
+families (Qwen3-MoE, Qwen2-MoE, Mixtral), for parity tests.
 
 Each folder holds config.json, model.safetensors (written by transformers) and a word-level tokenizer, so the
 engine loads it exactly as it loads a real Hugging Face model.
@@ -6,7 +7,8 @@ engine loads it exactly as it loads a real Hugging Face model.
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig)
 
 from wde.core.loader.dummy_model import write_word_level_tokenizer
 
@@ -23,6 +25,22 @@ SHAPES = {
     "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
                                  rope_theta=1000000.0, rms_norm_eps=1e-6),
+    # 8 experts, top-2, renormalized; layer 1 dense
+    "qwen3_moe": lambda: Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                        mlp_only_layers=[1], tie_word_embeddings=False, rope_theta=1000000.0,
+                                        rms_norm_eps=1e-6),
+    # 4 experts, top-2, a shared expert with its gate
+    "qwen2_moe": lambda: Qwen2MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                        num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False,
+                                        rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "mixtral": lambda: MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, tie_word_embeddings=False, rope_theta=1000000.0,
+                                     rms_norm_eps=1e-5),
     "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                                  rope_theta=500000.0, rms_norm_eps=1e-5,

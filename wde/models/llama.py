@@ -1,5 +1,5 @@
 """The Llama decoder, which Qwen2 and Qwen3 extend with a few switches (see qwen2.py, qwen3.py)."""
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -7,9 +7,10 @@ from transformers import PretrainedConfig
 
 from wde.core.attention.layer import Attention
 from wde.core.config import ModelConfig
-from wde.core.layers.activation import SiluAndMul
 from wde.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from wde.core.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from wde.core.layers.linear import QKVParallelLinear, RowParallelLinear
+from wde.core.layers.mlp import GatedMLP
+from wde.core.layers.moe import expert_param
 from wde.core.layers.norm import RMSNorm
 from wde.core.layers.rotary import RotaryEmbedding, Rotation
 from wde.core.loader.model_loader import load_params
@@ -37,28 +38,14 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, Rotation(self.rotary_emb, positions, self.q_norm, self.k_norm)))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, bias: bool):
-        super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
-        size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
-        self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, attention: dict):
+    def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, attention: dict, mlp: nn.Module):
         super().__init__()
         config = model_config.hf_config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(model_config, rotary_emb, **attention)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         if residual is None:
@@ -71,14 +58,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, model_config: ModelConfig, attention: dict):
+    def __init__(self, model_config: ModelConfig, attention: dict, feed_forward: Callable[[int], nn.Module]):
         super().__init__()
         config = model_config.hf_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # one table of rotations for all layers: it holds max_model_len rows
         rotary_emb = RotaryEmbedding(config, model_config.head_dim, model_config.max_model_len)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(model_config, rotary_emb, attention)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(model_config, rotary_emb, attention, feed_forward(index))
+                                    for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -100,7 +87,8 @@ class LlamaForCausalLM(nn.Module):
         config = model_config.hf_config
         if getattr(config, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported")
-        self.model = LlamaModel(model_config, self.attention_options(config))
+        self.model = LlamaModel(model_config, self.attention_options(config),
+                                lambda index: self.feed_forward(config, index))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
@@ -111,6 +99,12 @@ class LlamaForCausalLM(nn.Module):
     def attention_options(config: PretrainedConfig) -> dict:
         bias = getattr(config, "attention_bias", False)
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
+
+    @staticmethod
+    def feed_forward(config: PretrainedConfig, layer_index: int) -> nn.Module:
+        """Layer `layer_index`'s MLP (mixture-of-experts models choose per layer)."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                        bias=getattr(config, "mlp_bias", False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat batch of tokens -> final hidden states [num_tokens, hidden_size]."""
@@ -123,4 +117,4 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def skip(name: str) -> bool:
             return "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight")
-        load_params(self, weights, self.stacked_params, skip)
+        load_params(self, weights, self.stacked_params, skip, expert_param)

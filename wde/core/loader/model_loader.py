@@ -63,19 +63,22 @@ def initialize_dummy_weights(model: nn.Module, std: float, seed: int) -> None:
 
 def load_params(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 stacked: Iterable[tuple[str, str, str]] = (),
-                skip: Callable[[str], bool] = lambda name: False) -> None:
+                skip: Callable[[str], bool] = lambda name: False,
+                mapped: Callable[[str], tuple[str, object] | None] = lambda name: None) -> None:
     """Copy checkpoint tensors into `module`'s parameters, then check that every parameter got its data.
 
     `stacked` lists (merged parameter part, checkpoint part, shard id), e.g. ("qkv_proj", "q_proj", "q"): a
     checkpoint tensor whose name holds ".q_proj." loads as shard "q" of the parameter named with ".qkv_proj.".
+    `mapped` names the (parameter, shard id) of tensors that no fixed rename finds (the experts of MoE layers,
+    whose shard ids hold the expert's number), None for the others.
     """
     params = dict(module.named_parameters())
     loaded: dict[str, set] = {}
     for name, tensor in weights:
         if skip(name):
             continue
-        target, shard = name, None
-        for merged, part, shard_id in stacked:
+        target, shard = mapped(name) or (name, None)
+        for merged, part, shard_id in stacked if shard is None else ():
             if f".{part}." in name:
                 target, shard = name.replace(f".{part}.", f".{merged}."), shard_id
                 break

@@ -1,0 +1,58 @@
+"""The fused MoE kernels (kernels/fused_moe.py) against the torch experts of layers/moe.py, which the CPU runs and
+which transformers' experts equal (test_moe_models.py): the sort by expert, and the whole routed sum."""
+import pytest
+import torch
+
+from wde.core.kernels.fused_moe import fused_experts, sort_by_expert
+from wde.core.layers.moe import Routing, experts_reference, route
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 2, 16), (37, 8, 2, 16), (5, 64, 8, 16),
+                                                         (300, 4, 2, 32), (2, 128, 8, 16)])
+def test_sort_by_expert_gives_each_block_rows_of_its_expert_only(tokens, experts, top_k, block_m):
+    generator = torch.Generator().manual_seed(tokens)
+    ids = torch.rand(tokens, experts, generator=generator).argsort(-1)[:, :top_k].to(DEVICE)
+    blocks = sort_by_expert(ids, experts, block_m)
+    pairs, block_expert = blocks.sorted_pairs.cpu(), blocks.block_expert.cpu()
+    flat = ids.reshape(-1).cpu()
+    real = pairs[pairs < tokens * top_k]
+    assert sorted(real.tolist()) == list(range(tokens * top_k))  # every pair once
+    for block, expert in enumerate(block_expert.tolist()):
+        rows = pairs[block * block_m:(block + 1) * block_m]
+        rows = rows[rows < tokens * top_k]
+        if expert == experts:  # past the used blocks: nothing left to hold
+            assert len(rows) == 0
+        else:
+            assert len(rows) > 0 and (flat[rows] == expert).all()
+    used = int((block_expert < experts).sum())
+    assert used == sum(-(-int((flat == e).sum()) // block_m) for e in range(experts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,intermediate", [
+    (1, 8, 2, 64, 32), (19, 8, 2, 64, 48), (70, 4, 2, 32, 64), (6, 16, 8, 64, 32)])
+def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hidden, intermediate):
+    generator = torch.Generator().manual_seed(tokens * experts)
+    x = torch.randn(tokens, hidden, generator=generator).to(DEVICE, dtype)
+    w13 = (torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden ** 0.5).to(DEVICE, dtype)
+    w2 = (torch.randn(experts, hidden, intermediate, generator=generator) / intermediate ** 0.5).to(DEVICE, dtype)
+    logits = torch.randn(tokens, experts, generator=generator).to(DEVICE)
+    weights, ids = route(logits, Routing(top_k=top_k, renormalize=True))
+    expected = experts_reference(x, w13, w2, weights, ids)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(fused_experts(x, w13, w2, weights, ids), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_routing_softmax_sigmoid_and_renormalization():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    weights, ids = route(logits, Routing(top_k=2, renormalize=False))
+    assert ids.tolist() == [[0, 1]]
+    torch.testing.assert_close(weights, logits.softmax(-1)[:, :2])
+    weights, _ = route(logits, Routing(top_k=2, renormalize=True))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1))
+    weights, _ = route(logits, Routing(top_k=2, renormalize=False, scoring="sigmoid"))
+    torch.testing.assert_close(weights, logits.sigmoid()[:, :2])
+    with pytest.raises(ValueError, match="scoring"):
+        Routing(top_k=2, renormalize=True, scoring="relu")
