@@ -30,7 +30,7 @@ def test_sort_by_expert_gives_each_block_rows_of_its_expert_only(tokens, experts
     assert used == sum(-(-int((flat == e).sum()) // block_m) for e in range(experts))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,intermediate", [
     (1, 8, 2, 64, 32), (19, 8, 2, 64, 48), (70, 4, 2, 32, 64), (6, 16, 8, 64, 32)])
 def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hidden, intermediate):
@@ -41,7 +41,8 @@ def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hi
     logits = torch.randn(tokens, experts, generator=generator).to(DEVICE)
     weights, ids = route(logits, Routing(top_k=top_k, renormalize=True))
     expected = experts_reference(x, w13, w2, weights, ids)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-3
+    # float32 dots run in TF32 on the GPU (10-bit mantissas), exactly in the interpreter
+    tolerance = {torch.float32: 1e-4 if DEVICE == "cpu" else 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(fused_experts(x, w13, w2, weights, ids), expected, rtol=tolerance, atol=tolerance)
 
 
