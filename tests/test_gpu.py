@@ -238,7 +238,7 @@ def test_structured_outputs_on_the_gpu_follow_their_schemas_through_graphs_and_a
     for name, engine_args in {"graphs": {}, "eager": {"enforce_eager": True, "async_scheduling": False}}.items():
         llm = LLM(num_kv_blocks=512, max_num_seqs=16, **engine_args)
         outputs[name] = [o.outputs[0] for o in llm.chat([MESSAGES] * len(params), params, use_tqdm=False)]
-        del llm
+        llm.close()
     for completion, schema in zip(outputs["graphs"], list(SCHEMAS.values()) * 4):
         assert completion.finish_reason == "stop", completion.text
         jsonschema.validate(json.loads(completion.text), schema)

@@ -107,8 +107,9 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, blocks: ExpertBlocks, 
 
 
 def default_tiles(rows_per_expert: float) -> tuple[int, MatmulTiles]:
-    """(block_m, tiles) when no tuned entry fits: block_m about the rows an expert gets, so decode steps of few
-    tokens pad little (tensor-core tiles need >= 16 rows) and long prefills reuse each weight tile over more."""
+    """(block_m, tiles) by the rows an expert gets (not yet tuned per shape): block_m about that many, so decode
+    steps of few tokens pad little (tensor-core tiles need >= 16 rows) and long prefills reuse each weight tile
+    over more rows."""
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
     return block_m, MatmulTiles(block_n=64, block_k=128 if block_m <= 16 else 64, num_warps=4, num_stages=3)
 
