@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from wde.core.sampling.sampler import Penalties, Sampler, SamplingMetadata, apply_penalties
+from wde.core.sampling.sampler import (Penalties, PendingSamplerOutput, Sampler, SamplingMetadata,
+                                       apply_penalties)
 
 DRAWS = 20_000
 TOLERANCE = 0.02
@@ -28,7 +29,7 @@ def draw(logits: torch.Tensor = LOGITS, seed: int = 0, **settings) -> torch.Tens
     if "penalties" in settings:
         meta.penalties = settings.pop("penalties")
     assert not settings
-    tokens, _ = Sampler(torch.device("cpu"), seed)(logits.expand(DRAWS, -1).clone(), meta)
+    tokens = Sampler(torch.device("cpu"), seed)(logits.expand(DRAWS, -1).clone(), meta).token_ids
     return torch.bincount(tokens, minlength=logits.shape[0]).float() / DRAWS
 
 
@@ -113,8 +114,53 @@ def test_penalties_exact_values():
 def test_banned_tokens_are_never_sampled():
     meta = SamplingMetadata(temperature=torch.ones(DRAWS), all_greedy=False, all_random=True, num_logprobs=None,
                             banned=(torch.arange(DRAWS), torch.zeros(DRAWS, dtype=torch.int64)))
-    tokens, _ = Sampler(torch.device("cpu"), 0)(LOGITS.expand(DRAWS, -1).clone(), meta)
+    tokens = Sampler(torch.device("cpu"), 0)(LOGITS.expand(DRAWS, -1).clone(), meta).token_ids
     assert 0 not in tokens.tolist()
+
+
+class AllowFirstFour:
+    """A TokenMask over every row: tokens 4 and up are forbidden."""
+
+    def __init__(self, rows: int):
+        self.rows = list(range(rows))
+
+    def apply(self, logits: torch.Tensor) -> None:
+        logits[:, 4:] = float("-inf")
+
+
+def test_a_constrained_rows_runners_up_are_a_sample_of_what_its_token_leaves():
+    """Had the matcher refused the sampled token i, the first runner-up is drawn from p without i: with the
+    exponential race, P(j | i refused) = p_j / (1 - p_i) over the allowed tokens, and no forbidden one comes."""
+    meta = SamplingMetadata(temperature=torch.ones(DRAWS), all_greedy=False, all_random=True, num_logprobs=None,
+                            allowed=AllowFirstFour(DRAWS))
+    samples = Sampler(torch.device("cpu"), 0)(LOGITS.expand(DRAWS, -1).clone(), meta)
+    runners_up, valid = samples.runners_up.token_ids, samples.runners_up.valid
+    assert samples.runners_up.rows == list(range(DRAWS)) and bool((runners_up[:, 0] == samples.token_ids).all())
+    assert bool(valid[:, :4].all()) and not bool(valid[:, 4:].any())  # only 4 tokens are allowed at all
+    allowed = torch.softmax(LOGITS[:4], -1)
+    first = samples.token_ids == 0
+    freqs = torch.bincount(runners_up[first, 1], minlength=4).float() / int(first.sum())
+    assert close(freqs, torch.cat([torch.zeros(1), allowed[1:] / allowed[1:].sum()]))
+
+
+def test_greedy_runners_up_go_down_the_masked_logits_and_carry_their_own_logprobs():
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.0, 9.0, -1.0], [4.0, 3.0, 2.0, 1.0, 0.0, 9.0]])
+    meta = SamplingMetadata(temperature=torch.zeros(2), all_greedy=True, all_random=False, num_logprobs=1,
+                            allowed=AllowFirstFour(2))
+    samples = Sampler(torch.device("cpu"), 0)(logits.clone(), meta)
+    output = PendingSamplerOutput(samples.token_ids, samples.logprobs, [], samples.runners_up).result()
+    assert output.token_ids == [1, 0]
+    runners_up = output.runners_up
+    assert runners_up.token_ids[:, :4].tolist() == [[1, 3, 2, 0], [0, 1, 2, 3]]
+    assert not bool(runners_up.valid[:, 4:].any())  # the forbidden 4 and 5 come last, as what no row may take
+    raw = torch.log_softmax(logits, -1)
+    assert runners_up.logprobs[0, :4].tolist() == pytest.approx(raw[0, [1, 3, 2, 0]].tolist())
+    assert runners_up.ranks[0, :4].tolist() == [2, 3, 4, 5]  # among all the raw logits, 9.0 first
+    # the matcher refuses 1 and 3, takes 2: the row's token and its logprob become 2's
+    assert output.take_runner_up(0, lambda token: token == 2)
+    assert output.token_ids[0] == 2 and output.logprobs.token_ids[0] == 2 and output.logprobs.ranks[0] == 4
+    assert output.logprobs.logprobs[0] == pytest.approx(float(raw[0, 2]))
+    assert not output.take_runner_up(1, lambda token: False) and output.token_ids[1] == 0
 
 
 def test_a_seeded_row_draws_the_same_tokens_wherever_it_sits_in_the_batch():

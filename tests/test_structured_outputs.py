@@ -188,6 +188,55 @@ def test_constrained_tokens_are_the_same_over_two_ranks_and_through_preemption(t
     assert token_ids(num_kv_blocks=3, block_size=4, max_num_seqs=3) == alone
 
 
+def write_byte_level_tokenizer_with_a_split_character(folder: str) -> dict[str, int]:
+    """Over a tiny model's folder: a byte-level tokenizer of the 256 bytes, <unk> (0), </s> (1, the tiny
+    models' end-of-sequence id) and "-" followed by the first of the 3 bytes of a UTF-8 character (0xE0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "</s>": 1}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    vocab["-\u00e0"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, [("-", "\u00e0")], unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+    return vocab
+
+
+def test_a_token_the_mask_allows_and_the_matcher_refuses_gives_way_to_a_runner_up(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """xgrammar 0.2.9's mask after "[" of an integer array lets "-\xe0" through, which its matcher refuses: the
+    row's next token by its own sampling takes its place, and no request fails."""
+    import shutil
+    from wde.core.sampling.sampler import SamplerOutput
+    folder = shutil.copytree(tiny_model_dir("qwen3"), tmp_path / "byte-level")
+    vocab = write_byte_level_tokenizer_with_a_split_character(str(folder))
+    schema = {"type": "array", "items": {"type": "integer"}}
+    llm = LLM(model=str(folder), num_kv_blocks=64)
+    matcher = llm.engine.structured_outputs.new_matcher(
+        llm.engine.structured_outputs.compile(StructuredOutputsParams(json=schema)).result())
+    assert matcher.accept_token(vocab["["])
+    logits = torch.zeros(1, llm.engine.config.model.vocab_size)
+    llm.engine.structured_outputs.token_mask([0], [matcher]).apply(logits)
+    assert logits[0, vocab["-\u00e0"]] == 0 and not matcher.accept_token(vocab["-\u00e0"])  # xgrammar's bug
+    replaced = []
+    take_runner_up = SamplerOutput.take_runner_up
+    monkeypatch.setattr(SamplerOutput, "take_runner_up",
+                        lambda self, row, accepts: replaced.append(take_runner_up(self, row, accepts)) or replaced[-1])
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=16, structured_outputs={"json": schema})
+              for seed in range(48)]
+    outputs = llm.generate([[5, 6, 7]] * len(params), params, use_tqdm=False)
+    assert replaced and all(replaced), replaced
+    for output in outputs:
+        assert output.error is None
+        check = xgrammar.GrammarMatcher(llm.engine.structured_outputs.compile(StructuredOutputsParams(json=schema))
+                                        .result())
+        assert all(check.accept_token(token) for token in output.outputs[0].token_ids)
+        assert vocab["-\u00e0"] not in output.outputs[0].token_ids
+    assert_all_blocks_free(llm.engine)
+    llm.close()
+
+
 def test_a_compilation_past_its_time_fails_its_request_and_the_others_go_on(monkeypatch):
     from wde.workflows.decoding import structured_outputs
     monkeypatch.setattr(structured_outputs, "COMPILE_TIMEOUT_S", 1.0)

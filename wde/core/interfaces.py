@@ -290,6 +290,8 @@ class GrammarMatcher(Protocol):
 
 
 class TokenMask(Protocol):
+    rows: list[int]  # the rows of the step's logits it constrains
+
     def apply(self, logits: Any) -> None:
         """Set the logits of the tokens the constraints forbid to -inf, in place ([rows, vocabulary])."""
 

@@ -3,9 +3,11 @@
 Per row: penalties (repetition, then frequency and presence), tokens banned for now (min_tokens) and those a
 structured output forbids, then greedy rows take the argmax; the others are divided by their temperature, cut
 by min_p, top_k and top_p, and sampled. Rows whose request has a seed draw their noise from the request's own
-generator, so its tokens do not depend on the rest of the batch.
+generator, so its tokens do not depend on the rest of the batch. A constrained row also gets its runners-up:
+the tokens its sampling would have taken next, for when its matcher refuses a token its mask let through.
 """
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -56,16 +58,61 @@ class TokenLogprobs:
 
 
 LogprobTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# xgrammar's mask lets through a few tokens its matcher then refuses (a number's "-" followed by the first byte
+# of a UTF-8 character: 1 token in 11,000 after "[" of an integer array, over a byte-level vocabulary): each
+# constrained row carries this many runners-up, of which the first the matcher accepts replaces the refused one
+RUNNERS_UP = 8
+
+
+def logprobs_of(logprobs: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities, ranks among their row, from 1) of `token_ids` [rows, n] in `logprobs` [rows, vocab];
+    one column at a time, so that nothing [rows, n, vocab] is made."""
+    chosen = logprobs.gather(1, token_ids)
+    ranks = torch.stack([(logprobs > chosen[:, i, None]).sum(dim=-1) + 1 for i in range(token_ids.shape[1])], 1)
+    return chosen, ranks
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobTensors:
     """The model's own log-probabilities (before any sampling rule) of `token_ids`, rows of `logits`, as the
     tensors of a TokenLogprobs (still on the device)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, token_ids[:, None])
-    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    chosen, ranks = logprobs_of(logprobs, token_ids[:, None])
     top = logprobs.topk(k, dim=-1)
-    return token_ids, chosen[:, 0], ranks, top.indices, top.values
+    return token_ids, chosen[:, 0], ranks[:, 0], top.indices, top.values
+
+
+@dataclass
+class RunnersUp:
+    """Per constrained row, the tokens its sampling would take were the sampled one refused, best first (the
+    next greedy picks, or the next in the exponential race: a sample from what is left either way). Tensors on
+    the device, then on the host; read only for a row whose token was refused."""
+
+    rows: list[int]  # the rows of the step they belong to
+    token_ids: torch.Tensor  # [len(rows), RUNNERS_UP] int64
+    valid: torch.Tensor  # [len(rows), RUNNERS_UP] bool: the row could sample it at all
+    logprobs: torch.Tensor | None = None  # the model's own, as TokenLogprobs, when the step asked for them
+    ranks: torch.Tensor | None = None
+
+    def to_host(self) -> "RunnersUp":
+        return RunnersUp(self.rows, *(None if t is None else copy_to_host(t)
+                                      for t in (self.token_ids, self.valid, self.logprobs, self.ranks)))
+
+
+def runners_up(logits: torch.Tensor, race: torch.Tensor | None, raw_logits: torch.Tensor, meta: "SamplingMetadata",
+               rows: list[int]) -> RunnersUp:
+    """The constrained rows' RUNNERS_UP best tokens by what their sampling maximized: `logits` (greedy rows,
+    masked) or `race` (sampled rows), with which of them the row could take at all (-inf and 0 it could not)."""
+    index = torch.tensor(rows, device=logits.device)
+    k = min(RUNNERS_UP, logits.shape[-1])
+    greedy = logits[index].topk(k, dim=-1)
+    token_ids, valid = greedy.indices, greedy.values > float("-inf")
+    if race is not None:
+        raced, sampled = race[index].topk(k, dim=-1), (meta.temperature[index] > 0)[:, None]
+        token_ids, valid = torch.where(sampled, raced.indices, token_ids), torch.where(sampled, raced.values > 0, valid)
+    found = RunnersUp(rows, token_ids, valid)
+    if meta.num_logprobs is not None:
+        found.logprobs, found.ranks = logprobs_of(torch.log_softmax(raw_logits[index], dim=-1), token_ids)
+    return found
 
 
 @dataclass
@@ -73,6 +120,25 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: TokenLogprobs | None = None  # when some row asked for logprobs
     prompt_logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)  # (scheduled index, rows)
+    runners_up: RunnersUp | None = None  # when some row is constrained
+
+    def take_runner_up(self, row: int, accepts) -> bool:
+        """Replace `row`'s token (and its log-probability) by the first of its runners-up that `accepts` (a
+        matcher's accept_token, which advances on the token it accepts); False when none does."""
+        runners_up, refused = self.runners_up, self.token_ids[row]
+        if runners_up is None or row not in runners_up.rows:
+            return False
+        i = runners_up.rows.index(row)
+        for j in runners_up.valid[i].nonzero()[:, 0].tolist():
+            token = int(runners_up.token_ids[i, j])
+            if token != refused and accepts(token):
+                self.token_ids[row] = token
+                if self.logprobs is not None:
+                    self.logprobs.token_ids[row] = token
+                    self.logprobs.logprobs[row] = float(runners_up.logprobs[i, j])
+                    self.logprobs.ranks[row] = int(runners_up.ranks[i, j])
+                return True
+        return False
 
 
 class PendingSamplerOutput:
@@ -80,10 +146,12 @@ class PendingSamplerOutput:
     never waits for a step launched after this one (async scheduling launches the next step first)."""
 
     def __init__(self, token_ids: torch.Tensor, logprobs: LogprobTensors | None,
-                 prompt_logprobs: list[tuple[int, LogprobTensors]]):
+                 prompt_logprobs: list[tuple[int, LogprobTensors]],
+                 runners_up: RunnersUp | None = None):
         self.token_ids = copy_to_host(token_ids)
         self.logprobs = None if logprobs is None else tuple(map(copy_to_host, logprobs))
         self.prompt_logprobs = [(index, tuple(map(copy_to_host, parts))) for index, parts in prompt_logprobs]
+        self.runners_up = None if runners_up is None else runners_up.to_host()
         self.copied = None
         if token_ids.is_cuda:
             self.copied = torch.cuda.Event()
@@ -94,7 +162,8 @@ class PendingSamplerOutput:
             self.copied.synchronize()
         as_lists = lambda parts: TokenLogprobs(*(part.tolist() for part in parts))  # noqa: E731
         return SamplerOutput(self.token_ids.tolist(), None if self.logprobs is None else as_lists(self.logprobs),
-                             [(index, as_lists(parts)) for index, parts in self.prompt_logprobs])
+                             [(index, as_lists(parts)) for index, parts in self.prompt_logprobs],
+                             self.runners_up)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
@@ -139,8 +208,9 @@ class Sampler(nn.Module):
         super().__init__()
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, LogprobTensors | None]:
-        """(the next token of every row, their log-probabilities when some row asked), on the device."""
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> "Samples":
+        """The next token of every row, their log-probabilities when some row asked, and the constrained rows'
+        runners-up, on the device."""
         logits = logits.float()
         raw_logits = logits
         if meta.penalties is not None:
@@ -150,24 +220,33 @@ class Sampler(nn.Module):
         if meta.allowed is not None:
             logits = logits.clone() if logits is raw_logits else logits  # logprobs are of the raw logits
             meta.allowed.apply(logits)
-        token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
+        race = None if meta.all_greedy else self._race(logits, meta)
+        token_ids = logits.argmax(dim=-1) if race is None else race.argmax(dim=-1)
+        if race is not None and not meta.all_random:
+            token_ids = torch.where(meta.temperature > 0, token_ids, logits.argmax(dim=-1))
         logprobs = None
         if meta.num_logprobs is not None:
             logprobs = token_logprobs(raw_logits, token_ids, meta.num_logprobs)
-        return token_ids, logprobs
+        constrained = None if meta.allowed is None else runners_up(logits, race, raw_logits, meta, meta.allowed.rows)
+        return Samples(token_ids, logprobs, constrained)
 
-    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
+    def _race(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Per row, p / q for every token, whose argmax samples it: p its probability (after temperature,
+        min_p, top_k and top_p), q ~ Exp(1) (the exponential race, a form of the Gumbel trick: one pass for the
+        whole batch, no cumulative sums, no host sync; the next largest are a sample of what is left)."""
         logits = logits / torch.where(meta.temperature > 0, meta.temperature, 1.0)[:, None]
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
         if meta.top_k is not None or meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
         probs = torch.softmax(logits, dim=-1)
-        # argmax(p / q) with q ~ Exp(1) draws from p (the exponential race, a form of the Gumbel trick): one
-        # pass for the whole batch, no cumulative sums, no host sync
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, generator in meta.generators.items():
             noise[row].exponential_(generator=generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return sampled if meta.all_random else torch.where(meta.temperature > 0, sampled, greedy)
+        return probs / noise
+
+
+class Samples(NamedTuple):
+    token_ids: torch.Tensor  # [rows] int64
+    logprobs: LogprobTensors | None
+    runners_up: RunnersUp | None  # of the constrained rows

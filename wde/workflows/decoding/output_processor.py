@@ -66,11 +66,13 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
                                    for row in range(len(logprobs.token_ids)))
 
     def _append_token(self, seq: Sequence, sampler_output: SamplerOutput, row: int) -> None:
+        seq.num_pending_tokens -= 1
+        grammar = seq.grammar
+        if (grammar is not None and not grammar.accept_token(sampler_output.token_ids[row])
+                and not sampler_output.take_runner_up(row, grammar.accept_token)):
+            raise RequestContentError(constraint_dead_end(seq))  # the mask let nothing else through
         token = sampler_output.token_ids[row]
         seq.token_ids.append(token)
-        seq.num_pending_tokens -= 1
-        if seq.grammar is not None and not seq.grammar.accept_token(token):  # the mask let nothing else through
-            raise RequestContentError(constraint_dead_end(seq))
         params = seq.params
         if params.logprobs is not None:
             if seq.logprobs is None:
@@ -102,7 +104,7 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
 
 def constraint_dead_end(seq: Sequence) -> str:
     """Why a constrained sequence got a token its constraint refuses: nothing was left to sample."""
-    generated = seq.num_output_tokens - 1
+    generated = seq.num_output_tokens
     if generated < seq.params.min_tokens and seq.grammar.is_completed():  # its end-of-sequence token was banned
         return (f"structured_outputs: the constraint is complete after {generated} tokens, but min_tokens="
                 f"{seq.params.min_tokens} bans the end-of-sequence token it ends with")

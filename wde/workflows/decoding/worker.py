@@ -73,20 +73,20 @@ class DecodingWorker(ModelWorker):
         the logits and samples. With async scheduling every rank also keeps the samples on its device, where
         the next step (launched before these reach the host) takes its input tokens: after rank 0 sampled, it
         broadcasts them."""
-        first_rank, logprobs = get_tp_rank() == 0, None
+        first_rank, logprobs, runners_up = get_tp_rank() == 0, None, None
         if model_input.greedy:  # the CUDA graph took them already, or the argmax runs now
             token_ids = greedy if greedy is not None else self._greedy_tokens(shard_logits)
         else:
             logits = gather_vocab(shard_logits, self.vocab_size)
             if first_rank:
-                token_ids, logprobs = self.sampler(logits, model_input.sampling)
+                token_ids, logprobs, runners_up = self.sampler(logits, model_input.sampling)
             else:
                 token_ids = torch.empty(len(logits), dtype=torch.int64, device=self.device)
             if self.config.args.async_scheduling:
                 broadcast_from_first_rank(token_ids)
         if self.config.args.async_scheduling:
             self.last_sampled = token_ids
-        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs) if first_rank else None
+        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs, runners_up) if first_rank else None
 
     def _take_in_flight_tokens(self, model_input: ModelInput) -> ModelInput:
         """Rows whose input token the last step sampled take it from that step's samples, on the device."""
