@@ -44,6 +44,23 @@ def test_outputs_equal_running_alone(tiny_model_dir, case, engine_args, shared_p
     alone, _ = run(folder, prompts, params, max_num_seqs=1)
     together, engine = run(folder, prompts, params, async_scheduling=async_scheduling, **engine_args)
     assert together == alone
+    check_stats(engine, case, prompts)
+
+
+@pytest.mark.parametrize("case,engine_args", [("chunked prefill", {"max_num_batched_tokens": 32}),
+                                              ("preemption", {"num_kv_blocks": 20, "max_num_batched_tokens": 64})])
+@pytest.mark.parametrize("shape", ["qwen3_moe", "mixtral"])
+def test_a_mixture_of_experts_outputs_equal_running_alone(tiny_model_dir, shape, case, engine_args):
+    """Which experts a token takes, and what they give it, do not depend on the tokens routed beside it."""
+    folder = tiny_model_dir(shape)
+    prompts, params = workload()
+    alone, _ = run(folder, prompts, params, max_num_seqs=1)
+    together, engine = run(folder, prompts, params, async_scheduling=True, **engine_args)
+    assert together == alone
+    check_stats(engine, case, prompts)
+
+
+def check_stats(engine: LLMEngine, case: str, prompts: list[list[int]]) -> None:
     stats = engine.get_stats()
     if case == "preemption":
         assert stats.num_preemptions > 0
