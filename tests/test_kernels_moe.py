@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wde.core.kernels.fused_moe import fused_experts, sort_by_expert
-from wde.core.layers.moe import Routing, experts_reference, route
+from wde.core.layers.moe import Routing, experts_reference, local_expert_ids, route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,6 +44,27 @@ def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hi
     # float32 dots run in TF32 on the GPU (10-bit mantissas), exactly in the interpreter
     tolerance = {torch.float32: 1e-4 if DEVICE == "cpu" else 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(fused_experts(x, w13, w2, weights, ids), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("run", [fused_experts, experts_reference], ids=["fused", "torch"])
+def test_experts_shared_by_ranks_sum_to_all_of_them(run, ranks):
+    """Expert parallelism: each rank computes the choices of its own experts only (the others' add zeros, even
+    where they are all a block holds), and the ranks' sums add up to the whole layer's."""
+    generator = torch.Generator().manual_seed(ranks)
+    tokens, experts, top_k, hidden, intermediate = 21, 8, 2, 32, 48
+    x = torch.randn(tokens, hidden, generator=generator).to(DEVICE)
+    w13 = (torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden ** 0.5).to(DEVICE)
+    w2 = (torch.randn(experts, hidden, intermediate, generator=generator) / intermediate ** 0.5).to(DEVICE)
+    weights, ids = route(torch.randn(tokens, experts, generator=generator).to(DEVICE), Routing(top_k, True))
+    total = torch.zeros(tokens, hidden, device=DEVICE)
+    bounds = torch.linspace(0, experts, ranks + 1).round().long().tolist()
+    for first, end in zip(bounds, bounds[1:]):
+        local = local_expert_ids(ids, first, end - first)
+        assert bool(((local == end - first) == ((ids < first) | (ids >= end))).all())
+        total += run(x, w13[first:end].contiguous(), w2[first:end].contiguous(), weights, local, True)
+    tolerance = 1e-4 if DEVICE == "cpu" else 5e-3
+    torch.testing.assert_close(total, experts_reference(x, w13, w2, weights, ids), rtol=tolerance, atol=tolerance)
 
 
 def test_routing_softmax_sigmoid_and_renormalization():

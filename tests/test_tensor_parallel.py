@@ -57,13 +57,31 @@ def wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("shape,overrides", [("llama", {}), ("qwen3", {}), ("qwen2", {"num_key_value_heads": 4}),
-                                             ("qwen2_moe", {}), ("mixtral", {})],
-                         ids=["1 KV head (copied)", "2 KV heads", "4 KV heads",
-                              "experts and a shared expert sliced", "experts sliced"])
-def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, shape, overrides):
+@pytest.mark.parametrize("shape,overrides,engine_args", [
+    ("llama", {}, {}), ("qwen3", {}, {}), ("qwen2", {"num_key_value_heads": 4}, {}), ("qwen2_moe", {}, {}),
+    ("mixtral", {}, {}), ("qwen3_moe", {}, {"enable_expert_parallel": True}),
+    ("qwen2_moe", {}, {"enable_expert_parallel": True})],
+    ids=["1 KV head (copied)", "2 KV heads", "4 KV heads", "experts and a shared expert sliced", "experts sliced",
+         "4 whole experts per rank", "2 whole experts per rank and the shared expert sliced"])
+def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, shape, overrides, engine_args):
     folder = tiny_model_dir(shape, **overrides)
-    assert_same_generation(generate(folder, tensor_parallel_size=2), generate(folder))
+    assert_same_generation(generate(folder, tensor_parallel_size=2, **engine_args), generate(folder))
+
+
+def test_expert_parallel_ranks_hold_whole_experts_and_need_one_each(tiny_model_dir):
+    from wde.core.layers.moe import FusedMoE
+    llm = LLM(model=tiny_model_dir("qwen3_moe"), num_kv_blocks=48, tensor_parallel_size=2,
+              enable_expert_parallel=True)
+    try:
+        layers = [m for m in llm.engine.executor.worker.model.modules() if isinstance(m, FusedMoE)]
+        # rank 0 of 2: experts 0-3 of 8, each with all of its 32 intermediate rows (tests/tiny_models.py)
+        assert layers and all(m.first_expert == 0 and m.w13.shape[:2] == (4, 64) and m.w2.shape[2] == 32
+                              for m in layers)
+    finally:
+        llm.close()
+    with pytest.raises(Exception, match="1 experts cannot be shared by 2 ranks"):
+        LLM(model=tiny_model_dir("qwen3_moe", num_experts=1, num_experts_per_tok=1), num_kv_blocks=48,
+            tensor_parallel_size=2, enable_expert_parallel=True)
 
 
 def test_async_scheduling_over_two_ranks(tiny_model_dir):

@@ -54,6 +54,8 @@ class EngineArgs(BaseModel):
                                                                       "gpu_memory_utilization, or 1 GiB on CPU")
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
+    enable_expert_parallel: bool = Field(False, description="mixture-of-experts models over 2+ ranks: whole "
+                                                            "experts per rank instead of a slice of each")
     disable_log_stats: bool = Field(False, description="do not log engine statistics every few seconds")
     attention_backend: str = Field("auto", description="torch, triton, flash_attn, or auto: the fastest that "
                                                        "can run on a GPU, the workflow's own on a CPU")

@@ -87,15 +87,17 @@ class MatmulTiles:
 
 
 def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, blocks: ExpertBlocks, top_k: int, tiles: MatmulTiles,
-                   pair_weights: torch.Tensor | None = None, a_rows_per_token: bool = True) -> torch.Tensor:
+                   pair_weights: torch.Tensor | None = None, a_rows_per_token: bool = True,
+                   zeroed: bool = False) -> torch.Tensor:
     """Row p of the result [num_pairs, N] = a[row of p] @ weight[expert of p]^T (times pair_weights[p]).
 
     a: [tokens, K] (a_rows_per_token) or [num_pairs, K], unit stride along K; weight: [experts, N, K]
-    contiguous; pair_weights: [num_pairs] routing weights, or None.
+    contiguous; pair_weights: [num_pairs] routing weights, or None. Rows of pairs whose expert is not in
+    `weight` (expert parallelism: another rank's) are left as they are: zeros when `zeroed`.
     """
     num_experts, n, k = weight.shape
     assert a.stride(-1) == 1 and weight.is_contiguous()
-    out = torch.empty(blocks.num_pairs, n, dtype=a.dtype, device=a.device)
+    out = (torch.zeros if zeroed else torch.empty)(blocks.num_pairs, n, dtype=a.dtype, device=a.device)
     grid = (blocks.block_expert.numel(), triton.cdiv(n, tiles.block_n))
     _grouped_matmul_kernel[grid](
         a, weight, out, pair_weights if pair_weights is not None else out, blocks.sorted_pairs, blocks.block_expert,
@@ -115,13 +117,15 @@ def default_tiles(rows_per_expert: float) -> tuple[int, MatmulTiles]:
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor) -> torch.Tensor:
-    """layers/moe.py's experts_reference as two grouped matmuls: [tokens, hidden] -> [tokens, hidden]."""
+                  ids: torch.Tensor, remote_choices: bool = False) -> torch.Tensor:
+    """layers/moe.py's experts_reference as two grouped matmuls: [tokens, hidden] -> [tokens, hidden]. With
+    `remote_choices`, ids equal to the number of experts here are another rank's: sorted into a group of their
+    own after the last expert, which no program computes, and their rows of the down matmul stay zero."""
     tokens, top_k = ids.shape
     num_experts = w13.shape[0]
     block_m, tiles = default_tiles(ids.numel() / num_experts)
-    blocks = sort_by_expert(ids, num_experts, block_m)
+    blocks = sort_by_expert(ids, num_experts + remote_choices, block_m)
     hidden = silu_and_mul(grouped_matmul(x, w13, blocks, top_k, tiles))
     pair_out = grouped_matmul(hidden, w2, blocks, top_k, tiles, pair_weights=weights.reshape(-1),
-                              a_rows_per_token=False)
+                              a_rows_per_token=False, zeroed=remote_choices)
     return pair_out.view(tokens, top_k, -1).sum(1)

@@ -4,7 +4,10 @@ their outputs are summed with the routing weights (plus, for Qwen2-MoE, a shared
 On the GPU the experts run as two grouped matmuls (kernels/fused_moe.py); on the CPU, and as the kernels'
 reference, expert by expert in torch, as transformers does. With tensor parallelism each rank holds a slice of
 every expert's intermediate dimension (the gate/up rows and down columns of that slice), so a token's experts
-are all computed on every rank and the partial outputs summed by one all-reduce.
+are all computed on every rank and the partial outputs summed by one all-reduce. With expert parallelism
+(enable_expert_parallel) each rank holds whole experts, a share of them, and computes only the choices of its
+own experts. No all-to-all moves the tokens to their experts' ranks: under tensor parallelism every rank has
+every token's hidden state already, so the same all-reduce sums what each rank's experts gave.
 """
 import re
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from torch import nn
 from wde.core.layers.activation import SiluAndMul
 from wde.core.layers.linear import Linear, default_weight_loader, narrow
 from wde.core.layers.mlp import GatedMLP, check_silu
-from wde.core.parallel.distributed import all_reduce, shard_range
+from wde.core.parallel.distributed import all_reduce, get_expert_parallel, get_tp_size, shard_range
 
 if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
     from wde.core.kernels.fused_moe import fused_experts
@@ -43,11 +46,20 @@ def route(router_logits: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, 
     return weights, ids
 
 
+def local_expert_ids(ids: torch.Tensor, first_expert: int, num_local: int) -> torch.Tensor:
+    """Expert parallelism: global expert ids -> this rank's (0..num_local-1), num_local for another rank's."""
+    local = ids - first_expert
+    return local.masked_fill((local < 0) | (local >= num_local), num_local)
+
+
 def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                      ids: torch.Tensor) -> torch.Tensor:
-    """sum over a token's k choices of weight * down(silu(gate(x)) * up(x)) of that expert, expert by expert."""
+                      ids: torch.Tensor, remote_choices: bool = False) -> torch.Tensor:
+    """sum over a token's k choices of weight * down(silu(gate(x)) * up(x)) of that expert, expert by expert;
+    with `remote_choices`, ids equal to the number of experts here are another rank's and add nothing."""
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for expert in ids.unique().tolist():
+        if remote_choices and expert == w13.shape[0]:
+            continue
         tokens, choice = torch.where(ids == expert)
         hidden = SiluAndMul()(F.linear(x[tokens], w13[expert]))
         expert_out = F.linear(hidden, w2[expert]) * weights[tokens, choice, None].to(x.dtype)
@@ -57,24 +69,34 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
 
 class FusedMoE(nn.Module):
     """The experts' weights stacked, [experts, 2 * intermediate (gate | up), hidden] and [experts, hidden,
-    intermediate], this rank's slice of the intermediate dimension; the router's logits in, the routed sum out."""
+    intermediate]: this rank's slice of every expert's intermediate dimension, or (expert parallelism) this
+    rank's experts whole; the router's logits in, the routed sum out."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: Routing):
         super().__init__()
         self.routing = routing
-        self.shard_start, local = shard_range(intermediate_size)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
+        self.expert_parallel = get_expert_parallel()
+        if self.expert_parallel:
+            if num_experts < get_tp_size():
+                raise ValueError(f"enable_expert_parallel: {num_experts} experts cannot be shared by "
+                                 f"{get_tp_size()} ranks (one expert at least for each)")
+            (self.first_expert, experts), (self.shard_start, local) = shard_range(num_experts), (0, intermediate_size)
+        else:
+            (self.first_expert, experts), (self.shard_start, local) = (0, num_experts), shard_range(intermediate_size)
+        self.w13 = nn.Parameter(torch.empty(experts, 2 * local, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(experts, hidden_size, local), requires_grad=False)
         self.w13.shard_ids = tuple((e, part) for e in range(num_experts) for part in ("gate", "up"))
         self.w2.shard_ids = tuple((e, "down") for e in range(num_experts))
         self.w13.weight_loader = self.w2.weight_loader = self._load
 
     def _load(self, param: nn.Parameter, loaded, shard: tuple[int, str]) -> None:
         """Part `shard[1]` of expert `shard[0]`: this rank's slice of its intermediate dimension (rows of gate
-        and up, columns of down)."""
+        and up, columns of down), or all of it for an expert of this rank (nothing for another rank's)."""
         if shard not in param.shard_ids:
-            raise KeyError(f"no expert part {shard!r} in this layer's {param.shape[0]} experts")
-        expert, part = shard
+            raise KeyError(f"no expert part {shard!r} in this layer's {len(self.w2.shard_ids)} experts")
+        expert, part = shard[0] - self.first_expert, shard[1]
+        if not 0 <= expert < param.shape[0]:
+            return  # another rank's expert
         local = self.w2.shape[2]
         if part == "down":
             default_weight_loader(param.data[expert], narrow(loaded, 1, self.shard_start, local))
@@ -84,8 +106,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = route(router_logits, self.routing)
+        if self.expert_parallel:
+            ids = local_expert_ids(ids, self.first_expert, self.w13.shape[0])
         run = fused_experts if x.is_cuda else experts_reference
-        return all_reduce(run(x, self.w13, self.w2, weights, ids))
+        return all_reduce(run(x, self.w13, self.w2, weights, ids, self.expert_parallel))
 
 
 class SparseMoeBlock(nn.Module):

@@ -16,6 +16,7 @@ class ParallelState:
     world_size: int = 1
     host_group: dist.ProcessGroup | None = None  # gloo, for what travels between the ranks' hosts
     device_all_reduce: SymmetricAllReduce | None = None  # set up by init_device_all_reduce where GPUs allow
+    expert_parallel: bool = False  # MoE layers: whole experts per rank, not a slice of every expert
 
 
 _state = ParallelState()
@@ -29,17 +30,23 @@ def get_tp_size() -> int:
     return _state.world_size
 
 
+def get_expert_parallel() -> bool:
+    """Whether mixture-of-experts layers hold whole experts per rank (enable_expert_parallel over 2+ ranks)."""
+    return _state.expert_parallel and _state.world_size > 1
+
+
 TIMEOUT = timedelta(seconds=120)  # how long a collective waits for a rank that stopped answering
 
 
-def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store: dist.Store | None = None) -> None:
+def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store: dist.Store | None = None,
+                         expert_parallel: bool = False) -> None:
     """Join the group: through `store` (made by the executor), or through torchrun's environment."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if store is None:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=TIMEOUT)
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
-    _state.rank, _state.world_size = rank, world_size
+    _state.rank, _state.world_size, _state.expert_parallel = rank, world_size, expert_parallel
     _state.host_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend == "nccl" else dist.group.WORLD
 
 
@@ -54,6 +61,7 @@ def destroy_tensor_parallel(timeout_s: float = 5.0) -> None:
         teardown.start()
         teardown.join(timeout_s)
     _state.rank, _state.world_size, _state.host_group, _state.device_all_reduce = 0, 1, None, None
+    _state.expert_parallel = False
 
 
 def init_device_all_reduce(max_numel: int, dtype: torch.dtype, device: torch.device) -> None:

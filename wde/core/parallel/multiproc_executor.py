@@ -170,7 +170,7 @@ class MultiprocExecutor(interfaces.Executor):
             self.workers = WorkerProcesses(world_size, port, config, components)
             self.workers.wait_until_ready(store)
         rank_config = replace(config, device=rank_device(config, rank))
-        init_tensor_parallel(rank, world_size, rank_config.device, store)
+        init_tensor_parallel(rank, world_size, rank_config.device, store, config.args.enable_expert_parallel)
         logger.info("tensor parallel: rank %d of %d on %s (%s)", rank, world_size, rank_config.device,
                     "torchrun" if under_torchrun() else "spawned workers")
         if rank != 0:  # under torchrun, ranks 1..N-1 serve rank 0's steps and then end their process

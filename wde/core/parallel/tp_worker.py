@@ -28,7 +28,7 @@ def main() -> None:
         config = replace(config, device=rank_device(config, rank))
         store = dist.TCPStore("127.0.0.1", args["port"], world_size, is_master=False)
         store.set(f"ready-{rank}", "1")  # rank 0 waits for this, watching that we are still alive
-        init_tensor_parallel(rank, world_size, config.device, store)
+        init_tensor_parallel(rank, world_size, config.device, store, config.args.enable_expert_parallel)
         serve_steps(config, args["components"], rank)
         destroy_tensor_parallel()
     except BaseException:
