@@ -1,5 +1,6 @@
 """Write a tiny safetensors checkpoint as a .gguf file the way llama.cpp's converter lays it out (float32)."""
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -9,7 +10,12 @@ from safetensors.numpy import load_file
 from transformers import AutoConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from wde.core.loader.gguf_weights import _GLOBAL_NAMES, _LAYER_NAMES
+from wde.core.loader.gguf_weights import _EXPERT_STACKS, _GLOBAL_NAMES, _LAYER_NAMES
+
+# llama.cpp's architecture names: Mixtral's files are its "llama" with experts
+ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+MIXTRAL_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -20,18 +26,32 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def gguf_name(hf_name: str) -> str:
     to_gguf = {hf: g for g, hf in {**_LAYER_NAMES, **_GLOBAL_NAMES}.items()}
-    parts = hf_name.split(".")
+    parts = hf_name.replace(".block_sparse_moe.", ".mlp.").split(".")
     if parts[:2] == ["model", "layers"]:
         return f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:-1])]}.{parts[-1]}"
     return f"{to_gguf['.'.join(parts[:-1])]}.{parts[-1]}"
 
 
+def add_experts(writer: gguf.GGUFWriter, config: dict) -> None:
+    """The experts' counts and sizes, under the keys llama.cpp's converter writes."""
+    count = config.get("num_experts") or config.get("num_local_experts")
+    if not count:
+        return
+    writer.add_expert_count(count)
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    if "moe_intermediate_size" in config:
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+
+
 def export_gguf(folder: Path, out: Path) -> Path:
     config = json.loads((folder / "config.json").read_text())
-    arch = config["model_type"]
+    arch = ARCHITECTURES.get(config["model_type"], config["model_type"])
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer = gguf.GGUFWriter(str(out), arch)
+    add_experts(writer, config)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -49,10 +69,20 @@ def export_gguf(folder: Path, out: Path) -> Path:
         plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(folder), "cpu")
         writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, tensor in load_file(folder / "model.safetensors").items():
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = llama_cpp_permute(tensor, heads if "q_proj" in name else kv_heads)
+        expert = EXPERT.fullmatch(name)
+        if expert:  # stacked per layer and part below, as llama.cpp does
+            layer, index, part = expert.groups()
+            experts.setdefault((layer, MIXTRAL_PARTS.get(part, part)), {})[int(index)] = tensor
+            continue
         writer.add_tensor(gguf_name(name), np.ascontiguousarray(tensor, dtype=np.float32))
+    stack_names = {part: name for name, part in _EXPERT_STACKS.items()}
+    for (layer, part), by_index in experts.items():
+        stacked = np.stack([by_index[i] for i in range(len(by_index))])
+        writer.add_tensor(f"blk.{layer}.{stack_names[part]}.weight", np.ascontiguousarray(stacked, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

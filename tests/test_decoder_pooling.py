@@ -1,4 +1,4 @@
-"""Decoders used for one pass (random Qwen2 / Qwen3 shapes): last-token embeddings and yes/no reranking against
+"""Decoders used for one pass (random Qwen2 / Qwen3 / MoE shapes): last-token embeddings and yes/no reranking against
 transformers, on the paged KV cache with prefix caching."""
 import pytest
 import torch
@@ -27,7 +27,7 @@ def reference_last_hidden(folder: str, token_ids: list[int]) -> tuple[torch.Tens
     return out.hidden_states[-1][0, -1], out.logits[0, -1]
 
 
-@pytest.mark.parametrize("shape", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("shape", ["qwen2", "qwen3", "qwen3_moe", "mixtral"])
 def test_last_token_embeddings_match_transformers(tiny_model_dir, shape):
     folder = tiny_model_dir(shape)
     prompts = random_prompts([5, 40, 17, 90], seed=11)

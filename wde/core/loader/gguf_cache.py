@@ -153,6 +153,8 @@ def write_config(path: str, folder: Path) -> None:
     key_length = reader.fields.get(f"{architecture}.attention.key_length")
     if key_length is not None:
         config.head_dim = int(key_length.contents())
+    config = with_experts(config, {key: field.contents() for key, field in reader.fields.items()
+                                   if key.startswith(f"{architecture}.expert")}, architecture)
     table = []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
@@ -162,6 +164,26 @@ def write_config(path: str, folder: Path) -> None:
                                        int(tensor.data_offset))))
     (folder / "tensors.json").write_text(json.dumps(table))
     config.save_pretrained(folder)
+
+
+def with_experts(config: transformers.PretrainedConfig, fields: dict, architecture: str
+                 ) -> transformers.PretrainedConfig:
+    """What transformers leaves out of a mixture of experts' config: the experts' own sizes, whether the top-k
+    weights are renormalized (llama.cpp's default for the architecture unless the file says), and for a Mixtral
+    file (llama.cpp's "llama" architecture with experts) the Mixtral config itself."""
+    field = lambda name, default=None: fields.get(f"{architecture}.{name}", default)  # noqa: E731
+    if field("expert_count", 0) == 0:
+        return config
+    if architecture == "llama":
+        config = transformers.MixtralConfig(**{**config.to_dict(), "model_type": "mixtral"},
+                                            num_local_experts=int(field("expert_count")),
+                                            num_experts_per_tok=int(field("expert_used_count")))
+    elif architecture in ("qwen2moe", "qwen3moe"):
+        config.moe_intermediate_size = int(field("expert_feed_forward_length", config.moe_intermediate_size))
+        config.norm_topk_prob = bool(field("expert_weights_norm", architecture == "qwen3moe"))
+        if architecture == "qwen2moe":
+            config.shared_expert_intermediate_size = int(field("expert_shared_feed_forward_length", 0))
+    return config
 
 
 def write_tokenizer(path: str, folder: Path) -> None:

@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from wde.core.loader import gguf_cache
 
-# llama.cpp's tensor names for the Llama family -> Hugging Face's (the part after "blk.N.")
+# llama.cpp's tensor names for the Llama family and its mixtures of experts -> Hugging Face's (after "blk.N.")
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -23,17 +23,28 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",  # Qwen2-MoE's shared expert, and its gate
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# llama.cpp stacks the experts of a layer in one tensor, [experts, rows, columns]: Hugging Face's tensors per expert
+_EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 def hf_name(gguf_name: str) -> str:
+    """Hugging Face's name of a tensor ("model.layers.N.mlp.experts.{}.gate_proj.weight" for a stack of experts:
+    expert e's is its .format(e))."""
     match = _LAYER_TENSOR.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
         if part in _LAYER_NAMES:
             return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        if part in _EXPERT_STACKS:
+            return f"model.layers.{layer}.mlp.experts.{{}}.{_EXPERT_STACKS[part]}.{kind}"
     else:
         base, _, kind = gguf_name.rpartition(".")
         if base in _GLOBAL_NAMES:
@@ -56,7 +67,8 @@ def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, 
     except Exception as e:  # gguf raises ValueError, struct.error, ... for a damaged file
         raise ValueError(f"could not read weights from {path}: {e}") from e
     permuted = {"q_proj": hf_config.num_attention_heads, "k_proj": hf_config.num_key_value_heads}
-    is_llama = hf_config.model_type == "llama"  # llama.cpp permutes q/k only for Llama
+    # llama.cpp permutes q/k only for its "llama" architecture, which Mixtral's files are
+    is_llama = hf_config.model_type in ("llama", "mixtral")
     for tensor in table:
         if tensor.name == "rope_freqs.weight":  # RoPE scaling, read into the config (see gguf_cache)
             continue
@@ -67,4 +79,8 @@ def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, 
         if is_llama and proj in permuted:
             weight = unpermute_rows(weight, permuted[proj])
         # unquantized tensors come back as read-only views of the memory-mapped file: copy those only
-        yield name, torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        weight = torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        if "{}" in name:  # a stack of experts: one tensor each, as the model's loader takes them
+            yield from ((name.format(expert), expert_weight) for expert, expert_weight in enumerate(weight))
+        else:
+            yield name, weight
