@@ -1,9 +1,14 @@
 """Workload W2 of GUIDE.md, as light-vllm's benchmarks/baseline ran it: Qwen2.5-7B shape (random bf16 weights),
-1000 requests of 512 random prompt tokens, 512 output tokens each (EOS ignored, greedy).
+1000 requests of 512 random prompt tokens, 512 output tokens each (EOS ignored, greedy). W7 is the same on
+Qwen3-30B-A3B's shape, a mixture of experts.
 
     python -m benchmarks.baseline
     python -m benchmarks.baseline --tensor-parallel-size 2          # the same over two GPUs
     python -m benchmarks.baseline --shape llama-3.1-8b --tensor-parallel-size 4
+    python -m benchmarks.baseline --shape qwen3-30b-a3b --peer-requests 64     # W7
+
+For a mixture of experts, also the decode step at max_num_seqs sequences (that many requests of 512 tokens,
+DECODE_PROBE_TOKENS out) against its limit: the weights it reads (the experts its tokens pick) and the KV cache.
 
 Prints `Throughput: X requests/s, Y tokens/s, Delay Z ms` (tokens: prompt + output; Delay: the mean step time)
 for wde, then the transformers peer on 128 requests (its continuous batching; benchmarks/peer.py).
@@ -14,14 +19,30 @@ import logging
 import torch
 
 from benchmarks.engine_runs import (add_async_scheduling_flag, median_run, peer_figures, spread, timed_generate,
-                                    warm_up)
+                                    traced_generate, warm_up)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
-from benchmarks.roofline import generation_cost, print_roofline, roofline
-from benchmarks.workloads import W2_SHAPE, w2
+from benchmarks.roofline import decode_step_cost, generation_cost, model_sizes, print_roofline, roofline
+from benchmarks.workloads import W2_SHAPE, W7_SHAPE, w2
 
 logger = logging.getLogger("benchmarks")
 PROMPT_LEN = OUTPUT_LEN = 512
+DECODE_PROBE_TOKENS = 64
+
+
+def decode_step(llm, shape_name: str, batch: int) -> dict:
+    """The mean time of the steps that decode `batch` sequences at once (nothing admitted beside them), and the
+    fraction of the step's limit it is."""
+    from wde import SamplingParams
+    params = [SamplingParams(temperature=0, max_tokens=DECODE_PROBE_TOKENS, ignore_eos=True)] * batch
+    buckets = traced_generate(llm, w2(batch, PROMPT_LEN, seed=1), params)
+    steps = buckets[max(buckets, key=lambda key: buckets[key]["steps"] if key.startswith("decode") else -1)]
+    context = PROMPT_LEN + DECODE_PROBE_TOKENS // 2
+    limit = roofline(decode_step_cost(shape_name, batch, context), 1, "steps/s", 1000 / steps["ms_per_step"])
+    logger.info("decode steps of %d sequences: %.2f ms, limit %.2f ms (%.0f%%)", batch, steps["ms_per_step"],
+                1000 / limit["limit"], 100 * limit["fraction"])
+    return {"batch": batch, "context_len": context, "steps": steps["steps"], "ms_per_step": steps["ms_per_step"],
+            "limit_ms": round(1000 / limit["limit"], 2), "fraction": limit["fraction"], "bytes": limit["bytes"]}
 
 
 def main() -> None:
@@ -56,6 +77,8 @@ def main() -> None:
            "tok_per_s": round((best.in_tokens + best.out_tokens) / best.seconds),
            "delay_ms": round(1000 * best.seconds / best.steps, 2), "host_ms_per_step": round(best.host_ms_per_step, 2),
            "runs_req_per_s": spread(runs, lambda r: len(prompts) / r.seconds), "seconds": round(best.seconds, 1)}
+    if model_sizes(args.shape).num_experts:
+        wde["decode_step"] = decode_step(llm, args.shape, args.max_num_seqs)
     async_scheduling = llm.engine.config.args.async_scheduling
     llm.close()
     del llm
@@ -76,7 +99,7 @@ def main() -> None:
               "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
               "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
               "statistic": "median"}
-    workload = "W2" if args.shape == W2_SHAPE else f"W2-{args.shape}"
+    workload = {W2_SHAPE: "W2", W7_SHAPE: "W7"}.get(args.shape, f"W2-{args.shape}")
     if args.tensor_parallel_size > 1:
         workload += f"-tp{args.tensor_parallel_size}"
     path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)

@@ -1,6 +1,6 @@
 """The peer: Hugging Face transformers on the same GPU, random bf16 weights of the same shapes.
 
-W1 and W2 use transformers' continuous batching (`generate_batch` with paged attention), which takes one
+W1, W2 and W7 use transformers' continuous batching (`generate_batch` with paged attention), which takes one
 max_new_tokens for all requests, so each request gets the mean output length (the total output count matches
 the workload's). W5 is plain `generate` at batch 1 with SDPA attention.
 """
@@ -12,10 +12,14 @@ from benchmarks.model_folder import hf_config
 
 
 def causal_lm(shape_name: str, attn_implementation: str):
+    """The shape with random bf16 weights on the GPU; a mixture of experts runs its experts through
+    transformers' grouped matmuls (torch._grouped_mm), its fastest, not expert by expert."""
     from transformers import AutoModelForCausalLM
+    config = hf_config(shape_name)
+    moe = {"experts_implementation": "grouped_mm"} if getattr(config, "num_experts_per_tok", 0) else {}
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(hf_config(shape_name), dtype=torch.bfloat16,
-                                                attn_implementation=attn_implementation).eval()
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation,
+                                                **moe).eval()
 
 
 def timed(fn):

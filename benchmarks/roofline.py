@@ -3,7 +3,9 @@
 A workload's limit is a lower bound on its time: the fewest bytes it must move through device memory over the
 device's measured bandwidth, or its matmul FLOPs over the device's measured bf16 matmul rate, whichever is
 longer. Bytes: every weight once per step (decode steps read them all) and each sequence's KV cache once per
-token it decodes; FLOPs: 2 per weight per token, and attention's q.k and p.v products. Both rates are measured
+token it decodes; FLOPs: 2 per weight per token, and attention's q.k and p.v products. A mixture of experts'
+step reads the experts its tokens pick, E * (1 - (1 - k/E)^B) of E for B tokens taking k each when the routing
+is uniform (random weights route so); its FLOPs are those of the k experts a token takes. Both rates are measured
 here, on the GPU the benchmark runs on, so the fraction is of what this device can do, not of its data sheet.
 
     python -m benchmarks.roofline          # prints this device's measured rates
@@ -58,11 +60,36 @@ def measure_device() -> DeviceRates:
 
 @dataclass(frozen=True)
 class ModelSizes:
-    layer_params: int  # weights every token goes through (all layers)
+    layer_params: int  # weights every token goes through (all layers; of a mixture of experts, its top_k experts)
     head_params: int  # the LM head (decoders) or 0; run only for rows that sample
     kv_bytes_per_token: int  # K and V of one token over all layers
     attention_width: int  # heads x head_dim: the width of q.k and p.v products per layer
     num_layers: int
+    expert_params: int = 0  # a mixture of experts: the weights of one expert index over all its sparse layers
+    num_experts: int = 0
+    top_k: int = 0
+
+    def step_params(self, batch: float) -> float:
+        """The weights a decode step of `batch` tokens reads: all but the experts, and the experts it picks."""
+        if not self.num_experts:
+            return self.layer_params + self.head_params
+        touched = self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** batch)
+        return self.layer_params + self.head_params + (touched - self.top_k) * self.expert_params
+
+
+def expert_sizes(config: dict, hidden: int, attention: int) -> ModelSizes | None:
+    """Qwen3-MoE / Qwen2-MoE / Mixtral: (layer params with top_k experts, one expert over the sparse layers)."""
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not experts:
+        return None
+    layers, top_k = config["num_hidden_layers"], config["num_experts_per_tok"]
+    expert = 3 * hidden * (config.get("moe_intermediate_size") or config["intermediate_size"])
+    shared = config.get("shared_expert_intermediate_size") or 0
+    sparse = [i for i in range(layers) if i not in config.get("mlp_only_layers", [])
+              and (i + 1) % config.get("decoder_sparse_step", 1) == 0]
+    per_sparse = attention + hidden * experts + top_k * expert + (3 * hidden * shared + hidden if shared else 0)
+    per_dense = attention + 3 * hidden * config["intermediate_size"]
+    return len(sparse) * per_sparse + (layers - len(sparse)) * per_dense, expert * len(sparse), experts, top_k
 
 
 def model_sizes(shape_name: str) -> ModelSizes:
@@ -75,9 +102,9 @@ def model_sizes(shape_name: str) -> ModelSizes:
         per_layer = 4 * hidden * hidden + 2 * hidden * inter
         return ModelSizes(per_layer * layers, 0, 0, heads * head_dim, layers)
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, k, v, o
-    per_layer = attention + 3 * hidden * inter  # gate, up, down
-    return ModelSizes(per_layer * layers, config["vocab_size"] * hidden,
-                      2 * layers * kv_heads * head_dim * BYTES_PER_VALUE, heads * head_dim, layers)
+    layer_params, *experts = expert_sizes(config, hidden, attention) or (layers * (attention + 3 * hidden * inter),)
+    return ModelSizes(layer_params, config["vocab_size"] * hidden, 2 * layers * kv_heads * head_dim * BYTES_PER_VALUE,
+                      heads * head_dim, layers, *experts)
 
 
 def generation_cost(shape_name: str, prompt_lens: list[int], output_lens: list[int], max_num_seqs: int
@@ -86,7 +113,7 @@ def generation_cost(shape_name: str, prompt_lens: list[int], output_lens: list[i
     at least the outputs over max_num_seqs; each reads every weight once."""
     sizes = model_sizes(shape_name)
     steps = max(max(output_lens), math.ceil(sum(output_lens) / max_num_seqs))
-    weight_bytes = (sizes.layer_params + sizes.head_params) * BYTES_PER_VALUE
+    weight_bytes = sizes.step_params(sum(output_lens) / steps) * BYTES_PER_VALUE
     # a sequence's n-th output token reads the K/V of its prompt and its n - 1 earlier outputs
     kv_reads = sum(p * o + o * (o - 1) / 2 for p, o in zip(prompt_lens, output_lens)) * sizes.kv_bytes_per_token
     tokens = sum(prompt_lens) + sum(output_lens)
@@ -94,6 +121,14 @@ def generation_cost(shape_name: str, prompt_lens: list[int], output_lens: list[i
     flops = (2 * sizes.layer_params * tokens + 2 * sizes.head_params * sum(output_lens)
              + 4 * attention_pairs * sizes.attention_width * sizes.num_layers)
     return steps * weight_bytes + kv_reads, flops
+
+
+def decode_step_cost(shape_name: str, batch: int, context_len: int) -> tuple[float, float]:
+    """(bytes, FLOPs) of one decode step of `batch` sequences of `context_len` tokens each."""
+    sizes = model_sizes(shape_name)
+    flops = batch * (2 * (sizes.layer_params + sizes.head_params) + 4 * context_len * sizes.attention_width
+                     * sizes.num_layers)
+    return (sizes.step_params(batch) * BYTES_PER_VALUE + batch * context_len * sizes.kv_bytes_per_token), flops
 
 
 def encoder_cost(shape_name: str, input_lens: list[int]) -> tuple[float, float]:

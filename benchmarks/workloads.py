@@ -3,6 +3,7 @@ random calls), so wde and the peer run the same token ids."""
 import random
 
 W1_SHAPE, W2_SHAPE, W3_SHAPE, W5_SHAPE = "qwen3-0.6b", "qwen2.5-7b", "bert-base", "qwen3-0.6b"
+W7_SHAPE = "qwen3-30b-a3b"  # W2's requests on a mixture of experts
 
 
 def w1(num_requests: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
