@@ -3,7 +3,8 @@ which transformers' experts equal (test_moe_models.py): the sort by expert, and 
 import pytest
 import torch
 
-from wde.core.kernels.fused_moe import fused_experts, sort_by_expert
+from wde.core.kernels import fused_moe
+from wde.core.kernels.fused_moe import MatmulTiles, fused_experts, sort_by_expert
 from wde.core.layers.moe import Routing, experts_reference, local_expert_ids, route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,3 +79,15 @@ def test_routing_softmax_sigmoid_and_renormalization():
     torch.testing.assert_close(weights, logits.sigmoid()[:, :2])
     with pytest.raises(ValueError, match="scoring"):
         Routing(top_k=2, renormalize=True, scoring="relu")
+
+
+def test_tuned_tiles_are_those_of_the_nearest_tokens_tuned_for_the_layer_shape(monkeypatch):
+    """benchmarks/tune_moe.py's table, by device and layer shape: the entry of the nearest number of tokens (by
+    ratio); a shape or device not tuned takes default_tiles."""
+    table = {"8x64x32/2": {"1": [16, 64, 128, 4, 3], "256": [64, 128, 64, 8, 4]}}
+    monkeypatch.setattr(fused_moe, "tuned_tables", lambda device_name: table if device_name == "cpu" else {})
+    w13 = torch.empty(8, 64, 64)
+    assert fused_moe.choose_tiles(w13, 4, top_k=2) == (16, MatmulTiles(64, 128, 4, 3))
+    assert fused_moe.choose_tiles(w13, 100, top_k=2) == (64, MatmulTiles(128, 64, 8, 4))
+    assert fused_moe.choose_tiles(w13, 100, top_k=4) == fused_moe.default_tiles(100 * 4 / 8)
+    assert fused_moe.choose_tiles(torch.empty(4, 64, 64), 100, top_k=2) == fused_moe.default_tiles(100 * 2 / 4)

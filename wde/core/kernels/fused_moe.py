@@ -8,7 +8,11 @@ step: in a decode step of a few hundred tokens most experts are. The sort is mad
 (no count comes back to the host), so a step with MoE layers can be captured in a CUDA graph: the grid covers
 the most blocks the sort can produce, and the programs past the used blocks return at once.
 """
+import json
+import math
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
 import triton
@@ -108,22 +112,52 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, blocks: ExpertBlocks, 
     return out
 
 
+# tiles measured best on a device for a layer shape and a number of tokens (benchmarks/tune_moe.py writes it):
+# {device name: {"experts x hidden x intermediate / top_k": {tokens: [block_m, block_n, block_k, warps, stages]}}}
+TUNED_TILES = Path(__file__).with_name("fused_moe_tiles.json")
+
+
 def default_tiles(rows_per_expert: float) -> tuple[int, MatmulTiles]:
-    """(block_m, tiles) by the rows an expert gets (not yet tuned per shape): block_m about that many, so decode
+    """(block_m, tiles) by the rows an expert gets, for shapes not tuned: block_m about that many, so decode
     steps of few tokens pad little (tensor-core tiles need >= 16 rows) and long prefills reuse each weight tile
     over more rows."""
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
     return block_m, MatmulTiles(block_n=64, block_k=128 if block_m <= 16 else 64, num_warps=4, num_stages=3)
 
 
+def layer_key(num_experts: int, hidden: int, intermediate: int, top_k: int) -> str:
+    return f"{num_experts}x{hidden}x{intermediate}/{top_k}"
+
+
+@cache
+def tuned_tables(device_name: str) -> dict[str, dict[str, list[int]]]:
+    tables = json.loads(TUNED_TILES.read_text()) if TUNED_TILES.exists() else {}
+    return tables.get(device_name, {})
+
+
+def choose_tiles(w13: torch.Tensor, tokens: int, top_k: int) -> tuple[int, MatmulTiles]:
+    """The tuned tiles of this device and layer shape for the nearest number of tokens tuned (by ratio), else
+    default_tiles."""
+    num_experts, two_intermediate, hidden = w13.shape
+    name = torch.cuda.get_device_name(w13.device) if w13.is_cuda else "cpu"
+    table = tuned_tables(name).get(layer_key(num_experts, hidden, two_intermediate // 2, top_k))
+    if not table:
+        return default_tiles(tokens * top_k / num_experts)
+    nearest = min(table, key=lambda tuned: abs(math.log(int(tuned) / max(tokens, 1))))
+    block_m, *tiles = table[nearest]
+    return block_m, MatmulTiles(*tiles)
+
+
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, remote_choices: bool = False) -> torch.Tensor:
+                  ids: torch.Tensor, remote_choices: bool = False,
+                  tiles: tuple[int, MatmulTiles] | None = None) -> torch.Tensor:
     """layers/moe.py's experts_reference as two grouped matmuls: [tokens, hidden] -> [tokens, hidden]. With
     `remote_choices`, ids equal to the number of experts here are another rank's: sorted into a group of their
-    own after the last expert, which no program computes, and their rows of the down matmul stay zero."""
+    own after the last expert, which no program computes, and their rows of the down matmul stay zero. `tiles`:
+    (block_m, MatmulTiles) for both matmuls; default: choose_tiles."""
     tokens, top_k = ids.shape
     num_experts = w13.shape[0]
-    block_m, tiles = default_tiles(ids.numel() / num_experts)
+    block_m, tiles = tiles or choose_tiles(w13, tokens, top_k)
     blocks = sort_by_expert(ids, num_experts + remote_choices, block_m)
     hidden = silu_and_mul(grouped_matmul(x, w13, blocks, top_k, tiles))
     pair_out = grouped_matmul(hidden, w2, blocks, top_k, tiles, pair_weights=weights.reshape(-1),
