@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+import torch.distributed
 
 from tests.test_parity_random import random_prompts
 from wde import LLM, SamplingParams
@@ -79,9 +80,10 @@ def test_expert_parallel_ranks_hold_whole_experts_and_need_one_each(tiny_model_d
                               for m in layers)
     finally:
         llm.close()
-    with pytest.raises(Exception, match="1 experts cannot be shared by 2 ranks"):
+    with pytest.raises(ValueError, match="1 experts cannot be shared by 2 ranks"):
         LLM(model=tiny_model_dir("qwen3_moe", num_experts=1, num_experts_per_tok=1), num_kv_blocks=48,
             tensor_parallel_size=2, enable_expert_parallel=True)
+    assert not torch.distributed.is_initialized()  # refused before any rank started
 
 
 def test_async_scheduling_over_two_ranks(tiny_model_dir):
@@ -123,6 +125,34 @@ class FailingOnRankOne(DecodingWorker):
 
 class FailingWorkflow(ChatWorkflow):
     Worker = f"{__name__}:FailingOnRankOne"
+
+
+class RankZeroCannotBuild(DecodingWorker):
+    def __init__(self, config, components):
+        from wde.core.parallel.distributed import get_tp_rank
+        if get_tp_rank() == 0:
+            raise RuntimeError("rank zero cannot build its worker")
+        super().__init__(config, components)
+
+
+class RankZeroFailingWorkflow(ChatWorkflow):
+    Worker = f"{__name__}:RankZeroCannotBuild"
+
+
+def test_a_rank_zero_that_cannot_build_raises_and_leaves_no_group_or_process(tiny_model_dir, monkeypatch):
+    from wde.core.parallel import multiproc_executor
+    started = []
+    real = multiproc_executor.WorkerProcesses.__init__
+    monkeypatch.setattr(multiproc_executor.WorkerProcesses, "__init__",
+                        lambda self, *args: started.append(self) or real(self, *args))
+    with pytest.raises(RuntimeError, match="rank zero cannot build its worker"):
+        LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2,
+            workflow=f"{__name__}:RankZeroFailingWorkflow")
+    assert not torch.distributed.is_initialized()
+    assert wait_gone([p.pid for p in started[0].processes])
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2)  # the next engine starts
+    assert generate_ok(llm)
+    llm.close()
 
 
 def test_a_rank_that_raises_makes_generate_raise_and_leaves_no_process(tiny_model_dir):

@@ -19,7 +19,7 @@ from torch import nn
 from wde.core.layers.activation import SiluAndMul
 from wde.core.layers.linear import Linear, default_weight_loader, narrow
 from wde.core.layers.mlp import GatedMLP, check_silu
-from wde.core.parallel.distributed import all_reduce, get_expert_parallel, get_tp_size, shard_range
+from wde.core.parallel.distributed import all_reduce, get_expert_parallel, shard_range
 
 if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
     from wde.core.kernels.fused_moe import fused_experts
@@ -76,10 +76,7 @@ class FusedMoE(nn.Module):
         super().__init__()
         self.routing = routing
         self.expert_parallel = get_expert_parallel()
-        if self.expert_parallel:
-            if num_experts < get_tp_size():
-                raise ValueError(f"enable_expert_parallel: {num_experts} experts cannot be shared by "
-                                 f"{get_tp_size()} ranks (one expert at least for each)")
+        if self.expert_parallel:  # at least one expert a rank: checked before the ranks start (check_can_split)
             (self.first_expert, experts), (self.shard_start, local) = shard_range(num_experts), (0, intermediate_size)
         else:
             (self.first_expert, experts), (self.shard_start, local) = (0, num_experts), shard_range(intermediate_size)

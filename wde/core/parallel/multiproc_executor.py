@@ -48,6 +48,10 @@ def check_can_split(config: EngineConfig) -> None:
         raise ValueError(f"{model_class.__name__} does not support tensor parallelism (tensor_parallel_size="
                          f"{world_size}); run it with tensor_parallel_size=1")
     check_tensor_parallel_shapes(model.num_heads, model.num_kv_heads, world_size)
+    experts = getattr(model.hf_config, "num_experts", None) or getattr(model.hf_config, "num_local_experts", None)
+    if config.args.enable_expert_parallel and experts and experts < world_size:
+        raise ValueError(f"enable_expert_parallel: {experts} experts cannot be shared by {world_size} ranks (one "
+                         "expert at least for each); leave it off to slice every expert over the ranks")
     if config.device.type == "cuda" and torch.cuda.device_count() < world_size and not under_torchrun():
         raise ValueError(f"tensor_parallel_size={world_size} needs {world_size} GPUs; "
                          f"{torch.cuda.device_count()} are visible")
@@ -177,8 +181,14 @@ class MultiprocExecutor(interfaces.Executor):
             serve_steps(rank_config, components, rank)
             destroy_tensor_parallel()
             sys.exit(0)
-        self.worker = build_rank_worker(rank_config, components)
-        self.num_kv_blocks = agree_on_kv_blocks(self.worker)
+        try:
+            self.worker = build_rank_worker(rank_config, components)
+            self.num_kv_blocks = agree_on_kv_blocks(self.worker)
+        except BaseException:  # a rank 0 that cannot build its worker leaves no group or processes behind
+            if self.workers:
+                self.workers.close(timeout_s=0.0)
+            destroy_tensor_parallel()
+            raise
         self.broadcaster = TensorBroadcaster()
         self.dead: str | None = None
         self._finalizer = weakref.finalize(self, _stop, self.broadcaster, self.workers)
