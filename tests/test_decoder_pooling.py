@@ -85,3 +85,9 @@ def test_embeddings_with_a_shared_instruction_are_the_same_with_prefix_caching(t
         assert (a.outputs.data - c.outputs.data).abs().max() < 1e-5
         assert (b.outputs.data - c.outputs.data).abs().max() < 1e-5
     assert [o.num_cached_tokens for o in again] == [64, 80, 64, 64]
+
+
+def test_a_reranker_whose_yes_and_no_are_the_same_token_is_refused(tiny_model_dir):
+    """The tiny models' word-level vocabulary reads both "yes" and "no" as <unk>: every score would be 0.5."""
+    with pytest.raises(ValueError, match=r"must be one token each, and two tokens; they are \[\[0\], \[0\]\]"):
+        LLM(model=tiny_model_dir("qwen3"), task="score", num_kv_blocks=16)

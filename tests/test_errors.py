@@ -1,8 +1,11 @@
 """Bad models and bad requests get clear errors, and a bad request never stops the others."""
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from tests.conftest import assert_all_blocks_free, run_to_completion
@@ -57,6 +60,39 @@ def test_checkpoint_missing_a_tensor(tiny_model_dir, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks weights .*layers.1.mlp.gate_up_proj"):
         LLMEngine.from_engine_args(model=str(folder), num_kv_blocks=8)
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("shape,name,bad_shape", [
+    ("qwen3", "model.layers.0.mlp.gate_proj.weight", (129, 64)),
+    ("qwen3", "model.layers.0.self_attn.o_proj.weight", (64, 130)),
+    ("qwen3_moe", "model.layers.0.mlp.experts.2.gate_proj.weight", (33, 64)),
+    ("qwen3_moe", "model.layers.0.mlp.experts.2.down_proj.weight", (64, 33)),
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.1.w2.weight", (64, 65))])
+def test_a_tensor_larger_than_its_parameter_is_refused_by_name(tiny_model_dir, tmp_path, shape, name, bad_shape):
+    """A rank keeps a slice of most tensors: one too large must not load cut to size. (Mixtral's tensors are
+    named as its model renames them, block_sparse_moe as mlp.)"""
+    folder = copy_model(tiny_model_dir, tmp_path, shape)
+    rewrite_tensors(folder, lambda tensors: tensors.update({name: torch.zeros(bad_shape)}))
+    named = name.replace(".block_sparse_moe.", ".mlp.")
+    with pytest.raises(ValueError, match=f"cannot load checkpoint tensor '{re.escape(named)}'.*has shape "
+                                         f"{re.escape(str(bad_shape))}, the model takes"):
+        LLMEngine.from_engine_args(model=str(folder), num_kv_blocks=8)
+
+
+def test_a_missing_expert_and_too_many_experts_a_token_are_named(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path, "qwen3_moe")
+    rewrite_tensors(folder, lambda tensors: tensors.pop("model.layers.2.mlp.experts.3.gate_proj.weight"))
+    with pytest.raises(ValueError, match=re.escape("layers.2.mlp.experts.w13 [(3, 'gate')]")):
+        LLMEngine.from_engine_args(model=str(folder), num_kv_blocks=8)
+    with pytest.raises(ValueError, match="num_experts_per_tok=5: a token takes 1 to 4 experts"):
+        LLMEngine.from_engine_args(model=tiny_model_dir("mixtral", num_experts_per_tok=5), num_kv_blocks=8)
 
 
 def test_corrupt_gguf_file(tmp_path):

@@ -66,6 +66,21 @@ def test_gguf_file_loads_the_same_model_as_safetensors(tiny_model_dir, tmp_path,
         assert (ours - theirs).abs().max() < 1e-5
 
 
+def test_gguf_experts_keys_missing_are_named_or_read_from_the_tensors(tiny_model_dir, tmp_path, monkeypatch):
+    """Without expert_used_count a mixture cannot be run as its author meant: refused by the key's name; without
+    the shared expert's size (expert_shared_feed_forward_length), it is read from the shared expert's tensor."""
+    import gguf
+    folder = tiny_model_dir("qwen2_moe")
+    monkeypatch.setattr(gguf.GGUFWriter, "add_expert_shared_feed_forward_length", lambda self, value: None)
+    gguf_file = export_gguf(Path(folder), tmp_path / "no-shared-size.gguf")
+    assert [c.token_ids for c in generate(str(gguf_file), tokenizer=folder)] == [c.token_ids
+                                                                                 for c in generate(folder)]
+    monkeypatch.setattr(gguf.GGUFWriter, "add_expert_used_count", lambda self, value: None)
+    gguf_file = export_gguf(Path(tiny_model_dir("qwen3_moe", mlp_only_layers=[])), tmp_path / "no-top-k.gguf")
+    with pytest.raises(ValueError, match="qwen3moe.expert_used_count .the experts a token takes. is missing"):
+        generate(str(gguf_file), tokenizer=folder)
+
+
 def test_a_gguf_file_is_parsed_once_and_a_changed_file_again(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
     folder = tiny_model_dir("qwen3")

@@ -86,6 +86,20 @@ def test_expert_parallel_ranks_hold_whole_experts_and_need_one_each(tiny_model_d
     assert not torch.distributed.is_initialized()  # refused before any rank started
 
 
+def test_a_tensor_only_rank_one_loads_is_reported_with_its_name(tiny_model_dir, tmp_path):
+    """Expert 6 of 8 lives on rank 1 with expert parallelism: its bad tensor fails that rank alone, and the
+    error that reaches the caller is rank 1's, not the broken collective rank 0 then sees."""
+    import shutil
+
+    from tests.test_errors import rewrite_tensors
+    folder = shutil.copytree(tiny_model_dir("qwen3_moe"), tmp_path / "model")
+    name = "model.layers.0.mlp.experts.6.down_proj.weight"
+    rewrite_tensors(folder, lambda tensors: tensors.update({name: torch.zeros(64, 31)}))
+    with pytest.raises(ExecutorDeadError, match=f"(?s)rank 1 failed.*cannot load checkpoint tensor '{name}'"):
+        LLM(model=str(folder), num_kv_blocks=48, tensor_parallel_size=2, enable_expert_parallel=True)
+    assert not torch.distributed.is_initialized()
+
+
 def test_async_scheduling_over_two_ranks(tiny_model_dir):
     folder = tiny_model_dir("qwen3")
     assert_same_generation(generate(folder, tensor_parallel_size=2, async_scheduling=True), generate(folder))

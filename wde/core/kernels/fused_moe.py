@@ -100,7 +100,7 @@ def grouped_matmul(a: torch.Tensor, weight: torch.Tensor, blocks: ExpertBlocks, 
     `weight` (expert parallelism: another rank's) are left as they are: zeros when `zeroed`.
     """
     num_experts, n, k = weight.shape
-    assert a.stride(-1) == 1 and weight.is_contiguous()
+    assert a.stride(-1) == 1 and weight.is_contiguous(), "the rows of `a` and all of `weight` must be contiguous"
     out = (torch.zeros if zeroed else torch.empty)(blocks.num_pairs, n, dtype=a.dtype, device=a.device)
     grid = (blocks.block_expert.numel(), triton.cdiv(n, tiles.block_n))
     _grouped_matmul_kernel[grid](
@@ -156,6 +156,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
     own after the last expert, which no program computes, and their rows of the down matmul stay zero. `tiles`:
     (block_m, MatmulTiles) for both matmuls; default: choose_tiles."""
     tokens, top_k = ids.shape
+    if tokens == 0:
+        return x.new_zeros(0, w2.shape[1])
     num_experts = w13.shape[0]
     block_m, tiles = tiles or choose_tiles(w13, tokens, top_k)
     blocks = sort_by_expert(ids, num_experts + remote_choices, block_m)

@@ -24,7 +24,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def _load_weight(self, param: nn.Parameter, loaded) -> None:
         present = max(0, min(self.rows, self.vocab_size - self.first))  # the last slice may be partly padding
-        default_weight_loader(param.data[:present], narrow(loaded, 0, self.first, present))
+        default_weight_loader(param.data[:present], narrow(loaded, 0, self.first, present, self.vocab_size))
         param.data[present:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

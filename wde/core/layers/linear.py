@@ -71,8 +71,13 @@ def materialize(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
 
-def narrow(loaded, dim: int, start: int, length: int) -> torch.Tensor:
-    """Rows (dim 0) or columns (dim 1) start:start+length of a checkpoint tensor, reading no more than those."""
+def narrow(loaded, dim: int, start: int, length: int, full: int) -> torch.Tensor:
+    """Rows (dim 0) or columns (dim 1) start:start+length of a checkpoint tensor, reading no more than those;
+    ValueError unless the tensor has `full` of them (the model's size, of which this rank keeps a slice: a
+    tensor too large would otherwise load cut to size, and one too small fail as an out-of-range slice)."""
+    shape = tuple(loaded.shape if isinstance(loaded, torch.Tensor) else loaded.get_shape())
+    if len(shape) <= dim or shape[dim] != full:
+        raise ValueError(f"checkpoint tensor has shape {shape}, the model takes {full} along dimension {dim}")
     if isinstance(loaded, torch.Tensor):
         return loaded.narrow(dim, start, length)
     return loaded[start:start + length] if dim == 0 else loaded[:, start:start + length]
@@ -105,6 +110,7 @@ class MergedColumnParallelLinear(Linear):
     """
 
     def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool = False):
+        self.output_sizes = output_sizes
         self.shards = {name: self.shard_of(name, size) for name, size in output_sizes.items()}
         super().__init__(input_size, sum(length for _, length in self.shards.values()), bias)
         for param in self.parameters():
@@ -121,7 +127,8 @@ class MergedColumnParallelLinear(Linear):
         offset = 0
         for name, (start, length) in self.shards.items():
             if name == shard_id:
-                default_weight_loader(param.data.narrow(0, offset, length), narrow(loaded, 0, start, length))
+                default_weight_loader(param.data.narrow(0, offset, length),
+                                      narrow(loaded, 0, start, length, self.output_sizes[name]))
                 return
             offset += length
 
@@ -176,12 +183,12 @@ class RowParallelLinear(Linear):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  input_shard: tuple[int, int] | None = None):
-        self.input_shard = input_shard or shard_range(input_size)
+        self.input_size, self.input_shard = input_size, input_shard or shard_range(input_size)
         super().__init__(self.input_shard[1], output_size, bias)
         self.weight.weight_loader = self._load_weight
 
     def _load_weight(self, param: nn.Parameter, loaded) -> None:
-        default_weight_loader(param, narrow(loaded, 1, *self.input_shard))
+        default_weight_loader(param, narrow(loaded, 1, *self.input_shard, self.input_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = all_reduce(linear(x, self.weight))

@@ -74,7 +74,10 @@ class FusedMoE(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: Routing):
         super().__init__()
-        self.routing = routing
+        if not 0 < routing.top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={routing.top_k}: a token takes 1 to {num_experts} experts "
+                             f"(the number of experts)")
+        self.routing, self.intermediate_size = routing, intermediate_size
         self.expert_parallel = get_expert_parallel()
         if self.expert_parallel:  # at least one expert a rank: checked before the ranks start (check_can_split)
             (self.first_expert, experts), (self.shard_start, local) = shard_range(num_experts), (0, intermediate_size)
@@ -94,12 +97,12 @@ class FusedMoE(nn.Module):
         expert, part = shard[0] - self.first_expert, shard[1]
         if not 0 <= expert < param.shape[0]:
             return  # another rank's expert
-        local = self.w2.shape[2]
+        local, full = self.w2.shape[2], self.intermediate_size
         if part == "down":
-            default_weight_loader(param.data[expert], narrow(loaded, 1, self.shard_start, local))
+            default_weight_loader(param.data[expert], narrow(loaded, 1, self.shard_start, local, full))
         else:
             rows = param.data[expert].narrow(0, 0 if part == "gate" else local, local)
-            default_weight_loader(rows, narrow(loaded, 0, self.shard_start, local))
+            default_weight_loader(rows, narrow(loaded, 0, self.shard_start, local, full))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = route(router_logits, self.routing)

@@ -153,8 +153,9 @@ def write_config(path: str, folder: Path) -> None:
     key_length = reader.fields.get(f"{architecture}.attention.key_length")
     if key_length is not None:
         config.head_dim = int(key_length.contents())
-    config = with_experts(config, {key: field.contents() for key, field in reader.fields.items()
-                                   if key.startswith(f"{architecture}.expert")}, architecture)
+    fields = {key: field.contents() for key, field in reader.fields.items() if key.startswith(f"{architecture}.expert")}
+    shared = next((int(t.data.shape[0]) for t in reader.tensors if t.name.endswith(".ffn_gate_shexp.weight")), 0)
+    config = with_experts(config, fields, architecture, shared)
     table = []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
@@ -166,14 +167,18 @@ def write_config(path: str, folder: Path) -> None:
     config.save_pretrained(folder)
 
 
-def with_experts(config: transformers.PretrainedConfig, fields: dict, architecture: str
+def with_experts(config: transformers.PretrainedConfig, fields: dict, architecture: str, shared_rows: int
                  ) -> transformers.PretrainedConfig:
-    """What transformers leaves out of a mixture of experts' config: the experts' own sizes, whether the top-k
-    weights are renormalized (llama.cpp's default for the architecture unless the file says), and for a Mixtral
-    file (llama.cpp's "llama" architecture with experts) the Mixtral config itself."""
+    """What transformers leaves out of a mixture of experts' config: the experts' own sizes (the shared
+    expert's, `shared_rows`, from its tensor when no key gives it), whether the top-k weights are renormalized
+    (llama.cpp's default for the architecture unless the file says), and for a Mixtral file (llama.cpp's
+    "llama" architecture with experts) the Mixtral config itself."""
     field = lambda name, default=None: fields.get(f"{architecture}.{name}", default)  # noqa: E731
     if field("expert_count", 0) == 0:
         return config
+    if not field("expert_used_count"):
+        raise ValueError(f"a mixture of {field('expert_count')} experts whose {architecture}.expert_used_count "
+                         f"(the experts a token takes) is {field('expert_used_count', 'missing')}")
     if architecture == "llama":
         config = transformers.MixtralConfig(**{**config.to_dict(), "model_type": "mixtral"},
                                             num_local_experts=int(field("expert_count")),
@@ -182,7 +187,7 @@ def with_experts(config: transformers.PretrainedConfig, fields: dict, architectu
         config.moe_intermediate_size = int(field("expert_feed_forward_length", config.moe_intermediate_size))
         config.norm_topk_prob = bool(field("expert_weights_norm", architecture == "qwen3moe"))
         if architecture == "qwen2moe":
-            config.shared_expert_intermediate_size = int(field("expert_shared_feed_forward_length", 0))
+            config.shared_expert_intermediate_size = int(field("expert_shared_feed_forward_length", shared_rows))
     return config
 
 

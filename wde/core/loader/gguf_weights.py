@@ -80,6 +80,8 @@ def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, 
             weight = unpermute_rows(weight, permuted[proj])
         # unquantized tensors come back as read-only views of the memory-mapped file: copy those only
         weight = torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        if name.endswith("shared_expert_gate.weight") and weight.dim() == 1:  # quantized files keep it 1-D
+            weight = weight[None]
         if "{}" in name:  # a stack of experts: one tensor each, as the model's loader takes them
             yield from ((name.format(expert), expert_weight) for expert, expert_weight in enumerate(weight))
         else:

@@ -94,7 +94,8 @@ def load_params(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot load checkpoint tensor {name!r} into {target!r}: {e}") from e
         loaded.setdefault(target, set()).add(shard)
-    missing = [name for name, param in params.items()
-               if name not in loaded or set(getattr(param, "shard_ids", (None,))) - loaded[name]]
-    if missing:
+    missing = {name: sorted(set(getattr(param, "shard_ids", (None,))) - loaded.get(name, set()), key=repr)
+               for name, param in params.items()}
+    missing = [name if parts == [None] else f"{name} {parts[:3]}" for name, parts in missing.items() if parts]
+    if missing:  # a merged parameter names its parts not loaded: q/k/v, (expert, part)
         raise ValueError(f"the checkpoint lacks weights for {len(missing)} parameters, e.g. {missing[:5]}")

@@ -184,10 +184,15 @@ class MultiprocExecutor(interfaces.Executor):
         try:
             self.worker = build_rank_worker(rank_config, components)
             self.num_kv_blocks = agree_on_kv_blocks(self.worker)
-        except BaseException:  # a rank 0 that cannot build its worker leaves no group or processes behind
+        except BaseException as e:  # a rank 0 that cannot build its worker leaves no group or processes behind
+            # a rank that failed first (its share of the weights would not load) broke rank 0's collective:
+            # its error is the one to report
+            error = self.workers.first_error() if self.workers else None
             if self.workers:
                 self.workers.close(timeout_s=0.0)
             destroy_tensor_parallel()
+            if error:
+                raise ExecutorDeadError(error) from e
             raise
         self.broadcaster = TensorBroadcaster()
         self.dead: str | None = None

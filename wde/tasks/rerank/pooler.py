@@ -37,8 +37,9 @@ class YesNoPooler(interfaces.Pooler):
         super().__init__(config, model)
         self.model = model
         ids = [tokenizer.encode(word, add_special_tokens=False) for word in self.tokens]
-        if any(len(token_ids) != 1 for token_ids in ids):
-            raise ValueError(f"the reranker's words {self.tokens} must each be one token; they are {ids}")
+        if any(len(token_ids) != 1 for token_ids in ids) or ids[0] == ids[1]:  # both <unk>: scores all 0.5
+            raise ValueError(f"the reranker's words {self.tokens} must be one token each, and two tokens; "
+                             f"they are {ids}")
         self.token_ids = [token_ids[0] for token_ids in ids]
 
     def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor:
