@@ -7,7 +7,7 @@ where fused_experts takes it. Each row also gives the default tiles' time, and t
 tokens pick over that time against the device's measured bandwidth.
 
     python -m benchmarks.tune_moe                                   # Qwen3-30B-A3B and Mixtral-8x7B shapes
-    python -m benchmarks.tune_moe --shapes qwen3-30b-a3b --tokens 1 64 256
+    python -m benchmarks.tune_moe --shapes qwen3-30b-a3b --tokens 1 64 256 --stages 3
 """
 import argparse
 import json
@@ -34,20 +34,22 @@ def layer_shape(shape_name: str) -> tuple[int, int, int, int]:
     return experts, config["hidden_size"], intermediate, config["num_experts_per_tok"]
 
 
-def candidates(rows_per_expert: float):
-    """block_m up to twice the rows an expert gets (past that a block is mostly padding), with every block_n,
-    block_k, warps and stages tried."""
+def candidates(rows_per_expert: float, stages: tuple[int, ...]):
+    """block_m up to twice the rows an expert gets (past that a block is mostly padding), with every block_n
+    (narrow ones give a step of few tokens more programs to stream the weights with), block_k, warps and
+    pipeline depth tried."""
     for block_m in (16, 32, 64, 128):
         if block_m > 16 and block_m > 2 * rows_per_expert:
             continue
-        for block_n in (64, 128):
+        for block_n in (32, 64, 128):
             for block_k in (64, 128):
                 for num_warps in (4, 8):
-                    for num_stages in (3, 4):
+                    for num_stages in stages:
                         yield block_m, MatmulTiles(block_n, block_k, num_warps, num_stages)
 
 
-def tune_layer(experts: int, hidden: int, intermediate: int, top_k: int, tokens: int, bandwidth: float) -> dict:
+def tune_layer(experts: int, hidden: int, intermediate: int, top_k: int, tokens: int, bandwidth: float,
+               stages: tuple[int, ...]) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
     w13 = torch.randn(experts, 2 * intermediate, hidden, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -60,7 +62,7 @@ def tune_layer(experts: int, hidden: int, intermediate: int, top_k: int, tokens:
     def seconds(tiles: tuple[int, MatmulTiles]) -> float:
         return time_in_graph(lambda: fused_experts(x, w13, w2, weights, ids, tiles=tiles))
     default = default_tiles(tokens * top_k / experts)
-    timed = [(seconds(tiles), tiles) for tiles in candidates(tokens * top_k / experts)]
+    timed = [(seconds(tiles), tiles) for tiles in candidates(tokens * top_k / experts, stages)]
     best_s, (block_m, tiles) = min(timed, key=lambda pair: pair[0])
     default_s = seconds(default)
     row = {"layer": layer_key(experts, hidden, intermediate, top_k), "tokens": tokens, "experts_touched": touched,
@@ -84,10 +86,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "mixtral-8x7b"])
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    parser.add_argument("--stages", nargs="+", type=int, default=[3, 4], help="software pipeline depths to try")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bandwidth = measure_device().bandwidth_bytes_per_s
-    rows = [tune_layer(*layer_shape(name), tokens, bandwidth) for name in args.shapes for tokens in args.tokens]
+    rows = [tune_layer(*layer_shape(name), tokens, bandwidth, tuple(args.stages)) for name in args.shapes
+            for tokens in args.tokens]
     save(rows)
     path = write_result("tune-moe", "cuda", {"rows": rows}, None, "no peer: the default tiles are the reference",
                         device_bandwidth_tb_s=round(bandwidth / 1e12, 2))
