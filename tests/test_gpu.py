@@ -140,9 +140,9 @@ def assert_agree_but_for_near_ties(ours: list, reference: list) -> None:
 
 
 def test_mixture_of_experts_through_graphs_and_async_steps_agrees_with_eager_steps_and_transformers(tiny_model_dir):
-    """Qwen3-MoE (8 experts, top-2) and Mixtral in bf16 on the fused MoE kernels: decode steps captured in CUDA
-    graphs (the sort by expert is made of fixed-size ops) and launched ahead give the tokens of eager synchronous
-    steps, and both those of transformers, but for near ties."""
+    """Qwen3-MoE (8 experts, top-2) and Mixtral in float32 (TF32 dots) on the fused MoE kernels: decode steps
+    captured in CUDA graphs (the sort by expert is made of fixed-size ops) and launched ahead give the tokens of
+    eager synchronous steps, and both those of transformers, but for near ties."""
     from tests.test_parity_random import random_prompts
     from transformers import AutoModelForCausalLM
     from wde import LLM, SamplingParams
@@ -152,16 +152,18 @@ def test_mixture_of_experts_through_graphs_and_async_steps_agrees_with_eager_ste
         folder = tiny_model_dir(shape)
         outputs = {}
         for name, args in {"graphs": {}, "eager": {"enforce_eager": True, "async_scheduling": False}}.items():
-            llm = LLM(model=folder, dtype="bfloat16", num_kv_blocks=256, max_num_seqs=8, **args)
+            llm = LLM(model=folder, dtype="float32", num_kv_blocks=256, max_num_seqs=8, **args)
             assert (llm.engine.executor.worker.cuda_graphs is None) == (name == "eager")
             outputs[name] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
             llm.close()
         assert_agree_but_for_near_ties(outputs["graphs"], outputs["eager"])
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
         for prompt, ours in zip(prompts, outputs["eager"]):
+            theirs = list(prompt)  # greedy over the whole vocabulary: generate's min_new_tokens would ban EOS
             with torch.no_grad():
-                theirs = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False,
-                                        min_new_tokens=24, pad_token_id=0)[0, len(prompt):].tolist()
+                for _ in range(24):
+                    theirs.append(int(model(torch.tensor([theirs], device="cuda")).logits[0, -1].argmax()))
+            theirs = theirs[len(prompt):]
             first = next((i for i, (a, b) in enumerate(zip(ours.token_ids, theirs)) if a != b), None)
             if first is not None:
                 top_two = sorted((lp.logprob for lp in ours.logprobs[first].values()), reverse=True)[:2]
