@@ -590,7 +590,9 @@ def test_structured_outputs_through_the_openai_client(client):
     ({"response_format": {"type": "json_schema"}}, "takes a json_schema"),
     ({"guided_json": '{"type": "object", "properties": 3}'}, "structured_outputs.json could not be compiled"),
     ({"guided_regex": ""}, "guided_regex: String should have at least 1 character"),
-    ({"guided_json": {"type": "array", "uniqueItems": True}}, "cannot hold the output to, at /: uniqueItems")])
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "cannot hold the output to, at /: uniqueItems"),
+    ({"guided_json": "5"}, "structured_outputs.json must be a JSON schema, an object; it is 5"),
+    ({"structured_outputs": {"json": "null"}}, "must be a JSON schema, an object; it is null")])
 def test_a_bad_constraint_is_a_400_naming_it(client, extra, message):
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
@@ -623,6 +625,37 @@ def test_a_forced_tool_call_comes_back_as_tool_calls_that_validate(client, strea
         name, arguments = call.function.name, call.function.arguments
     assert name == "get_weather"
     jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_call_cut_by_a_stop_string_is_content_not_a_500(client, stream):
+    answer = client.chat.completions.create(model="smollm2", messages=WEATHER_QUESTION, tools=[WEATHER_TOOL],
+                                            tool_choice="required", temperature=0, max_tokens=60, stop=[","],
+                                            stream=stream)
+    if stream:
+        chunks = list(answer)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert not any(chunk.choices[0].delta.tool_calls for chunk in chunks)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks).lstrip().startswith("[")
+    else:
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop" and not choice.message.tool_calls
+        assert choice.message.content.lstrip().startswith("[")  # the calls' JSON, up to the stop string
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_each_streamed_completion_of_n_finishes_once(client, tools):
+    """n > 1 streamed: a completion that finished is not sent again with each later step of the others."""
+    # the completions end at different steps: at a stop string, or at the end of their calls
+    extra = {"tools": [WEATHER_TOOL], "tool_choice": "required"} if tools else {"stop": ["e"]}
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=WEATHER_QUESTION, n=3, temperature=1.2, seed=3, max_tokens=40, stream=True,
+        **extra))
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+    if tools:
+        calls = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(calls) == len(set(calls))
 
 
 def test_tool_choice_required_and_a_conversation_that_carries_the_tools_answer(client):

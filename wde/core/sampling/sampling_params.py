@@ -27,6 +27,14 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = "final_only"  # one RequestOutput, when the request finishes
 
 
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_schema_depth(schema: dict | str) -> None:
     """A JSON schema's objects and arrays nest at most MAX_SCHEMA_DEPTH deep (walked without recursion: what a
     client nests 5,000 deep must not reach Python's recursion limit)."""
@@ -37,6 +45,8 @@ def check_schema_depth(schema: dict | str) -> None:
             raise ValueError(f"structured_outputs.json nests more than {MAX_SCHEMA_DEPTH} deep") from None
         except ValueError as e:
             raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"structured_outputs.json must be a JSON schema, an object; it is {json.dumps(schema)[:80]}")
     level = [schema]
     for depth in range(MAX_SCHEMA_DEPTH + 1):
         level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
@@ -67,6 +77,9 @@ class StructuredOutputsParams(BaseModel):
         if len(given) != 1:
             raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
                              f"got {', '.join(given) or 'none'}")
+        for index, text in enumerate(self.choice or []):
+            if not text.isascii() and not is_utf8(text):
+                raise ValueError(f"structured_outputs.choice[{index}] is not unicode text (a lone surrogate)")
         if self.choice is not None and len(self.choice) > MAX_CHOICES:
             raise ValueError(f"structured_outputs.choice has {len(self.choice)} strings; at most {MAX_CHOICES}")
         schema = self.json_schema

@@ -322,7 +322,8 @@ class Server:
             message["reasoning_content"] = reasoning
         if not calls:
             return message, finish_reason
-        return {**message, "tool_calls": calls}, "tool_calls"
+        # calls read out of an answer cut by max_tokens: the answer still says it was cut
+        return {**message, "tool_calls": calls}, "tool_calls" if finish_reason == "stop" else finish_reason
 
     async def _stream_chat(self, engine, submitted, head, body, prompt_tokens) -> AsyncIterator[dict]:
         head = {**head, "object": "chat.completion.chunk"}

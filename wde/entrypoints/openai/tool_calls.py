@@ -42,9 +42,17 @@ def openai_call(name: str, arguments: object) -> dict:
 
 
 def forced_calls(text: str) -> list[dict]:
-    """The calls of an answer held to forced_schema(): the constraint makes it parse."""
-    value = json.loads(text)
-    return [openai_call(call["name"], call["arguments"]) for call in (value if isinstance(value, list) else [value])]
+    """The calls of an answer held to forced_schema(), which the constraint makes parse once complete; none when
+    the answer ended before (a stop string of the client's cut it) or the schema allows nothing at all."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    calls = value if isinstance(value, list) else [value]
+    if not all(isinstance(call, dict) and isinstance(call.get("name"), str) and "arguments" in call
+               for call in calls):
+        return []
+    return [openai_call(call["name"], call["arguments"]) for call in calls]
 
 
 def _json_call(text: str, arguments_key: str) -> dict | None:

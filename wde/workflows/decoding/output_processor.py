@@ -121,7 +121,8 @@ def request_output(group: SequenceGroup) -> RequestOutput | None:
     first = group.sequences[0]
     # prompt logprobs go out once: with the first output (for deltas) or with every output (otherwise)
     prompt_logprobs = None if delta and first.num_emitted_tokens > 0 else first.prompt_logprobs
-    completions = [completion_output(seq, delta) for seq in group.sequences]
+    # streamed, a completion that finished in an earlier output is not sent again (n > 1: the others go on)
+    completions = [completion_output(seq, delta) for seq in group.sequences if not (delta and seq.finish_emitted)]
     return RequestOutput(group.request.request_id, group.request.prompt, group.prompt_token_ids, completions,
                          finished, None, False, prompt_logprobs, group.num_cached_tokens)
 
@@ -133,6 +134,6 @@ def completion_output(seq: Sequence, delta: bool) -> CompletionOutput:
     num_tokens = len(seq.token_ids) - seq.num_prompt_tokens
     token_ids = seq.token_ids[seq.num_prompt_tokens + first_token:]
     logprobs = seq.logprobs[first_token:] if seq.logprobs is not None else None
-    seq.num_emitted_tokens, seq.num_emitted_chars = num_tokens, visible
+    seq.num_emitted_tokens, seq.num_emitted_chars, seq.finish_emitted = num_tokens, visible, seq.is_finished
     return CompletionOutput(seq.index, seq.text[first_char:visible], token_ids, seq.cumulative_logprob, logprobs,
                             seq.finish_reason, seq.stop_reason)

@@ -72,8 +72,8 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
         if isinstance(entry, Request):
             if entry in self.new_requests:  # (not when it failed while being tokenized)
                 self.new_requests.remove(entry)
-            if entry.grammar is not None:
-                entry.grammar.cancel()  # a compilation not yet begun never runs (one begun cannot be stopped)
+            # its grammar's compilation is left to run: the compiled grammars are shared by every request with
+            # the same constraint, and cancelling it would fail the others
             return True
         for seq in entry.sequences:
             if seq.status is SequenceStatus.WAITING:

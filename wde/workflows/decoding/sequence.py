@@ -66,6 +66,7 @@ class Sequence:
     # how much of the output the last RequestOutput carried (for delta outputs)
     num_emitted_tokens: int = 0
     num_emitted_chars: int = 0
+    finish_emitted: bool = False  # its finish went out in an output (a stream leaves it out of later ones)
 
     @property
     def request(self) -> Request:

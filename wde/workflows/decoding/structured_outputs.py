@@ -42,6 +42,47 @@ UNENFORCED_KEYWORDS = frozenset({
     "multipleOf", "unevaluatedProperties", "unevaluatedItems"})
 NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
 DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "description", "title"})  # values, not schemas
+# what may stand beside enum / const: xgrammar writes one of the values and checks nothing else of the schema
+BESIDE_VALUES = frozenset({"enum", "const", "type", "default", "examples", "description", "title", "$comment"})
+JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
+              "array": (list,), "object": (dict,)}
+LOOKAROUND = re.compile(r"\(\?<?[=!]")
+
+
+def of_type(value, types) -> bool:
+    """Whether a JSON value is of one of the schema `type`s (a bool is no integer or number in JSON)."""
+    names = types if isinstance(types, list) else [types]
+    return any(isinstance(value, JSON_TYPES.get(name, ())) and not (isinstance(value, bool) and name != "boolean")
+               for name in names)
+
+
+def unenforced_combination(node: dict) -> str | None:
+    """Keywords xgrammar takes but would not hold the output to in this combination, or None: an empty anyOf /
+    oneOf (it writes nothing), required names that properties does not define, enum / const beside other
+    constraints or of another type, a pattern with lengths or lookaround."""
+    for key in ("anyOf", "oneOf"):
+        if node.get(key) == []:
+            return f"{key} with no schemas"
+    required, properties = node.get("required"), node.get("properties")
+    if isinstance(required, list):
+        undefined = [name for name in required if not (isinstance(properties, dict) and name in properties)]
+        if undefined:
+            return f"required names {undefined[:3]}, which properties does not define"
+    if "enum" in node or "const" in node:
+        values = (node["enum"] if isinstance(node.get("enum"), list) else []) + (
+            [node["const"]] if "const" in node else [])
+        beside = sorted(set(node) - BESIDE_VALUES)
+        if beside or ("enum" in node and "const" in node):
+            return f"enum / const beside {beside or ['each other']}"
+        if "type" in node and not all(of_type(value, node["type"]) for value in values):
+            return f"enum / const values that are not of type {node['type']}"
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        if "minLength" in node or "maxLength" in node:
+            return "pattern beside minLength / maxLength"
+        if LOOKAROUND.search(pattern):
+            return "pattern with lookaround ((?=, (?!, (?<=, (?<!)"
+    return None
 
 
 def unenforced_keyword(schema) -> str | None:
@@ -55,6 +96,9 @@ def unenforced_keyword(schema) -> str | None:
             continue
         if not isinstance(node, dict):
             continue
+        combination = unenforced_combination(node)
+        if combination is not None:
+            return f"{path or '/'}: {combination}"
         for key, value in node.items():
             if key in UNENFORCED_KEYWORDS:
                 return f"{path or '/'}: {key}"
