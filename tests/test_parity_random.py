@@ -14,7 +14,8 @@ NUM_TOKENS = 32
 VARIANTS = [("qwen3", {}), ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("llama", {}),
             ("qwen3", {"attention_bias": True, "tie_word_embeddings": False}), ("qwen3_moe", {}),
             ("qwen3_moe", {"num_experts_per_tok": 8, "norm_topk_prob": False, "mlp_only_layers": []}),
-            ("qwen2_moe", {}), ("qwen2_moe", {"shared_expert_intermediate_size": 0}), ("mixtral", {})]
+            ("qwen2_moe", {}), ("qwen2_moe", {"shared_expert_intermediate_size": 0}), ("mixtral", {}),
+            ("mistral", {}), ("mistral", {"sliding_window": None})]
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:

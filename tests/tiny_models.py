@@ -7,8 +7,8 @@ engine loads it exactly as it loads a real Hugging Face model.
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
-                          Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig,
+                          Qwen3Config, Qwen3MoeConfig)
 
 from wde.core.loader.dummy_model import write_word_level_tokenizer
 
@@ -41,6 +41,11 @@ SHAPES = {
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, tie_word_embeddings=False, rope_theta=1000000.0,
                                      rms_norm_eps=1e-5),
+    # a window of 4,096 (its config's default) over sequences of at most 1,024: attention over all of them
+    "mistral": lambda: MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                                     sliding_window=4096),
     "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                                  rope_theta=500000.0, rms_norm_eps=1e-5,

@@ -75,6 +75,15 @@ class LlamaModel(nn.Module):
         return self.norm(hidden, residual)[0]
 
 
+def check_window_covers_every_sequence(model_config: ModelConfig) -> None:
+    """Mistral's and Mixtral's configs may set one attention window for every layer; until windows are in the
+    kernels, only one that covers every sequence the engine admits (max_model_len) is taken."""
+    window = getattr(model_config.hf_config, "sliding_window", None)
+    if window is not None and window < model_config.max_model_len:
+        raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported; a "
+                         f"max_model_len <= {window} makes the window cover every sequence")
+
+
 class LlamaForCausalLM(nn.Module):
     supports_tensor_parallel = True
     pooling = "last"  # as an embedder (gte-Qwen2, Qwen3-Embedding): the last token sees the whole input

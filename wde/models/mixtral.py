@@ -8,15 +8,12 @@ from transformers import PretrainedConfig
 
 from wde.core.config import ModelConfig
 from wde.core.layers.moe import Routing, SparseMoeBlock
-from wde.models.llama import LlamaForCausalLM
+from wde.models.llama import LlamaForCausalLM, check_window_covers_every_sequence
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
     def __init__(self, model_config: ModelConfig):
-        window = getattr(model_config.hf_config, "sliding_window", None)
-        if window is not None and window < model_config.max_model_len:
-            raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported; a "
-                             f"max_model_len <= {window} makes the window cover every sequence")
+        check_window_covers_every_sequence(model_config)
         super().__init__(model_config)
 
     @staticmethod
