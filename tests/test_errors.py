@@ -244,3 +244,10 @@ def test_a_window_shorter_than_the_longest_sequence_is_refused_and_one_that_cove
     with pytest.raises(ValueError, match=r"sliding_window=256\) is not supported; a max_model_len <= 256"):
         LLMEngine.from_engine_args(model=folder, num_kv_blocks=8)
     LLMEngine.from_engine_args(model=folder, num_kv_blocks=8, max_model_len=256)
+
+
+def test_longrope_past_its_original_context_is_refused_and_within_it_taken(tiny_model_dir):
+    folder = tiny_model_dir("phi3", max_position_embeddings=2048)  # LongRoPE's original context: 1,024
+    with pytest.raises(ValueError, match=r"LongRoPE past the original context \(1024 tokens\)"):
+        LLMEngine.from_engine_args(model=folder, num_kv_blocks=8)
+    LLMEngine.from_engine_args(model=folder, num_kv_blocks=8, max_model_len=1024)

@@ -37,6 +37,7 @@ _MODELS: dict[str, dict[str, ModelEntry]] = {
     "Qwen2MoeForCausalLM": _decoder("wde.models.qwen2_moe:Qwen2MoeForCausalLM"),
     "MixtralForCausalLM": _decoder("wde.models.mixtral:MixtralForCausalLM"),
     "MistralForCausalLM": _decoder("wde.models.mistral:MistralForCausalLM"),
+    "Phi3ForCausalLM": _decoder("wde.models.phi3:Phi3ForCausalLM"),
     # decoders saved without their LM head (gte-Qwen2, Qwen3-Embedding): last-token embedders
     "Qwen2Model": {"embed": ModelEntry("wde.models.qwen2:Qwen2ForCausalLM", DECODER_EMBED)},
     "Qwen3Model": {"embed": ModelEntry("wde.models.qwen3:Qwen3ForCausalLM", DECODER_EMBED)},
