@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from transformers import AutoConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from wde.core.loader.gguf_weights import _EXPERT_STACKS, _GLOBAL_NAMES, _LAYER_NAMES
+from wde.core.loader.gguf_weights import _EXPERT_STACKS, _GLOBAL_NAMES, _LAYER_NAMES, LAYER_NAMES_BY_TYPE
 
 # llama.cpp's architecture names: Mixtral's files are its "llama" with experts
 ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
@@ -24,8 +24,8 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def gguf_name(hf_name: str) -> str:
-    to_gguf = {hf: g for g, hf in {**_LAYER_NAMES, **_GLOBAL_NAMES}.items()}
+def gguf_name(hf_name: str, model_type: str) -> str:
+    to_gguf = {hf: g for g, hf in {**LAYER_NAMES_BY_TYPE.get(model_type, _LAYER_NAMES), **_GLOBAL_NAMES}.items()}
     parts = hf_name.replace(".block_sparse_moe.", ".mlp.").split(".")
     if parts[:2] == ["model", "layers"]:
         return f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:-1])]}.{parts[-1]}"
@@ -65,6 +65,10 @@ def export_gguf(folder: Path, out: Path) -> Path:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     rope = AutoConfig.from_pretrained(folder).rope_parameters
+    if rope.get("rope_type") == "longrope":  # llama.cpp keeps Phi-3's factors as two tensors
+        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+        for kind in ("long", "short"):
+            writer.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], dtype=np.float32))
     if rope.get("rope_type") == "llama3":  # llama.cpp keeps the scaled frequencies as divisors of the plain ones
         plain = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(folder), "cpu")
@@ -78,7 +82,7 @@ def export_gguf(folder: Path, out: Path) -> Path:
             layer, index, part = expert.groups()
             experts.setdefault((layer, MIXTRAL_PARTS.get(part, part)), {})[int(index)] = tensor
             continue
-        writer.add_tensor(gguf_name(name), np.ascontiguousarray(tensor, dtype=np.float32))
+        writer.add_tensor(gguf_name(name, config["model_type"]), np.ascontiguousarray(tensor, dtype=np.float32))
     stack_names = {part: name for name, part in _EXPERT_STACKS.items()}
     for (layer, part), by_index in experts.items():
         stacked = np.stack([by_index[i] for i in range(len(by_index))])

@@ -156,6 +156,10 @@ def write_config(path: str, folder: Path) -> None:
     fields = {key: field.contents() for key, field in reader.fields.items() if key.startswith(f"{architecture}.expert")}
     shared = next((int(t.data.shape[0]) for t in reader.tensors if t.name.endswith(".ffn_gate_shexp.weight")), 0)
     config = with_experts(config, fields, architecture, shared)
+    window = reader.fields.get(f"{architecture}.attention.sliding_window")
+    if window is not None:
+        config.sliding_window = int(window.contents())
+    with_longrope(config, reader, architecture)
     table = []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
@@ -189,6 +193,26 @@ def with_experts(config: transformers.PretrainedConfig, fields: dict, architectu
         if architecture == "qwen2moe":
             config.shared_expert_intermediate_size = int(field("expert_shared_feed_forward_length", shared_rows))
     return config
+
+
+def with_longrope(config: transformers.PretrainedConfig, reader: "gguf.GGUFReader", architecture: str) -> None:
+    """Phi-3's LongRoPE, which llama.cpp keeps as two tensors of factors (short and long) and the original
+    context length: into the config's rope_parameters, as transformers reads them."""
+    factors = {t.name: [float(x) for x in t.data] for t in reader.tensors
+               if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if not factors:
+        return
+    original = reader.fields.get(f"{architecture}.rope.scaling.original_context_length")
+    if original is None or len(factors) != 2:
+        raise ValueError("LongRoPE factors without both tensors and rope.scaling.original_context_length")
+    config.original_max_position_embeddings = int(original.contents())
+    config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "longrope",
+                              "long_factor": factors["rope_factors_long.weight"],
+                              "short_factor": factors["rope_factors_short.weight"],
+                              "original_max_position_embeddings": config.original_max_position_embeddings}
+    attention_factor = reader.fields.get(f"{architecture}.rope.scaling.attn_factor")
+    if attention_factor is not None:
+        config.rope_parameters["attention_factor"] = float(attention_factor.contents())
 
 
 def write_tokenizer(path: str, folder: Path) -> None:

@@ -29,20 +29,26 @@ _LAYER_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Phi-3 keeps q/k/v in one tensor and gate/up in another, as Hugging Face's checkpoints do
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+LAYER_NAMES_BY_TYPE = {"phi3": _PHI3_LAYER_NAMES}
+# tensors that hold RoPE scaling, read into the config (gguf_cache.write_config)
+ROPE_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
 # llama.cpp stacks the experts of a layer in one tensor, [experts, rows, columns]: Hugging Face's tensors per expert
 _EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, model_type: str) -> str:
     """Hugging Face's name of a tensor ("model.layers.N.mlp.experts.{}.gate_proj.weight" for a stack of experts:
     expert e's is its .format(e))."""
     match = _LAYER_TENSOR.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
-        if part in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        names = LAYER_NAMES_BY_TYPE.get(model_type, _LAYER_NAMES)
+        if part in names:
+            return f"model.layers.{layer}.{names[part]}.{kind}"
         if part in _EXPERT_STACKS:
             return f"model.layers.{layer}.mlp.experts.{{}}.{_EXPERT_STACKS[part]}.{kind}"
     else:
@@ -70,9 +76,9 @@ def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, 
     # llama.cpp permutes q/k only for its "llama" architecture, which Mixtral's files are
     is_llama = hf_config.model_type in ("llama", "mixtral")
     for tensor in table:
-        if tensor.name == "rope_freqs.weight":  # RoPE scaling, read into the config (see gguf_cache)
+        if tensor.name in ROPE_TENSORS:  # RoPE scaling, read into the config (see gguf_cache)
             continue
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, hf_config.model_type)
         weight = dequantize(gguf_cache.tensor_data(file, tensor), GGMLQuantizationType(tensor.ggml_type))
         weight = weight.reshape(tensor.shape)
         proj = name.split(".")[-2]
