@@ -64,6 +64,8 @@ def export_gguf(folder: Path, out: Path) -> Path:
                               config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
     rope = AutoConfig.from_pretrained(folder).rope_parameters
     if rope.get("rope_type") == "longrope":  # llama.cpp keeps Phi-3's factors as two tensors
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])

@@ -82,6 +82,17 @@ def test_gguf_experts_keys_missing_are_named_or_read_from_the_tensors(tiny_model
         generate(str(gguf_file), tokenizer=folder)
 
 
+def test_a_gguf_window_reaches_the_config(tiny_model_dir, tmp_path):
+    """attention.sliding_window, which transformers does not read from the file: a window shorter than
+    max_model_len is refused as from an HF folder, and one that covers it taken."""
+    folder = tiny_model_dir("phi3", sliding_window=256)
+    gguf_file = export_gguf(Path(folder), tmp_path / "windowed.gguf")
+    with pytest.raises(ValueError, match=r"sliding_window=256\) is not supported"):
+        generate(str(gguf_file), tokenizer=folder)
+    assert [c.token_ids for c in generate(str(gguf_file), tokenizer=folder, max_model_len=256)] == [
+        c.token_ids for c in generate(folder, max_model_len=256)]
+
+
 def test_a_gguf_file_is_parsed_once_and_a_changed_file_again(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WDE_CACHE_DIR", str(tmp_path / "cache"))
     folder = tiny_model_dir("qwen3")
