@@ -5,6 +5,7 @@ from typing import Iterable, Iterator
 import torch
 
 from wde.core.config import ModelConfig
+from wde.core.layers.linear import materialize
 from wde.models.llama import LlamaForCausalLM, check_window_covers_every_sequence
 
 
@@ -32,13 +33,11 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         """The fused tensors as the parts the merged layers load: q / k / v rows, then gate / up halves."""
         for name, tensor in weights:
             if name.endswith(".qkv_proj.weight"):
-                tensor = tensor if isinstance(tensor, torch.Tensor) else tensor[:]
-                q, k, v = tensor.split([self.q_size, self.kv_size, self.kv_size])
+                q, k, v = materialize(tensor).split([self.q_size, self.kv_size, self.kv_size])
                 yield from ((name.replace("qkv_proj", part), t) for part, t in
                             (("q_proj", q), ("k_proj", k), ("v_proj", v)))
             elif name.endswith(".gate_up_proj.weight"):
-                tensor = tensor if isinstance(tensor, torch.Tensor) else tensor[:]
-                gate, up = tensor.chunk(2)
+                gate, up = materialize(tensor).chunk(2)
                 yield name.replace("gate_up_proj", "gate_proj"), gate
                 yield name.replace("gate_up_proj", "up_proj"), up
             else:
