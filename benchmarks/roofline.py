@@ -77,13 +77,21 @@ class ModelSizes:
         return self.layer_params + self.head_params + (touched - self.top_k) * self.expert_params
 
 
+def expert_layer(config: dict) -> tuple[int, int, int, int]:
+    """(experts, hidden, one expert's intermediate size, top_k) of a Qwen3-MoE / Qwen2-MoE / Mixtral shape;
+    experts 0 for a dense one."""
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    intermediate = config.get("moe_intermediate_size") or config["intermediate_size"]
+    return experts, config["hidden_size"], intermediate, config.get("num_experts_per_tok", 0)
+
+
 def expert_sizes(config: dict, hidden: int, attention: int) -> ModelSizes | None:
     """Qwen3-MoE / Qwen2-MoE / Mixtral: (layer params with top_k experts, one expert over the sparse layers)."""
-    experts = config.get("num_experts") or config.get("num_local_experts")
+    experts, _, intermediate, top_k = expert_layer(config)
     if not experts:
         return None
-    layers, top_k = config["num_hidden_layers"], config["num_experts_per_tok"]
-    expert = 3 * hidden * (config.get("moe_intermediate_size") or config["intermediate_size"])
+    layers = config["num_hidden_layers"]
+    expert = 3 * hidden * intermediate
     shared = config.get("shared_expert_intermediate_size") or 0
     sparse = [i for i in range(layers) if i not in config.get("mlp_only_layers", [])
               and (i + 1) % config.get("decoder_sparse_step", 1) == 0]

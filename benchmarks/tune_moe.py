@@ -17,21 +17,13 @@ import torch
 
 from benchmarks.model_folder import shape
 from benchmarks.results_io import write_result
-from benchmarks.roofline import measure_device
+from benchmarks.roofline import expert_layer, measure_device
 from wde.core.kernels.fused_moe import TUNED_TILES, MatmulTiles, default_tiles, fused_experts, layer_key
 from wde.core.layers.linear import time_in_graph
 from wde.core.layers.moe import Routing, route
 
 logger = logging.getLogger("benchmarks")
 TOKENS = (1, 16, 64, 256, 1024, 4096)
-
-
-def layer_shape(shape_name: str) -> tuple[int, int, int, int]:
-    """(experts, hidden, expert intermediate, top_k) of a mixture-of-experts shape."""
-    config = shape(shape_name)
-    experts = config.get("num_experts") or config.get("num_local_experts")
-    intermediate = config.get("moe_intermediate_size") or config["intermediate_size"]
-    return experts, config["hidden_size"], intermediate, config["num_experts_per_tok"]
 
 
 def candidates(rows_per_expert: float, stages: tuple[int, ...]):
@@ -90,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bandwidth = measure_device().bandwidth_bytes_per_s
-    rows = [tune_layer(*layer_shape(name), tokens, bandwidth, tuple(args.stages)) for name in args.shapes
+    rows = [tune_layer(*expert_layer(shape(name)), tokens, bandwidth, tuple(args.stages)) for name in args.shapes
             for tokens in args.tokens]
     save(rows)
     path = write_result("tune-moe", "cuda", {"rows": rows}, None, "no peer: the default tiles are the reference",
