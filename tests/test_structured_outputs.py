@@ -89,6 +89,33 @@ def test_every_completion_and_async_steps_follow_the_constraint():
         assert_all_blocks_free(llm.engine)
 
 
+def test_a_constrained_step_launches_before_the_last_outputs_and_masks_after_them(monkeypatch):
+    """Async scheduling: step k+1 is launched while step k runs; k's tokens reach the matchers (k's outputs),
+    then k+1's masks are filled and its sampling is queued; a step never waits for the one before."""
+    from wde.workflows.decoding.structured_outputs import XGrammarMask
+    llm = LLM(num_kv_blocks=96, max_num_seqs=8, async_scheduling=True)
+    stepper, events = llm.engine.stepper, []
+
+    def logged(name, call):
+        return lambda *args: events.append(name) or call(*args)
+    monkeypatch.setattr(stepper.executor, "launch", logged("launch", stepper.executor.launch))
+    monkeypatch.setattr(stepper, "output_processor", logged("outputs", stepper.output_processor))
+    monkeypatch.setattr(XGrammarMask, "apply", lambda mask, logits, apply=XGrammarMask.apply:
+                        events.append("mask") or apply(mask, logits))
+    spec = {"json": SCHEMAS["bounded numbers"]}
+    overlapped = llm.generate(["A JSON object:"] * 3, constrained(40, **spec), use_tqdm=False)
+    steps = events.count("launch")
+    assert steps >= 10 and events[:2] == ["launch", "mask"]  # nothing in flight: the first step samples at once
+    # from then on, every step: launched, the outputs of the one before, then its masks
+    assert "".join(name[0] for name in events[2:]).startswith("lom" * (steps - 2))
+    sync = LLM(num_kv_blocks=96, max_num_seqs=8, async_scheduling=False)
+    expected = sync.generate(["A JSON object:"] * 3, constrained(40, **spec), use_tqdm=False)
+    sync.close()
+    assert [o.outputs[0].token_ids for o in overlapped] == [o.outputs[0].token_ids for o in expected]
+    assert_all_blocks_free(llm.engine)
+    llm.close()
+
+
 def test_greedy_constrained_ids_are_transformers_masked_argmax(llm, hf_smollm2):
     model, tokenizer = hf_smollm2
     schema = SCHEMAS["bounded numbers"]
@@ -224,27 +251,32 @@ def write_byte_level_tokenizer_with_a_split_character(folder: str) -> dict[str, 
 def test_a_token_the_mask_allows_and_the_matcher_refuses_gives_way_to_a_runner_up(tiny_model_dir, tmp_path,
                                                                                      monkeypatch):
     """xgrammar 0.2.9's mask after "[" of an integer array lets "-\xe0" through, which its matcher refuses: the
-    row's next token by its own sampling takes its place, and no request fails."""
+    row's next token by its own sampling takes its place, and no request fails. With async scheduling the next
+    step was launched with the refused token as its input: that row is rewound and computed again."""
     import shutil
     from wde.core.sampling.sampler import SamplerOutput
     folder = shutil.copytree(tiny_model_dir("qwen3"), tmp_path / "byte-level")
     vocab = write_byte_level_tokenizer_with_a_split_character(str(folder))
     schema = {"type": "array", "items": {"type": "integer"}}
-    llm = LLM(model=str(folder), num_kv_blocks=64, device="cpu")  # the CPU's draws (seeded) reach the bad token
+    # the CPU's draws (seeded) reach the bad token
+    llm = LLM(model=str(folder), num_kv_blocks=64, device="cpu", async_scheduling=True)
     matcher = llm.engine.structured_outputs.new_matcher(
         llm.engine.structured_outputs.compile(StructuredOutputsParams(json=schema)).result())
     assert matcher.accept_token(vocab["["])
     logits = torch.zeros(1, llm.engine.config.model.vocab_size)
     llm.engine.structured_outputs.token_mask([0], [matcher]).apply(logits)
     assert logits[0, vocab["-\u00e0"]] == 0 and not matcher.accept_token(vocab["-\u00e0"])  # xgrammar's bug
-    replaced = []
+    replaced, rewound = [], []
     take_runner_up = SamplerOutput.take_runner_up
     monkeypatch.setattr(SamplerOutput, "take_runner_up",
                         lambda self, row, accepts: replaced.append(take_runner_up(self, row, accepts)) or replaced[-1])
+    rewind = llm.engine.scheduler.rewind
+    monkeypatch.setattr(llm.engine.scheduler, "rewind", lambda item: rewound.append(item.start) or rewind(item))
     params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=16, structured_outputs={"json": schema})
               for seed in range(48)]
     outputs = llm.generate([[5, 6, 7]] * len(params), params, use_tqdm=False)
     assert replaced and all(replaced), replaced
+    assert len(rewound) == len(replaced)  # each replaced token was the input of a step already launched
     for output in outputs:
         assert output.error is None
         check = xgrammar.GrammarMatcher(llm.engine.structured_outputs.compile(StructuredOutputsParams(json=schema))
@@ -253,6 +285,10 @@ def test_a_token_the_mask_allows_and_the_matcher_refuses_gives_way_to_a_runner_u
         assert vocab["-\u00e0"] not in output.outputs[0].token_ids
     assert_all_blocks_free(llm.engine)
     llm.close()
+    sync = LLM(model=str(folder), num_kv_blocks=64, device="cpu", async_scheduling=False)
+    expected = sync.generate([[5, 6, 7]] * len(params), params, use_tqdm=False)
+    sync.close()
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
 
 
 def test_a_compilation_past_its_time_fails_its_request_and_the_others_go_on(monkeypatch):

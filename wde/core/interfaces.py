@@ -186,7 +186,22 @@ class ModelPreProcessor(Component, Generic[SchedulerOutputT, ModelInputT]):
     def __call__(self, scheduler_output: SchedulerOutputT) -> ModelInputT: ...
 
 
-class FinishedStep(Generic[ModelOutputT]):
+class LaunchedStep(ABC, Generic[ModelOutputT]):
+    """What launch() returns: a step queued on the device, whose output `result()` waits for.
+
+    A step may hold back the part of its work that reads what the step before it produced on the host (the
+    decoding worker's constrained sampling, whose masks come from matchers that take that step's tokens):
+    async scheduling launches it, makes the outputs of the step before, then calls `proceed()`. result()
+    proceeds first when nobody did."""
+
+    def proceed(self) -> None:
+        """Queue what was held back (by default nothing is)."""
+
+    @abstractmethod
+    def result(self) -> ModelOutputT: ...
+
+
+class FinishedStep(LaunchedStep[ModelOutputT]):
     """A step that ran to its end: launch()'s result for workers that cannot return earlier."""
 
     def __init__(self, output: ModelOutputT):
@@ -212,7 +227,7 @@ class Executor(Component, Generic[ModelInputT, ModelOutputT]):
     @abstractmethod
     def execute_model(self, model_input: ModelInputT) -> ModelOutputT: ...
 
-    def launch(self, model_input: ModelInputT) -> Any:
+    def launch(self, model_input: ModelInputT) -> LaunchedStep[ModelOutputT]:
         """Start a step and return what `.result()` waits for (async scheduling); by default, the step ends
         before this returns."""
         return FinishedStep(self.execute_model(model_input))
@@ -241,7 +256,7 @@ class Worker(ABC, Generic[ModelInputT, ModelOutputT]):
     @abstractmethod
     def execute_model(self, model_input: ModelInputT) -> ModelOutputT: ...
 
-    def launch(self, model_input: ModelInputT) -> Any:
+    def launch(self, model_input: ModelInputT) -> LaunchedStep[ModelOutputT]:
         """Start a step and return what `.result()` waits for; by default, the step ends before this returns."""
         return FinishedStep(self.execute_model(model_input))
 
@@ -280,7 +295,9 @@ class StructuredOutputBackend(Component):
     @abstractmethod
     def token_mask(self, rows: list[int], matchers: list["GrammarMatcher"]) -> "TokenMask":
         """The mask of the step's sampling rows `rows`, each constrained by its matcher, as the Sampler applies
-        it (filled on the host when applied, which is once the step's forward pass is queued on the device)."""
+        it (filled on the host when applied, which is once the step's forward pass is queued on the device and,
+        with async scheduling, once the matchers took the tokens of the step before; a matcher that is
+        terminated by then leaves its row open: that row's token is dropped)."""
 
 
 class GrammarMatcher(Protocol):

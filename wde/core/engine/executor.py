@@ -16,7 +16,7 @@ class LocalExecutor(interfaces.Executor):
     def execute_model(self, model_input: Any) -> Any:
         return self.worker.execute_model(model_input)
 
-    def launch(self, model_input: Any) -> Any:
+    def launch(self, model_input: Any) -> interfaces.LaunchedStep:
         return self.worker.launch(model_input)
 
     def shutdown(self) -> None:

@@ -6,7 +6,8 @@ is found and fails alone; a step whose forward pass, sampling or pooling fails f
 prefix cache forgets the blocks it was to write), and the engine goes on with the next step.
 
 Overlapped: while step k runs on the device, step k+1 is scheduled, built and launched, and then step k's
-outputs are made while k+1 runs, so the device does not wait for the host between steps.
+outputs are made while k+1 runs, so the device does not wait for the host between steps. What k+1 held back
+(LaunchedStep.proceed: work that reads k's outputs on the host) is queued after them, k+1 still running.
 """
 import logging
 import time
@@ -145,7 +146,7 @@ class OverlappedStepper(SyncStepper):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.overlapped = self.config.args.async_scheduling
-        self.in_flight: tuple[SchedulerOutput, Any] | None = None  # (scheduler output, launched step)
+        self.in_flight: tuple[SchedulerOutput, interfaces.LaunchedStep] | None = None  # (its scheduler output, it)
 
     def step(self) -> list[Any]:
         return self._step_overlapped() if self.overlapped else super().step()
@@ -154,6 +155,10 @@ class OverlappedStepper(SyncStepper):
         """Whether this step can be built only once the step in flight has made its outputs (a workflow whose
         step reads what the last one produced says so here)."""
         return False
+
+    def reconcile(self, finished: SchedulerOutput, model_output: Any, launched: SchedulerOutput) -> None:
+        """Step `finished` made its outputs after step `launched` was launched: a workflow whose outputs can
+        make part of a launched step wrong (decoding: a token replaced on the host) sets that part aside here."""
 
     def _step_overlapped(self) -> list[Any]:
         times = self.times
@@ -185,8 +190,27 @@ class OverlappedStepper(SyncStepper):
         times.execute_s += collected - scheduled
         times.num_steps += 1
         outputs += self._finish_in_flight(previous, model_output)
+        outputs += self._proceed(previous, model_output)
         times.output_s += time.perf_counter() - collected
         return outputs
+
+    def _proceed(self, finished: tuple[SchedulerOutput, Any] | None, model_output: Any) -> list[Any]:
+        """The launched step queues what it held back, now that the step before it made its outputs; if that
+        fails, so do its requests (and the outputs of its end are returned)."""
+        if self.in_flight is None:
+            return []
+        scheduler_output, launched = self.in_flight
+        try:
+            if finished is not None and model_output is not None:
+                self.reconcile(finished[0], model_output, scheduler_output)
+            launched.proceed()
+        except ExecutorDeadError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.in_flight = None
+            self.fail_step(scheduler_output, e)
+            return self.finish_step(scheduler_output, None)
+        return []
 
     def _collect(self, in_flight: tuple[SchedulerOutput, Any]) -> Any:
         """The launched step's model output, or None with its requests failed."""

@@ -201,7 +201,7 @@ class MultiprocExecutor(interfaces.Executor):
     def execute_model(self, model_input: Any) -> Any:
         return self._run_step(model_input, self.worker.execute_model)
 
-    def launch(self, model_input: Any) -> Any:
+    def launch(self, model_input: Any) -> interfaces.LaunchedStep:
         return self._run_step(model_input, self.worker.launch)
 
     def _run_step(self, model_input: Any, run: Callable[[Any], Any]) -> Any:

@@ -7,12 +7,12 @@ generator, so its tokens do not depend on the rest of the batch. A constrained r
 the tokens its sampling would have taken next, for when its matcher refuses a token its mask let through.
 """
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from wde.core.interfaces import TokenMask
+from wde.core.interfaces import LaunchedStep, TokenMask
 from wde.core.pinned_copy import copy_to_host
 
 
@@ -121,6 +121,7 @@ class SamplerOutput:
     logprobs: TokenLogprobs | None = None  # when some row asked for logprobs
     prompt_logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)  # (scheduled index, rows)
     runners_up: RunnersUp | None = None  # when some row is constrained
+    replaced_rows: list[int] = field(default_factory=list)  # rows whose token gave way to a runner-up
 
     def take_runner_up(self, row: int, accepts) -> bool:
         """Replace `row`'s token (and its log-probability) by the first of its runners-up that `accepts` (a
@@ -133,6 +134,7 @@ class SamplerOutput:
             token = int(runners_up.token_ids[i, j])
             if token != refused and accepts(token):
                 self.token_ids[row] = token
+                self.replaced_rows.append(row)
                 if self.logprobs is not None:
                     self.logprobs.token_ids[row] = token
                     self.logprobs.logprobs[row] = float(runners_up.logprobs[i, j])
@@ -141,7 +143,7 @@ class SamplerOutput:
         return False
 
 
-class PendingSamplerOutput:
+class PendingSamplerOutput(LaunchedStep[SamplerOutput]):
     """A step's samples on their way to the host. The copies are queued right behind the step, so result()
     never waits for a step launched after this one (async scheduling launches the next step first)."""
 
@@ -164,6 +166,24 @@ class PendingSamplerOutput:
         return SamplerOutput(self.token_ids.tolist(), None if self.logprobs is None else as_lists(self.logprobs),
                              [(index, as_lists(parts)) for index, parts in self.prompt_logprobs],
                              self.runners_up)
+
+
+class HeldSampling(LaunchedStep[SamplerOutput]):
+    """A step whose logits are queued and whose sampling waits for proceed(): the masks of its constrained rows
+    are filled from their matchers, which (async scheduling) take the tokens of the step before only when those
+    reach the host, while this step's forward pass runs on the device."""
+
+    def __init__(self, sample: Callable[[], PendingSamplerOutput]):
+        self._sample = sample
+        self._pending: PendingSamplerOutput | None = None
+
+    def proceed(self) -> None:
+        if self._pending is None:
+            self._pending = self._sample()
+
+    def result(self) -> SamplerOutput:
+        self.proceed()
+        return self._pending.result()
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:

@@ -159,9 +159,9 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, Mo
                           in_flight_source(in_flight_rows, len(token_ids)), sampling.only_argmax)
 
     def needs_known_tokens(self, scheduler_output: SchedulerOutput) -> bool:
-        """Whether some row's sampling reads its sequence's output so far (penalties, min_tokens, a structured
-        output's matcher) while its last token is still in flight: async scheduling then lets that token arrive
-        before building the step."""
-        return any(s.seq.num_pending_tokens and (s.seq.params.uses_penalties or s.seq.params.min_tokens
-                                                 or s.seq.grammar is not None)
+        """Whether some row's sampling settings read its sequence's output so far (penalties, min_tokens) while
+        its last token is still in flight: async scheduling then lets that token arrive before building the
+        step. (A structured output's mask needs it too, but is filled only when the step's sampling proceeds,
+        after the tokens of the step before reached the matchers.)"""
+        return any(s.seq.num_pending_tokens and (s.seq.params.uses_penalties or s.seq.params.min_tokens)
                    for s in scheduler_output.scheduled)

@@ -33,10 +33,12 @@ class DecodingOutputProcessor(interfaces.OutputProcessor[SchedulerOutput, Sample
                 self._add_prompt_logprobs(seq, logprobs)
             except Exception as e:  # noqa: BLE001
                 failures.record(seq.request, self.STAGE, e)
-        sampled = [s.seq for s in scheduler_output.scheduled if s.samples]
+        sampled = [s for s in scheduler_output.scheduled if s.samples]
         groups: dict[int, SequenceGroup] = {}  # the groups that moved this step, in order
-        for row, seq in enumerate(sampled):
-            if seq.is_finished:  # aborted, or (async scheduling) stopped by the step before: the token is dropped
+        for row, item in enumerate(sampled):
+            seq = item.seq
+            # aborted, or (async scheduling) stopped by the step before, or its input replaced: the token is dropped
+            if seq.is_finished or item.rewound:
                 continue
             try:
                 self._append_token(seq, sampler_output, row)

@@ -10,6 +10,8 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from wde.core.engine.budgeted_scheduler import BudgetedScheduler
 from wde.core.engine.scheduler_output import SchedulerOutput as BaseSchedulerOutput
 from wde.core.engine.stats import SchedulerStats
@@ -26,6 +28,9 @@ class ScheduledSequence:
     start: int  # tokens already in the KV cache before this step
     num_tokens: int  # tokens computed in this step
     samples: bool  # the step reaches the end of the sequence, so it yields the next token
+    # its input token was replaced after the step launched (async scheduling): what the step yields for it is
+    # dropped, and the scheduler has the position computed again
+    rewound: bool = False
 
     def written_blocks(self, block_size: int) -> list[int]:
         return self.seq.block_table[self.start // block_size:(self.start + self.num_tokens - 1) // block_size + 1]
@@ -196,6 +201,20 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
         if self.new_requests and not self.running:
             wait([r.grammar for r in self.new_requests], timeout=GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
         return None
+
+    def rewind(self, item: ScheduledSequence) -> None:
+        """`item`, of the step in flight, computed its sequence's last position from a token the host replaced
+        since: that position is computed again by the next step, and the token the step samples for it is
+        dropped. (The block it wrote is not in the prefix cache: a block is hashed from known tokens only.) A
+        seeded sequence goes on with a copy of its generator as it is now: the step's sampling, still to come,
+        draws from the one it holds, and the sequence's tokens stay those of the synchronous engine."""
+        seq = item.seq
+        item.rewound = True
+        seq.num_computed_tokens -= item.num_tokens
+        seq.num_pending_tokens -= 1
+        self.num_generation_tokens -= 1
+        if seq.generator is not None:
+            seq.generator = torch.Generator(seq.generator.device).set_state(seq.generator.get_state())
 
     def _drop_pending(self, seq) -> None:
         """A sequence that ends with tokens in flight (async scheduling: a step launched before it stopped)

@@ -234,16 +234,22 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
 
 class XGrammarMask:
     """The step's constrained rows: their bitmask is filled on the host when the sampler applies it (the
-    step's forward pass is queued on the device by then, so the two overlap), by xgrammar's threads, one row per
-    matcher, copied over, and applied to the logits by xgrammar's kernel, all rows at once."""
+    step's forward pass is queued on the device by then, so the two overlap; with async scheduling, once the
+    matchers took the tokens of the step before), by xgrammar's threads, one row per matcher, copied over, and
+    applied to the logits by xgrammar's kernel, all rows at once."""
 
     def __init__(self, rows: list[int], matchers: list, vocab_size: int, batch_matcher):
         self.rows, self.matchers, self.vocab_size, self.batch_matcher = rows, matchers, vocab_size, batch_matcher
 
     def apply(self, logits: torch.Tensor) -> None:
         import xgrammar
-        # one bitmask row per logits row: the rows without a constraint stay all ones (-1)
+        # one bitmask row per logits row: the rows without a constraint stay all ones (-1). A matcher that took
+        # its stop token (async scheduling: its sequence finished after this step was launched, and what the
+        # step samples for it is dropped) has no next mask: its row stays open too.
         bitmask = torch.full((logits.shape[0], -(-self.vocab_size // 32)), -1, dtype=torch.int32)
-        self.batch_matcher.batch_fill_next_token_bitmask(self.matchers, bitmask, indices=self.rows)
+        live = [(row, matcher) for row, matcher in zip(self.rows, self.matchers) if not matcher.is_terminated()]
+        if live:
+            rows, matchers = zip(*live)
+            self.batch_matcher.batch_fill_next_token_bitmask(list(matchers), bitmask, indices=list(rows))
         xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                              vocab_size=self.vocab_size)

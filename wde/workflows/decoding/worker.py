@@ -6,10 +6,11 @@ import torch
 from wde.core.attention.metadata import dummy_paged_batch
 from wde.core.cuda_graphs import StepCudaGraphs
 from wde.core.forward_context import set_forward_context
+from wde.core.interfaces import LaunchedStep
 from wde.core.layers.embedding import gather_vocab, greedy_tokens
 from wde.core.parallel.distributed import broadcast_from_first_rank, get_tp_rank, get_tp_size
-from wde.core.sampling.sampler import (LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput, SamplingMetadata,
-                                       token_logprobs)
+from wde.core.sampling.sampler import (HeldSampling, LogprobTensors, PendingSamplerOutput, Sampler, SamplerOutput,
+                                       SamplingMetadata, token_logprobs)
 from wde.core.worker import ModelWorker
 from wde.workflows.decoding.model_pre_processor import ModelInput
 
@@ -41,7 +42,7 @@ class DecodingWorker(ModelWorker):
         return pending.result() if pending is not None else None
 
     @torch.inference_mode()
-    def launch(self, model_input: ModelInput) -> PendingSamplerOutput | None:
+    def launch(self, model_input: ModelInput) -> LaunchedStep[SamplerOutput] | None:
         """Queue the step on the device and return without waiting for it (on rank 0: its samples to come)."""
         model_input = self.copier.to_device(model_input)
         meta = model_input.attn_metadata
@@ -68,25 +69,38 @@ class DecodingWorker(ModelWorker):
 
     def _sample(self, shard_logits: torch.Tensor, model_input: ModelInput,
                 prompt_logprobs: list[tuple[int, LogprobTensors]], greedy: torch.Tensor | None = None
-                ) -> PendingSamplerOutput | None:
+                ) -> LaunchedStep[SamplerOutput] | None:
         """A greedy step's tokens come from the ranks' vocabulary slices, on every rank; otherwise rank 0 gathers
         the logits and samples. With async scheduling every rank also keeps the samples on its device, where
         the next step (launched before these reach the host) takes its input tokens: after rank 0 sampled, it
-        broadcasts them."""
-        first_rank, logprobs, runners_up = get_tp_rank() == 0, None, None
+        broadcasts them. A step with constrained rows holds its sampling until the stepper proceeds: their
+        masks come from matchers that take the last step's tokens only once those reach the host."""
         if model_input.greedy:  # the CUDA graph took them already, or the argmax runs now
             token_ids = greedy if greedy is not None else self._greedy_tokens(shard_logits)
-        else:
-            logits = gather_vocab(shard_logits, self.vocab_size)
-            if first_rank:
-                token_ids, logprobs, runners_up = self.sampler(logits, model_input.sampling)
-            else:
-                token_ids = torch.empty(len(logits), dtype=torch.int64, device=self.device)
-            if self.config.args.async_scheduling:
-                broadcast_from_first_rank(token_ids)
+            return self._keep(token_ids, None, prompt_logprobs, None)
+        logits = gather_vocab(shard_logits, self.vocab_size)
+        if get_tp_rank() != 0:
+            return self._keep(self._broadcast(torch.empty(len(logits), dtype=torch.int64, device=self.device)),
+                              None, prompt_logprobs, None)
+        sampling = model_input.sampling
+
+        def sample() -> PendingSamplerOutput:
+            token_ids, logprobs, runners_up = self.sampler(logits, sampling)
+            return self._keep(self._broadcast(token_ids), logprobs, prompt_logprobs, runners_up)
+        return sample() if sampling.allowed is None else HeldSampling(sample)
+
+    def _broadcast(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.args.async_scheduling:
+            broadcast_from_first_rank(token_ids)
+        return token_ids
+
+    def _keep(self, token_ids: torch.Tensor, logprobs: LogprobTensors | None,
+              prompt_logprobs: list[tuple[int, LogprobTensors]], runners_up) -> PendingSamplerOutput | None:
+        """With async scheduling the next step takes its input tokens from these samples, on the device; rank 0
+        sends them to the host."""
         if self.config.args.async_scheduling:
             self.last_sampled = token_ids
-        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs, runners_up) if first_rank else None
+        return PendingSamplerOutput(token_ids, logprobs, prompt_logprobs, runners_up) if get_tp_rank() == 0 else None
 
     def _take_in_flight_tokens(self, model_input: ModelInput) -> ModelInput:
         """Rows whose input token the last step sampled take it from that step's samples, on the device."""

@@ -5,6 +5,7 @@ import math
 import torch
 
 from wde.core.attention.metadata import dummy_paged_batch
+from wde.core.interfaces import LaunchedStep
 from wde.core.forward_context import set_forward_context
 from wde.core.pinned_copy import copy_to_host
 from wde.core.pooling_params import PoolingParams
@@ -47,7 +48,7 @@ class PrefillOnlyWorker(ModelWorker):
         self.release_kv_cache()
 
 
-class PendingPooledOutput:
+class PendingPooledOutput(LaunchedStep[list[torch.Tensor]]):
     """A step's pooled results on their way to the host. A Pooler gives one tensor whose rows are the inputs'
     results (one copy), or one tensor per input (flattened into one buffer on the device, then one copy)."""
 
