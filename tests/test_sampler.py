@@ -128,11 +128,15 @@ class AllowFirstFour:
         logits[:, 4:] = float("-inf")
 
 
+def first_four_allowed(rows: int, **settings) -> SamplingMetadata:
+    return SamplingMetadata(**settings, allowed=AllowFirstFour(rows), allowed_rows=torch.arange(rows))
+
+
 def test_a_constrained_rows_runners_up_are_a_sample_of_what_its_token_leaves():
     """Had the matcher refused the sampled token i, the first runner-up is drawn from p without i: with the
     exponential race, P(j | i refused) = p_j / (1 - p_i) over the allowed tokens, and no forbidden one comes."""
-    meta = SamplingMetadata(temperature=torch.ones(DRAWS), all_greedy=False, all_random=True, num_logprobs=None,
-                            allowed=AllowFirstFour(DRAWS))
+    meta = first_four_allowed(DRAWS, temperature=torch.ones(DRAWS), all_greedy=False, all_random=True,
+                              num_logprobs=None)
     samples = Sampler(torch.device("cpu"), 0)(LOGITS.expand(DRAWS, -1).clone(), meta)
     runners_up, valid = samples.runners_up.token_ids, samples.runners_up.valid
     assert samples.runners_up.rows == list(range(DRAWS)) and bool((runners_up[:, 0] == samples.token_ids).all())
@@ -145,8 +149,7 @@ def test_a_constrained_rows_runners_up_are_a_sample_of_what_its_token_leaves():
 
 def test_greedy_runners_up_go_down_the_masked_logits_and_carry_their_own_logprobs():
     logits = torch.tensor([[0.5, 3.0, 1.0, 2.0, 9.0, -1.0], [4.0, 3.0, 2.0, 1.0, 0.0, 9.0]])
-    meta = SamplingMetadata(temperature=torch.zeros(2), all_greedy=True, all_random=False, num_logprobs=1,
-                            allowed=AllowFirstFour(2))
+    meta = first_four_allowed(2, temperature=torch.zeros(2), all_greedy=True, all_random=False, num_logprobs=1)
     samples = Sampler(torch.device("cpu"), 0)(logits.clone(), meta)
     output = PendingSamplerOutput(samples.token_ids, samples.logprobs, [], samples.runners_up).result()
     assert output.token_ids == [1, 0]

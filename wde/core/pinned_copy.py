@@ -45,12 +45,34 @@ def _grown(size: int) -> int:
     return max(1 << 16, 1 << (size - 1).bit_length())  # powers of two: a few sizes over a whole run
 
 
-class PinnedCopier:
-    def __init__(self, device: torch.device):
-        self.device = device
+class PinnedRing:
+    """RING pinned host buffers taken in turn by copies to the device that must not make the host wait: a
+    buffer is handed out again once the copy that last read it finished."""
+
+    def __init__(self):
         self.pinned = [torch.empty(0, dtype=torch.uint8) for _ in range(RING)]
         self.copied: list[torch.cuda.Event | None] = [None] * RING
         self.turn = 0
+
+    def take(self, size: int) -> torch.Tensor:
+        """The next buffer, of at least `size` bytes (uint8); call copied_out() once its copy is queued."""
+        self.turn = (self.turn + 1) % RING
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        if self.pinned[self.turn].numel() < size:
+            self.pinned[self.turn] = torch.empty(_grown(size), dtype=torch.uint8, pin_memory=True)
+        return self.pinned[self.turn]
+
+    def copied_out(self) -> None:
+        """The copy from the buffer taken last is queued on the current stream."""
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+
+
+class PinnedCopier:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ring = PinnedRing()
         self.on_device = torch.empty(0, dtype=torch.uint8, device=device)
 
     def to_device(self, obj: Any) -> Any:
@@ -65,21 +87,11 @@ class PinnedCopier:
             return tensor
         map_tensors(obj, collect)
         offsets, size = layout(host)
-        pinned = self._next_pinned(size)
+        pinned = self.ring.take(size)
         pack_into(pinned, host, offsets)
         if self.on_device.numel() < size:
             self.on_device = torch.empty(_grown(size), dtype=torch.uint8, device=self.device)
         self.on_device[:size].copy_(pinned[:size], non_blocking=True)
-        self.copied[self.turn] = torch.cuda.Event()
-        self.copied[self.turn].record()
+        self.ring.copied_out()
         moved = iter(views(self.on_device, [(t.dtype, list(t.shape)) for t in host], offsets))
         return map_tensors(obj, lambda t: next(moved) if t.device.type == "cpu" else t)
-
-    def _next_pinned(self, size: int) -> torch.Tensor:
-        """The ring's next pinned buffer, once the copy that last read it has finished."""
-        self.turn = (self.turn + 1) % RING
-        if self.copied[self.turn] is not None:
-            self.copied[self.turn].synchronize()
-        if self.pinned[self.turn].numel() < size:
-            self.pinned[self.turn] = torch.empty(_grown(size), dtype=torch.uint8, pin_memory=True)
-        return self.pinned[self.turn]

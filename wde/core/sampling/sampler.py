@@ -38,6 +38,7 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) that may not be sampled yet
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its request's generator
     allowed: TokenMask | None = None  # structured outputs: what the constrained rows may sample
+    allowed_rows: torch.Tensor | None = None  # [constrained rows] int64: allowed.rows, moved with the rest
 
     @property
     def only_argmax(self) -> bool:
@@ -98,11 +99,11 @@ class RunnersUp:
                                       for t in (self.token_ids, self.valid, self.logprobs, self.ranks)))
 
 
-def runners_up(logits: torch.Tensor, race: torch.Tensor | None, raw_logits: torch.Tensor, meta: "SamplingMetadata",
-               rows: list[int]) -> RunnersUp:
+def runners_up(logits: torch.Tensor, race: torch.Tensor | None, raw_logits: torch.Tensor, meta: "SamplingMetadata"
+               ) -> RunnersUp:
     """The constrained rows' RUNNERS_UP best tokens by what their sampling maximized: `logits` (greedy rows,
     masked) or `race` (sampled rows), with which of them the row could take at all (-inf and 0 it could not)."""
-    index = torch.tensor(rows, device=logits.device)
+    rows, index = meta.allowed.rows, meta.allowed_rows  # (a tensor made here would be a copy that waits)
     k = min(RUNNERS_UP, logits.shape[-1])
     greedy = logits[index].topk(k, dim=-1)
     token_ids, valid = greedy.indices, greedy.values > float("-inf")
@@ -247,7 +248,7 @@ class Sampler(nn.Module):
         logprobs = None
         if meta.num_logprobs is not None:
             logprobs = token_logprobs(raw_logits, token_ids, meta.num_logprobs)
-        constrained = None if meta.allowed is None else runners_up(logits, race, raw_logits, meta, meta.allowed.rows)
+        constrained = None if meta.allowed is None else runners_up(logits, race, raw_logits, meta)
         return Samples(token_ids, logprobs, constrained)
 
     def _race(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -81,6 +81,7 @@ def build_sampling_metadata(seqs: list[Sequence], vocab_size: int, eos_ids: froz
     constrained = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
     if constrained:
         meta.allowed = structured_outputs.token_mask(constrained, [seqs[row].grammar for row in constrained])
+        meta.allowed_rows = torch.tensor(constrained, dtype=torch.int64)
     return meta
 
 

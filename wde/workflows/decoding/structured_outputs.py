@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from wde.core import interfaces
+from wde.core.pinned_copy import PinnedRing
 from wde.core.sampling.sampling_params import StructuredOutputsParams
 from wde.workflows.decoding.grammar_compiler import CompilerProcess
 from wde.workflows.decoding.stop_checker import eos_token_ids
@@ -159,6 +160,7 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
         self._info = None  # the vocabulary as xgrammar reads it (reading it takes a while: then too)
         self._setup_lock = threading.Lock()
         self._batch_matcher = None  # fills a step's masks on several threads; made with the first mask
+        self._pinned_bitmasks = PinnedRing()  # the steps' bitmasks on their way to a GPU
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # the latest, by their source
         self._compiled_lock = threading.Lock()
 
@@ -229,7 +231,7 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
         if self._batch_matcher is None:
             import xgrammar
             self._batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=FILL_THREADS)
-        return XGrammarMask(rows, matchers, self.vocab_size, self._batch_matcher)
+        return XGrammarMask(rows, matchers, self.vocab_size, self._batch_matcher, self._pinned_bitmasks)
 
 
 class XGrammarMask:
@@ -238,18 +240,30 @@ class XGrammarMask:
     matchers took the tokens of the step before), by xgrammar's threads, one row per matcher, copied over, and
     applied to the logits by xgrammar's kernel, all rows at once."""
 
-    def __init__(self, rows: list[int], matchers: list, vocab_size: int, batch_matcher):
+    def __init__(self, rows: list[int], matchers: list, vocab_size: int, batch_matcher, pinned: PinnedRing):
         self.rows, self.matchers, self.vocab_size, self.batch_matcher = rows, matchers, vocab_size, batch_matcher
+        self.pinned = pinned
 
     def apply(self, logits: torch.Tensor) -> None:
         import xgrammar
-        # one bitmask row per logits row: the rows without a constraint stay all ones (-1). A matcher that took
-        # its stop token (async scheduling: its sequence finished after this step was launched, and what the
-        # step samples for it is dropped) has no next mask: its row stays open too.
-        bitmask = torch.full((logits.shape[0], -(-self.vocab_size // 32)), -1, dtype=torch.int32)
+        bitmask = self._host_bitmask(logits)
+        # a matcher that took its stop token (async scheduling: its sequence finished after this step was
+        # launched, and what the step samples for it is dropped) has no next mask: its row stays open
         live = [(row, matcher) for row, matcher in zip(self.rows, self.matchers) if not matcher.is_terminated()]
+        if len(live) < len(bitmask):  # the rows without a constraint stay all ones (-1)
+            bitmask.fill_(-1)
         if live:
             rows, matchers = zip(*live)
             self.batch_matcher.batch_fill_next_token_bitmask(list(matchers), bitmask, indices=list(rows))
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                             vocab_size=self.vocab_size)
+        on_device = bitmask.to(logits.device, non_blocking=True)
+        if logits.is_cuda:
+            self.pinned.copied_out()
+        xgrammar.apply_token_bitmask_inplace(logits, on_device, vocab_size=self.vocab_size)
+
+    def _host_bitmask(self, logits: torch.Tensor) -> torch.Tensor:
+        """[rows, words] int32, one bit per token; in pinned memory for a GPU: a copy from pageable memory
+        would make the host wait for the forward pass queued before it, which async scheduling overlaps."""
+        shape = (logits.shape[0], -(-self.vocab_size // 32))
+        if not logits.is_cuda:
+            return torch.empty(shape, dtype=torch.int32)
+        return self.pinned.take(4 * shape[0] * shape[1])[:4 * shape[0] * shape[1]].view(torch.int32).view(shape)
