@@ -124,6 +124,9 @@ class AllowFirstFour:
     def __init__(self, rows: int):
         self.rows = list(range(rows))
 
+    def prepare(self, logits: torch.Tensor) -> None:
+        """Nothing to fill."""
+
     def apply(self, logits: torch.Tensor) -> None:
         logits[:, 4:] = float("-inf")
 

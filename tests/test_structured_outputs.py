@@ -91,7 +91,8 @@ def test_every_completion_and_async_steps_follow_the_constraint():
 
 def test_a_constrained_step_launches_before_the_last_outputs_and_masks_after_them(monkeypatch):
     """Async scheduling: step k+1 is launched while step k runs; k's tokens reach the matchers (k's outputs),
-    then k+1's masks are filled and its sampling is queued; a step never waits for the one before."""
+    then k+1's masks are filled (in the background, while the host builds step k+2), and k+2's launch queues
+    k+1's sampling first; a step never waits for the one before."""
     from wde.workflows.decoding.structured_outputs import XGrammarMask
     llm = LLM(num_kv_blocks=96, max_num_seqs=8, async_scheduling=True)
     stepper, events = llm.engine.stepper, []
@@ -100,14 +101,17 @@ def test_a_constrained_step_launches_before_the_last_outputs_and_masks_after_the
         return lambda *args: events.append(name) or call(*args)
     monkeypatch.setattr(stepper.executor, "launch", logged("launch", stepper.executor.launch))
     monkeypatch.setattr(stepper, "output_processor", logged("outputs", stepper.output_processor))
+    monkeypatch.setattr(XGrammarMask, "prepare", lambda mask, logits, prepare=XGrammarMask.prepare:
+                        (mask.filled is None and events.append("prepare")) or prepare(mask, logits))
     monkeypatch.setattr(XGrammarMask, "apply", lambda mask, logits, apply=XGrammarMask.apply:
-                        events.append("mask") or apply(mask, logits))
+                        events.append("apply") or apply(mask, logits))
     spec = {"json": SCHEMAS["bounded numbers"]}
     overlapped = llm.generate(["A JSON object:"] * 3, constrained(40, **spec), use_tqdm=False)
     steps = events.count("launch")
-    assert steps >= 10 and events[:2] == ["launch", "mask"]  # nothing in flight: the first step samples at once
-    # from then on, every step: launched, the outputs of the one before, then its masks
-    assert "".join(name[0] for name in events[2:]).startswith("lom" * (steps - 2))
+    assert steps >= 10 and events[:2] == ["launch", "prepare"]  # nothing in flight: its masks at once
+    # from then on, each step: launched (queuing the sampling of the one before), the outputs of the one before,
+    # then its masks
+    assert "".join(name[0] for name in events[2:]).startswith("laop" * (steps - 2))
     sync = LLM(num_kv_blocks=96, max_num_seqs=8, async_scheduling=False)
     expected = sync.generate(["A JSON object:"] * 3, constrained(40, **spec), use_tqdm=False)
     sync.close()

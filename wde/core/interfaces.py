@@ -309,8 +309,13 @@ class GrammarMatcher(Protocol):
 class TokenMask(Protocol):
     rows: list[int]  # the rows of the step's logits it constrains
 
+    def prepare(self, logits: Any) -> None:
+        """Start filling the mask for `logits` ([rows, vocabulary]) on the host, in the background: the matchers
+        are not to be touched by anyone else until apply() returns."""
+
     def apply(self, logits: Any) -> None:
-        """Set the logits of the tokens the constraints forbid to -inf, in place ([rows, vocabulary])."""
+        """Set the logits of the tokens the constraints forbid to -inf, in place (preparing first if nobody
+        did)."""
 
 
 class Stepper(Component, Generic[OutputT]):

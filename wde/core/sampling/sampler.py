@@ -170,20 +170,39 @@ class PendingSamplerOutput(LaunchedStep[SamplerOutput]):
 
 
 class HeldSampling(LaunchedStep[SamplerOutput]):
-    """A step whose logits are queued and whose sampling waits for proceed(): the masks of its constrained rows
-    are filled from their matchers, which (async scheduling) take the tokens of the step before only when those
-    reach the host, while this step's forward pass runs on the device."""
+    """A step whose logits are queued and whose sampling is held: the masks of its constrained rows come from
+    their matchers, which (async scheduling) take the tokens of the step before only once those reach the host,
+    while this step's forward pass runs. proceed() starts filling the masks, in the background; queue() (the
+    worker's next launch, or result()) queues the sampling behind them, so the host builds the next step
+    meanwhile."""
 
-    def __init__(self, sample: Callable[[], PendingSamplerOutput]):
-        self._sample = sample
+    def __init__(self, prepare: Callable[[], None], sample: Callable[[], PendingSamplerOutput],
+                 queue_on_proceed: bool = False):
+        self._prepare, self._sample = prepare, sample
+        self.queue_on_proceed = queue_on_proceed  # the sampling is queued by proceed() already
+        self._proceeded = False
         self._pending: PendingSamplerOutput | None = None
+        self._error: Exception | None = None  # raised by result(): the next step's launch must not fail of it
 
     def proceed(self) -> None:
-        if self._pending is None:
-            self._pending = self._sample()
+        if not self._proceeded:
+            self._proceeded = True
+            self._prepare()
+            if self.queue_on_proceed:
+                self.queue()
+
+    def queue(self) -> None:
+        if self._pending is None and self._error is None:
+            try:
+                self.proceed()
+                self._pending = self._sample()
+            except Exception as e:  # noqa: BLE001 - this step's error, for its own requests
+                self._error = e
 
     def result(self) -> SamplerOutput:
-        self.proceed()
+        self.queue()
+        if self._error is not None:
+            raise self._error
         return self._pending.result()
 
 

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 CACHED_GRAMMARS = 256
 COMPILER_PROCESSES = 2  # constraints compiled at once, each in a process of its own (grammar_compiler.py)
 COMPILE_TIMEOUT_S = 10.0  # a compilation's time: past it, its process is ended and its request fails
-# xgrammar's threads that fill a step's masks (256 rows of a JSON schema: 1.5 ms on 2 threads here)
+# xgrammar's threads that fill a step's masks (256 rows of W1's JSON schema on an H200's host: 2.1 ms on 1 thread,
+# 1.0 ms on 4 or 8, 2.0 ms on 16)
 FILL_THREADS = min(8, os.cpu_count() or 1)
 # what xgrammar puts before its messages: "[01:58:03] /project/cpp/file.cc:94: ", "Check failed: (...) is false: "
 XGRAMMAR_PREFIXES = re.compile(r"^(\[[\d:]+\] \S+:\d+: )?(Check failed: \(.*?\) is false: )?")
@@ -161,6 +162,7 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
         self._setup_lock = threading.Lock()
         self._batch_matcher = None  # fills a step's masks on several threads; made with the first mask
         self._pinned_bitmasks = PinnedRing()  # the steps' bitmasks on their way to a GPU
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wde-masks")  # fills them, in turn
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()  # the latest, by their source
         self._compiled_lock = threading.Lock()
 
@@ -231,39 +233,47 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
         if self._batch_matcher is None:
             import xgrammar
             self._batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=FILL_THREADS)
-        return XGrammarMask(rows, matchers, self.vocab_size, self._batch_matcher, self._pinned_bitmasks)
+        return XGrammarMask(rows, matchers, self.vocab_size, self._batch_matcher, self._pinned_bitmasks,
+                            self._filler)
 
 
 class XGrammarMask:
-    """The step's constrained rows: their bitmask is filled on the host when the sampler applies it (the
-    step's forward pass is queued on the device by then, so the two overlap; with async scheduling, once the
-    matchers took the tokens of the step before), by xgrammar's threads, one row per matcher, copied over, and
-    applied to the logits by xgrammar's kernel, all rows at once."""
+    """The step's constrained rows: their bitmask is filled on the host once the step's forward pass is queued
+    (with async scheduling, once the matchers took the tokens of the step before), by xgrammar's threads, one
+    row per matcher, off the engine's thread (xgrammar lets go of the GIL, so the host builds the next step
+    meanwhile); then copied over and applied to the logits by xgrammar's kernel, all rows at once."""
 
-    def __init__(self, rows: list[int], matchers: list, vocab_size: int, batch_matcher, pinned: PinnedRing):
+    def __init__(self, rows: list[int], matchers: list, vocab_size: int, batch_matcher, pinned: PinnedRing,
+                 filler: ThreadPoolExecutor):
         self.rows, self.matchers, self.vocab_size, self.batch_matcher = rows, matchers, vocab_size, batch_matcher
-        self.pinned = pinned
+        self.pinned, self.filler = pinned, filler
+        self.filled: Future | None = None  # the host bitmask
+
+    def prepare(self, logits: torch.Tensor) -> None:
+        if self.filled is None:
+            self.filled = self.filler.submit(self._fill, logits.shape[0], logits.is_cuda)
 
     def apply(self, logits: torch.Tensor) -> None:
         import xgrammar
-        bitmask = self._host_bitmask(logits)
-        # a matcher that took its stop token (async scheduling: its sequence finished after this step was
-        # launched, and what the step samples for it is dropped) has no next mask: its row stays open
-        live = [(row, matcher) for row, matcher in zip(self.rows, self.matchers) if not matcher.is_terminated()]
-        if len(live) < len(bitmask):  # the rows without a constraint stay all ones (-1)
-            bitmask.fill_(-1)
-        if live:
-            rows, matchers = zip(*live)
-            self.batch_matcher.batch_fill_next_token_bitmask(list(matchers), bitmask, indices=list(rows))
-        on_device = bitmask.to(logits.device, non_blocking=True)
+        self.prepare(logits)
+        on_device = self.filled.result().to(logits.device, non_blocking=True)
         if logits.is_cuda:
             self.pinned.copied_out()
         xgrammar.apply_token_bitmask_inplace(logits, on_device, vocab_size=self.vocab_size)
 
-    def _host_bitmask(self, logits: torch.Tensor) -> torch.Tensor:
+    def _fill(self, num_rows: int, pinned: bool) -> torch.Tensor:
         """[rows, words] int32, one bit per token; in pinned memory for a GPU: a copy from pageable memory
         would make the host wait for the forward pass queued before it, which async scheduling overlaps."""
-        shape = (logits.shape[0], -(-self.vocab_size // 32))
-        if not logits.is_cuda:
-            return torch.empty(shape, dtype=torch.int32)
-        return self.pinned.take(4 * shape[0] * shape[1])[:4 * shape[0] * shape[1]].view(torch.int32).view(shape)
+        shape = (num_rows, -(-self.vocab_size // 32))
+        size = 4 * shape[0] * shape[1]
+        bitmask = (self.pinned.take(size)[:size].view(torch.int32).view(shape) if pinned
+                   else torch.empty(shape, dtype=torch.int32))
+        # a matcher that took its stop token (async scheduling: its sequence finished after this step was
+        # launched, and what the step samples for it is dropped) has no next mask: its row stays open
+        live = [(row, matcher) for row, matcher in zip(self.rows, self.matchers) if not matcher.is_terminated()]
+        if len(live) < num_rows:  # the rows without a constraint stay all ones (-1)
+            bitmask.fill_(-1)
+        if live:
+            rows, matchers = zip(*live)
+            self.batch_matcher.batch_fill_next_token_bitmask(list(matchers), bitmask, indices=list(rows))
+        return bitmask

@@ -21,6 +21,7 @@ class DecodingWorker(ModelWorker):
         self.sampler = Sampler(self.device, config.args.seed)
         self.vocab_size = config.model.vocab_size
         self.last_sampled: torch.Tensor | None = None  # the last step's samples (async scheduling)
+        self.held: HeldSampling | None = None  # the last step's sampling, until it is queued
         self.cuda_graphs: StepCudaGraphs | None = None
 
     def init_kv_cache(self, num_blocks: int) -> None:
@@ -44,6 +45,9 @@ class DecodingWorker(ModelWorker):
     @torch.inference_mode()
     def launch(self, model_input: ModelInput) -> LaunchedStep[SamplerOutput] | None:
         """Queue the step on the device and return without waiting for it (on rank 0: its samples to come)."""
+        if self.held is not None:  # this step's input tokens may be those samples: they are queued first
+            self.held.queue()
+            self.held = None
         model_input = self.copier.to_device(model_input)
         meta = model_input.attn_metadata
         if model_input.in_flight_rows is not None:
@@ -85,9 +89,22 @@ class DecodingWorker(ModelWorker):
         sampling = model_input.sampling
 
         def sample() -> PendingSamplerOutput:
-            token_ids, logprobs, runners_up = self.sampler(logits, sampling)
+            try:
+                token_ids, logprobs, runners_up = self.sampler(logits, sampling)
+            except Exception:
+                # the step fails; the next one, launched already, reads its in-flight tokens from these samples
+                # (for rows of the requests that fail with it) and the other ranks wait for them: zeros, in range
+                self._keep(self._broadcast(torch.zeros(len(logits), dtype=torch.int64, device=self.device)),
+                           None, [], None)
+                raise
             return self._keep(self._broadcast(token_ids), logprobs, prompt_logprobs, runners_up)
-        return sample() if sampling.allowed is None else HeldSampling(sample)
+        if sampling.allowed is None:
+            return sample()
+        # over several ranks the others wait in the broadcast of these samples, which must come before the
+        # next step's input reaches them: sampled as soon as the stepper proceeds
+        self.held = HeldSampling(lambda: sampling.allowed.prepare(logits), sample,
+                                 queue_on_proceed=get_tp_size() > 1)
+        return self.held
 
     def _broadcast(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.config.args.async_scheduling:
