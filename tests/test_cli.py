@@ -15,6 +15,10 @@ def test_every_engine_argument_has_a_flag():
                                   "--gpu-memory-utilization", "0.5"))
     assert (args.max_num_seqs, args.dtype, args.enable_prefix_caching, args.gpu_memory_utilization) == \
         (7, "float32", True, 0.5)
+    serve = build_parser().parse_args(["serve", "--reasoning-parser", "qwen3"])  # a Literal | None: its choices
+    assert engine_args_from(serve).reasoning_parser == serve.reasoning_parser == "qwen3"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--reasoning-parser", "nope"])
 
 
 @pytest.mark.parametrize("suffix,text", [

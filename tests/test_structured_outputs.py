@@ -265,7 +265,7 @@ def test_a_token_the_mask_allows_and_the_matcher_refuses_gives_way_to_a_runner_u
     # the CPU's draws (seeded) reach the bad token
     llm = LLM(model=str(folder), num_kv_blocks=64, device="cpu", async_scheduling=True)
     matcher = llm.engine.structured_outputs.new_matcher(
-        llm.engine.structured_outputs.compile(StructuredOutputsParams(json=schema)).result())
+        llm.engine.structured_outputs.compile(StructuredOutputsParams(json=schema)).result(), [5, 6, 7])
     assert matcher.accept_token(vocab["["])
     logits = torch.zeros(1, llm.engine.config.model.vocab_size)
     llm.engine.structured_outputs.token_mask([0], [matcher]).apply(logits)

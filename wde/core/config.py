@@ -63,6 +63,9 @@ class EngineArgs(BaseModel):
     async_scheduling: bool | None = Field(None, description="schedule and launch the next step while the last "
                                                              "one still runs on the device; default (None): on "
                                                              "for workflows whose steps can overlap (decoding)")
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
+        None, description="a reasoning model's <think>...</think>: free of structured outputs' constraints, "
+                          "which hold the answer after it; the server splits it into reasoning_content")
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (for benchmarks), "
                                                                       "nothing read from the model folder")
 

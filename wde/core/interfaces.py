@@ -289,8 +289,9 @@ class StructuredOutputBackend(Component):
         compiled grammar, or raises (ValueError) with the grammar engine's message."""
 
     @abstractmethod
-    def new_matcher(self, grammar: Any) -> "GrammarMatcher":
-        """A matcher at the start of `grammar` (a compiled grammar, the result of compile()'s Future)."""
+    def new_matcher(self, grammar: Any, prompt_token_ids: list[int]) -> "GrammarMatcher":
+        """A matcher at the start of `grammar` (a compiled grammar, the result of compile()'s Future) for an
+        output that follows `prompt_token_ids` (a reasoning model's prompt may leave its reasoning open)."""
 
     @abstractmethod
     def token_mask(self, rows: list[int], matchers: list["GrammarMatcher"]) -> "TokenMask":

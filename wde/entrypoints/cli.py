@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "(flags given here override it)")
     for name, field in EngineArgs.model_fields.items():
         flag, annotation = "--" + name.replace("_", "-"), field.annotation
-        scalar = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)  # X | None
+        scalar = [t for t in typing.get_args(annotation) if t is not type(None)] if union else [annotation]
         if scalar == [bool]:  # bool, or bool | None (None: the engine decides)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
-        elif typing.get_origin(annotation) is typing.Literal:
-            group.add_argument(flag, choices=typing.get_args(annotation), default=None, help=field.description)
+        elif typing.get_origin(scalar[0]) is typing.Literal:  # a Literal, or a Literal | None
+            group.add_argument(flag, choices=typing.get_args(scalar[0]), default=None, help=field.description)
         else:
             group.add_argument(flag, type=scalar[0], default=None, help=field.description)
 
@@ -189,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body")
     serve.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default="hermes",
                        help="how tool calls are read out of an answer with tool_choice auto (the model's format)")
-    serve.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"],
-                       help="split a reasoning model's <think> text from its answer into reasoning_content")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds a stop (SIGTERM, Ctrl+C) "
                                                                              "waits for open requests to finish")
     serve.add_argument("--access-log", action="store_true", help="log a line per HTTP request (off: at load, "

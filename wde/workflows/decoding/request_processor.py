@@ -45,7 +45,7 @@ class DecodingRequestProcessor(interfaces.RequestProcessor[SequenceGroup]):
         params, prompt_ids = group.params, group.prompt_token_ids
         seq = Sequence(group, index, list(prompt_ids), len(prompt_ids), max_output)
         if grammar is not None:  # each completion follows the constraint on its own
-            seq.grammar = self.structured_outputs.new_matcher(grammar)
+            seq.grammar = self.structured_outputs.new_matcher(grammar, prompt_ids)
         if params.seed is not None:  # completion i of a seeded request draws from seed + i (as an unsigned
             # 64-bit seed, the range torch takes: a negative seed or one near the top wraps instead of overflowing)
             seq.generator = torch.Generator(self.config.device).manual_seed((params.seed + index) % 2**64)

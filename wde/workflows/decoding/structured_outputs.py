@@ -23,6 +23,7 @@ import torch
 from wde.core import interfaces
 from wde.core.pinned_copy import PinnedRing
 from wde.core.sampling.sampling_params import StructuredOutputsParams
+from wde.workflows.decoding.after_reasoning import AfterReasoning, ReasoningTokens
 from wde.workflows.decoding.grammar_compiler import CompilerProcess
 from wde.workflows.decoding.stop_checker import eos_token_ids
 
@@ -154,6 +155,8 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
     def __init__(self, config, tokenizer, eos_ids: frozenset[int]):
         super().__init__(config)
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        parser = config.args.reasoning_parser  # its <think>...</think> goes before the constraint
+        self.reasoning = None if parser is None else ReasoningTokens.of(parser, tokenizer.hf.get_vocab())
         self.vocab_size = config.model.vocab_size  # the logits' width, which may exceed the tokenizer's
         # a thread per compiler process waits for it: one long compilation does not hold up the next request's
         self.pool = ThreadPoolExecutor(max_workers=COMPILER_PROCESSES, thread_name_prefix="wde-grammar")
@@ -225,9 +228,12 @@ class XGrammarBackend(interfaces.StructuredOutputBackend):
                 vocab[index] = ""
         return xgrammar.TokenizerInfo.from_vocab_and_metadata(vocab, detected.dump_metadata())
 
-    def new_matcher(self, grammar) -> interfaces.GrammarMatcher:
+    def new_matcher(self, grammar, prompt_token_ids: list[int]) -> interfaces.GrammarMatcher:
         import xgrammar
-        return xgrammar.GrammarMatcher(grammar)
+        matcher = xgrammar.GrammarMatcher(grammar)
+        if self.reasoning is None:
+            return matcher
+        return AfterReasoning(matcher, self.reasoning, self.reasoning.open_in(prompt_token_ids))
 
     def token_mask(self, rows: list[int], matchers: list) -> "XGrammarMask":
         if self._batch_matcher is None:
@@ -268,12 +274,27 @@ class XGrammarMask:
         size = 4 * shape[0] * shape[1]
         bitmask = (self.pinned.take(size)[:size].view(torch.int32).view(shape) if pinned
                    else torch.empty(shape, dtype=torch.int32))
-        # a matcher that took its stop token (async scheduling: its sequence finished after this step was
-        # launched, and what the step samples for it is dropped) has no next mask: its row stays open
-        live = [(row, matcher) for row, matcher in zip(self.rows, self.matchers) if not matcher.is_terminated()]
+        live, also_allowed = [], []
+        for row, matcher in zip(self.rows, self.matchers):
+            matcher, extra = mask_parts(matcher)
+            if matcher is not None:
+                live.append((row, matcher))
+            if extra is not None:
+                also_allowed.append((row, extra))
         if len(live) < num_rows:  # the rows without a constraint stay all ones (-1)
             bitmask.fill_(-1)
         if live:
             rows, matchers = zip(*live)
             self.batch_matcher.batch_fill_next_token_bitmask(list(matchers), bitmask, indices=list(rows))
+        for row, token in also_allowed:
+            word = int(bitmask[row, token // 32]) | 1 << token % 32
+            bitmask[row, token // 32] = word - (1 << 32 if word >= 1 << 31 else 0)  # as int32
         return bitmask
+
+
+def mask_parts(matcher) -> tuple[object | None, int | None]:
+    """(the xgrammar matcher that masks a row's next token, or None: every token is allowed; a token allowed
+    besides, or None). A matcher that took its stop token (async scheduling: its sequence finished after this
+    step was launched, and what the step samples for it is dropped) has no next mask: its row stays open."""
+    matcher, extra = matcher.mask_parts() if isinstance(matcher, AfterReasoning) else (matcher, None)
+    return (None if matcher is None or matcher.is_terminated() else matcher), extra
