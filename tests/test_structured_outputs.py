@@ -318,10 +318,26 @@ def test_a_compilation_past_its_time_fails_its_request_and_the_others_go_on(monk
     ({"type": "string", "enum": ["a", "b"], "const": "c"}, "/: enum / const beside ['each other']"),
     ({"type": "integer", "const": "x"}, "/: enum / const values that are not of type integer"),
     ({"type": "string", "minLength": 3, "pattern": "^a?$"}, "/: pattern beside minLength / maxLength"),
-    ({"type": "string", "pattern": "^(?!a)[a-c]$"}, "/: pattern with lookaround")])
+    ({"type": "string", "pattern": "^(?!a)[a-c]$"}, "/: pattern with lookaround"),
+    ({"type": "string", "pattern": "a^b"}, "/: pattern with an anchor inside the pattern ('^' at 1)"),
+    ({"type": "string", "pattern": "^[\\x00-\\x1f]+$"}, "/: pattern with control characters")])
 def test_a_schema_keyword_decoding_would_not_enforce_is_refused(llm, schema, where):
     with pytest.raises(ValueError, match=re.escape(where)):
         llm.generate(["x"], constrained(json=schema), use_tqdm=False)
+
+
+@pytest.mark.parametrize("regex", ["a$b", "x(y^z)", "(?=a)a"])
+def test_a_regex_xgrammar_would_not_hold_the_output_to_is_refused(llm, regex):
+    with pytest.raises(ValueError, match="structured_outputs.regex has what decoding cannot hold"):
+        llm.generate(["x"], constrained(regex=regex), use_tqdm=False)
+
+
+def test_anchors_at_the_ends_of_patterns_groups_and_alternatives_stay_allowed(llm):
+    params = [constrained(regex="(^ab|^cd)$"), constrained(regex="^[$^]x$"),
+              constrained(json={"type": "string", "pattern": "^(?:[0-9]{2}|z\\$)$"})]
+    texts = [o.outputs[0].text for o in llm.generate(["a", "b", "c"], params, use_tqdm=False)]
+    assert texts[0] in ("ab", "cd") and texts[1] in ("$x", "^x")
+    assert re.fullmatch(r"[0-9]{2}|z\$", json.loads(texts[2]))
 
 
 def test_keyword_names_as_property_names_lark_with_ebnf_text_and_special_tokens_as_text(llm):

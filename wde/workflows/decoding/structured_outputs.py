@@ -25,6 +25,7 @@ from wde.core.pinned_copy import PinnedRing
 from wde.core.sampling.sampling_params import StructuredOutputsParams
 from wde.workflows.decoding.after_reasoning import AfterReasoning, ReasoningTokens
 from wde.workflows.decoding.grammar_compiler import CompilerProcess
+from wde.workflows.decoding.regex_checks import unenforced_regex
 from wde.workflows.decoding.stop_checker import eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "description"
 BESIDE_VALUES = frozenset({"enum", "const", "type", "default", "examples", "description", "title", "$comment"})
 JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
               "array": (list,), "object": (dict,)}
-LOOKAROUND = re.compile(r"\(\?<?[=!]")
 
 
 def of_type(value, types) -> bool:
@@ -83,8 +83,9 @@ def unenforced_combination(node: dict) -> str | None:
     if isinstance(pattern, str):
         if "minLength" in node or "maxLength" in node:
             return "pattern beside minLength / maxLength"
-        if LOOKAROUND.search(pattern):
-            return "pattern with lookaround ((?=, (?!, (?<=, (?<!)"
+        problem = unenforced_regex(pattern, in_json_string=True)
+        if problem is not None:
+            return f"pattern with {problem}"
     return None
 
 
@@ -141,6 +142,9 @@ def grammar_source(spec: StructuredOutputsParams) -> tuple[str, str]:
     if kind == "json_object":
         return "json", '{"type": "object"}'
     if kind == "regex":
+        problem = unenforced_regex(spec.regex, in_json_string=False)
+        if problem is not None:
+            raise ValueError(f"structured_outputs.regex has what decoding cannot hold the output to: {problem}")
         return "regex", spec.regex
     if kind == "choice":
         return "ebnf", choice_grammar(spec.choice)
