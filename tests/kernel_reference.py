@@ -41,9 +41,11 @@ def make_problem(query_lens: list[int], context_lens: list[int], heads: int, kv_
                         to(torch.tensor(starts, dtype=torch.int32)), query_lens, head_dim ** -0.5)
 
 
-def reference_attention(p: PagedProblem, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole context, in float64 on the CPU (or in
-    float32 on the GPU for contexts too long for that)."""
+def reference_attention(p: PagedProblem, dtype: torch.dtype = torch.float64, device: str = "cpu",
+                        window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole context (or the last `window` positions up
+    to each token's own; scores capped to softcap * tanh(score / softcap) when given), in float64 on the CPU (or
+    in float32 on the GPU for contexts too long for that)."""
     out = torch.zeros(p.q.shape, dtype=dtype, device=device)
     kv_heads = p.kv_cache.shape[3]
     group = p.q.shape[1] // kv_heads
@@ -56,7 +58,11 @@ def reference_attention(p: PagedProblem, dtype: torch.dtype = torch.float64, dev
         v = cache[1][blocks].flatten(0, 1)[:seq_len].to(dtype).repeat_interleave(group, dim=1)
         q = p.q[start:start + query_len].to(device, dtype)
         scores = torch.einsum("qhd,khd->hqk", q, k) * p.scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
-        scores = scores.masked_fill(torch.arange(seq_len, device=device)[None, :] > query_pos, float("-inf"))
+        key_pos = torch.arange(seq_len, device=device)[None, :]
+        hidden = (key_pos > query_pos) | ((key_pos <= query_pos - window) if window is not None else False)
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start:start + query_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out

@@ -237,15 +237,6 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
     assert len(run_to_completion(engine)["good"].outputs[0].token_ids) == 5
 
 
-@pytest.mark.parametrize("shape", ["mistral", "mixtral"])
-def test_a_window_shorter_than_the_longest_sequence_is_refused_and_one_that_covers_it_taken(tiny_model_dir, shape):
-    """Sliding-window attention is not in the kernels yet: a window of 256 tokens serves a max_model_len of 256."""
-    folder = tiny_model_dir(shape, sliding_window=256)
-    with pytest.raises(ValueError, match=r"sliding_window=256\) is not supported; a max_model_len <= 256"):
-        LLMEngine.from_engine_args(model=folder, num_kv_blocks=8)
-    LLMEngine.from_engine_args(model=folder, num_kv_blocks=8, max_model_len=256)
-
-
 def test_longrope_past_its_original_context_is_refused_and_within_it_taken(tiny_model_dir):
     folder = tiny_model_dir("phi3", max_position_embeddings=2048)  # LongRoPE's original context: 1,024
     with pytest.raises(ValueError, match=r"LongRoPE past the original context \(1024 tokens\)"):

@@ -47,6 +47,21 @@ def test_prefill_with_cached_context(heads, kv_heads, head_dim, block_size):
     assert torch.isnan(out[decode_row]).all()
 
 
+@pytest.mark.parametrize("window,softcap", [(7, None), (16, None), (40, 5.0), (None, 2.0), (1, None)])
+def test_sliding_windows_and_soft_capping_in_both_kernels(window, softcap):
+    """Windows shorter and longer than the context and than a tile, within and across blocks; Gemma 2's cap."""
+    p = make_problem([1, 20, 1, 45, 1], [37, 30, 200, 17, 3], 8, 2, 64, 16, torch.float32, DEVICE)
+    out = torch.full_like(p.q, float("nan"))
+    for splits in (1, 3):
+        paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, splits,
+                     min_per_split=16, block_n=16, window=window, softcap=softcap)
+        paged_prefill(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, block_m=16,
+                      block_n=16, window=window, softcap=softcap)
+        reference = reference_attention(p, window=window, softcap=softcap)
+        assert relative_error(out, reference, list(range(p.q.shape[0]))) < TOLERANCE
+    assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) > 1e-2  # they change the output
+
+
 def test_decode_and_prefill_together_cover_a_mixed_batch():
     p = make_problem([1, 12, 1, 5], [40, 0, 3, 20], 4, 2, 64, 16, torch.float16, DEVICE)
     out = torch.full_like(p.q, float("nan"))

@@ -83,14 +83,13 @@ def test_gguf_experts_keys_missing_are_named_or_read_from_the_tensors(tiny_model
 
 
 def test_a_gguf_window_reaches_the_config(tiny_model_dir, tmp_path):
-    """attention.sliding_window, which transformers does not read from the file: a window shorter than
-    max_model_len is refused as from an HF folder, and one that covers it taken."""
-    folder = tiny_model_dir("phi3", sliding_window=256)
+    """attention.sliding_window, which transformers does not read from the file: a window shorter than the
+    sequences gives the tokens of the same window read from an HF folder, and not those of no window."""
+    folder = tiny_model_dir("phi3", sliding_window=3)
     gguf_file = export_gguf(Path(folder), tmp_path / "windowed.gguf")
-    with pytest.raises(ValueError, match=r"sliding_window=256\) is not supported"):
-        generate(str(gguf_file), tokenizer=folder)
-    assert [c.token_ids for c in generate(str(gguf_file), tokenizer=folder, max_model_len=256)] == [
-        c.token_ids for c in generate(folder, max_model_len=256)]
+    windowed = [c.token_ids for c in generate(folder)]
+    assert [c.token_ids for c in generate(str(gguf_file), tokenizer=folder)] == windowed
+    assert [c.token_ids for c in generate(tiny_model_dir("phi3"))] != windowed
 
 
 def test_a_gguf_file_is_parsed_once_and_a_changed_file_again(tiny_model_dir, tmp_path, monkeypatch):

@@ -16,6 +16,8 @@ VARIANTS = [("qwen3", {}), ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True
             ("qwen3_moe", {"num_experts_per_tok": 8, "norm_topk_prob": False, "mlp_only_layers": []}),
             ("qwen2_moe", {}), ("qwen2_moe", {"shared_expert_intermediate_size": 0}), ("mixtral", {}),
             ("mistral", {}), ("mistral", {"sliding_window": None, "head_dim": 32}), ("phi3", {}),
+            # windows shorter than the prompts and generations, crossing blocks and the 64-token prefill chunks
+            ("mistral", {"sliding_window": 24}), ("mixtral", {"sliding_window": 7}), ("phi3", {"sliding_window": 40}),
             ("phi3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
             ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                           "partial_rotary_factor": 1.0}})]

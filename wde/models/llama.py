@@ -18,7 +18,7 @@ from wde.core.loader.model_loader import load_params
 
 class LlamaAttention(nn.Module):
     def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, sliding_window: int | None = None):
         super().__init__()
         config = model_config.hf_config
         heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
@@ -31,7 +31,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=head_dim ** -0.5)
+        self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=head_dim ** -0.5,
+                              sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -75,29 +76,23 @@ class LlamaModel(nn.Module):
         return self.norm(hidden, residual)[0]
 
 
-def check_window_covers_every_sequence(model_config: ModelConfig) -> None:
-    """Mistral's and Mixtral's configs may set one attention window for every layer; until windows are in the
-    kernels, only one that covers every sequence the engine admits (max_model_len) is taken."""
-    window = getattr(model_config.hf_config, "sliding_window", None)
-    if window is not None and window < model_config.max_model_len:
-        raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported; a "
-                         f"max_model_len <= {window} makes the window cover every sequence")
-
-
 class LlamaForCausalLM(nn.Module):
     supports_tensor_parallel = True
     pooling = "last"  # as an embedder (gte-Qwen2, Qwen3-Embedding): the last token sees the whole input
     # checkpoint parts that load into one merged parameter: (merged, part, shard id)
     stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", "gate"), ("gate_up_proj", "up_proj", "up"))
+    one_window_for_all_layers = False  # the config's sliding_window, when set, is every layer's (Mistral)
 
     def __init__(self, model_config: ModelConfig):
         super().__init__()
         config = model_config.hf_config
         if getattr(config, "use_sliding_window", False):
-            raise ValueError("sliding-window attention is not supported")
-        self.model = LlamaModel(model_config, self.attention_options(config),
-                                lambda index: self.feed_forward(config, index))
+            raise ValueError("use_sliding_window (Qwen2's windows on its upper layers) is not supported")
+        attention = self.attention_options(config)
+        if self.one_window_for_all_layers:
+            attention["sliding_window"] = getattr(config, "sliding_window", None)
+        self.model = LlamaModel(model_config, attention, lambda index: self.feed_forward(config, index))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens

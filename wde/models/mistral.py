@@ -1,10 +1,7 @@
 """Mistral: Llama's architecture (no biases, GQA, one RoPE base), whose configs may set one attention window for
 every layer."""
-from wde.core.config import ModelConfig
-from wde.models.llama import LlamaForCausalLM, check_window_covers_every_sequence
+from wde.models.llama import LlamaForCausalLM
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    def __init__(self, model_config: ModelConfig):
-        check_window_covers_every_sequence(model_config)
-        super().__init__(model_config)
+    one_window_for_all_layers = True

@@ -6,15 +6,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from wde.core.config import ModelConfig
 from wde.core.layers.moe import Routing, SparseMoeBlock
-from wde.models.llama import LlamaForCausalLM, check_window_covers_every_sequence
+from wde.models.llama import LlamaForCausalLM
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    def __init__(self, model_config: ModelConfig):
-        check_window_covers_every_sequence(model_config)
-        super().__init__(model_config)
+    one_window_for_all_layers = True
 
     @staticmethod
     def feed_forward(config: PretrainedConfig, layer_index: int) -> nn.Module:

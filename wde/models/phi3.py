@@ -6,13 +6,14 @@ import torch
 
 from wde.core.config import ModelConfig
 from wde.core.layers.linear import materialize
-from wde.models.llama import LlamaForCausalLM, check_window_covers_every_sequence
+from wde.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    one_window_for_all_layers = True
+
     def __init__(self, model_config: ModelConfig):
         config = model_config.hf_config
-        check_window_covers_every_sequence(model_config)
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported")

@@ -37,9 +37,13 @@ class FlashAttnBackend(AttentionBackend):
         meta = attn_metadata
         store_kv(k, v, layer.kv_cache, meta.slot_mapping)
         k_cache, v_cache = layer.kv_cache[0], layer.kv_cache[1]
+        # flash-attn's window counts the keys left of the query's own; its softcap of 0 is none
+        extra = {"window_size": ((layer.sliding_window or 0) - 1, 0), "softcap": layer.logit_softcap or 0.0}
         if meta.max_query_len == 1:
             return self.with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=meta.seq_lens,
-                                     block_table=meta.block_tables, softmax_scale=layer.scale, causal=True)[:, 0]
+                                     block_table=meta.block_tables, softmax_scale=layer.scale, causal=True,
+                                     **extra)[:, 0]
         cu_seqlens_k = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
         return self.varlen(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens_k, meta.max_query_len,
-                           meta.max_seq_len, softmax_scale=layer.scale, causal=True, block_table=meta.block_tables)
+                           meta.max_seq_len, softmax_scale=layer.scale, causal=True, block_table=meta.block_tables,
+                           **extra)

@@ -16,11 +16,14 @@ class Attention(nn.Module):
 
     uses_kv_cache = True  # decoders keep K/V in the paged cache; EncoderAttention does not
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logit_softcap: float | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} attention heads cannot be grouped over {num_kv_heads} KV heads")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window = sliding_window  # each token attends to the last `sliding_window` positions only
+        self.logit_softcap = logit_softcap  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
         self.backend: AttentionBackend | None = None
         self.kv_cache: torch.Tensor | None = None
 

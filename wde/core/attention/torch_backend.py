@@ -25,6 +25,17 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: 
     return gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2)
 
 
+def attend(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [batch, heads, queries, head_dim] over keys and values [batch, kv_heads, keys, head_dim]
+    where `mask` allows; with the layer's soft-capping, by hand (scaled_dot_product_attention has no cap)."""
+    if layer.logit_softcap is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True)
+    group = q.shape[1] // keys.shape[1]
+    scores = q @ keys.repeat_interleave(group, dim=1).transpose(-1, -2) * layer.scale
+    scores = layer.logit_softcap * torch.tanh(scores / layer.logit_softcap)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values.repeat_interleave(group, dim=1)
+
+
 class TorchAttentionBackend(AttentionBackend):
     kind = "paged"
     supports_cuda_graphs = False  # it reads sequence lengths on the host
@@ -49,11 +60,12 @@ class TorchAttentionBackend(AttentionBackend):
         seq_len, query_len = meta.seq_lens_host[seq], q.shape[0]
         keys = gather_context(layer.kv_cache[0], meta.block_tables[seq:seq + 1], seq_len)
         values = gather_context(layer.kv_cache[1], meta.block_tables[seq:seq + 1], seq_len)
-        query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                             scale=layer.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
+        query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+        key_pos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = key_pos <= query_pos
+        if layer.sliding_window is not None:
+            mask &= key_pos > query_pos - layer.sliding_window
+        return attend(layer, q.transpose(0, 1)[None], keys, values, mask)[0].transpose(0, 1)
 
     def _decode(self, layer, q: torch.Tensor, meta: PagedAttentionMetadata, seqs: list[int]) -> torch.Tensor:
         """One new token per sequence, padded to the longest context; padding is masked out."""
@@ -62,7 +74,8 @@ class TorchAttentionBackend(AttentionBackend):
         block_tables = meta.block_tables[seqs]
         keys = gather_context(layer.kv_cache[0], block_tables, longest)
         values = gather_context(layer.kv_cache[1], block_tables, longest)
-        mask = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None],
-                                             scale=layer.scale, enable_gqa=True)
-        return out[:, :, 0]
+        key_pos = torch.arange(longest, device=q.device)[None, :]
+        mask = key_pos < seq_lens[:, None]
+        if layer.sliding_window is not None:
+            mask &= key_pos >= seq_lens[:, None] - layer.sliding_window
+        return attend(layer, q[:, :, None], keys, values, mask[:, None, None])[:, :, 0]

@@ -43,12 +43,13 @@ class TritonAttentionBackend(AttentionBackend):
                        *head_norm_arguments(rotation.q_norm, rotation.k_norm), v, layer.kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.min_query_len == 1:
+            context = min(meta.max_seq_len, layer.sliding_window or meta.max_seq_len)
             paged_decode(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, layer.scale,
-                         self.num_splits(meta.num_seqs, layer.num_kv_heads, meta.max_seq_len), self.split_counters,
-                         MIN_TOKENS_PER_SPLIT)
+                         self.num_splits(meta.num_seqs, layer.num_kv_heads, context), self.split_counters,
+                         MIN_TOKENS_PER_SPLIT, window=layer.sliding_window, softcap=layer.logit_softcap)
         if meta.max_query_len > 1:
             paged_prefill(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                          layer.scale)
+                          layer.scale, window=layer.sliding_window, softcap=layer.logit_softcap)
         return out
 
     def num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step
+from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step, soft_capped
 
 LOG2E = 1.4426950408889634
 
@@ -48,9 +48,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                    block_tables_ptr, seq_lens_ptr, query_start_ptr,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_bt,
-                   scale_log2, max_splits,
+                   scale_log2, max_splits, window, softcap_log2,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,11 +59,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
     if tl.load(query_start_ptr + seq + 1) - token != 1:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    splits = tl.maximum(tl.minimum(max_splits, tl.cdiv(seq_len, MIN_PER_SPLIT)), 1)  # this sequence's own
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # a sliding window reads only its tokens
+    splits = tl.maximum(tl.minimum(max_splits, tl.cdiv(seq_len - first, MIN_PER_SPLIT)), 1)  # this sequence's
     if split >= splits:
         return
-    per_split = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, splits), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     rows = tl.arange(0, GROUP_PAD)
@@ -79,7 +81,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2  # base-2 logits: exp2 is the fast exponential
+        scores = soft_capped(tl.dot(q, tl.trans(k)) * scale_log2, softcap_log2, SOFTCAP)  # base 2: exp2 is fast
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc)
     safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
@@ -106,8 +108,11 @@ def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> to
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_splits: int,
-                 counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 128) -> None:
-    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim].
+                 counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 128,
+                 window: int | None = None, softcap: float | None = None) -> None:
+    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]; window: attend
+    to the last `window` positions only (sliding-window layers); softcap: scores capped to
+    softcap * tanh(score / softcap) (Gemma 2).
 
     max_splits: the most programs one sequence's context is split over (each sequence takes one per
     `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
@@ -127,5 +132,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens, query_start_loc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, max_splits, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, num_warps=4)
+        scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None, num_warps=4)

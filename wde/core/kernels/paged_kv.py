@@ -1,5 +1,5 @@
-"""The pieces both paged attention kernels share: reading a tile of K/V through the block table, and folding a
-tile into the online softmax."""
+"""The pieces both paged attention kernels share: reading a tile of K/V through the block table, capping its
+scores (Gemma's logit soft-capping), and folding a tile into the online softmax."""
 import triton
 import triton.language as tl
 
@@ -18,8 +18,20 @@ def load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head,
 @triton.jit
 def online_softmax_step(scores, v, m, l, acc):
     """Fold one tile of masked base-2 scores [rows, tile] and its values into the running row maximum m, sum l
-    and unnormalized output acc."""
+    and unnormalized output acc. A row may have seen no key yet (a sliding window that starts past this tile):
+    its maximum stays -inf, and it takes nothing from the tile (not NaN)."""
     m_new = tl.maximum(m, tl.max(scores, 1))
-    p = tl.exp2(scores - m_new[:, None])
-    alpha = tl.exp2(m - m_new)
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
     return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def soft_capped(scores, softcap_log2, SOFTCAP: tl.constexpr):
+    """Base-2 scores s * log2(e) capped as softcap * tanh(s / softcap), in the same base (softcap_log2 =
+    softcap * log2(e)); unchanged when not SOFTCAP. tanh(x) = 1 - 2 / (exp(2x) + 1), which saturates cleanly."""
+    if SOFTCAP:
+        x = scores / softcap_log2
+        scores = softcap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+    return scores

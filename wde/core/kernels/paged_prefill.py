@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step
+from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step, soft_capped
 
 LOG2E = 1.4426950408889634
 
@@ -32,8 +32,8 @@ def _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
-                    scale_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    scale_log2, window, softcap_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M)
@@ -56,13 +56,16 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     end = tl.minimum(context_len + first + BLOCK_M, seq_len)  # the last key any row of this tile may see
-    for n_start in range(0, end, BLOCK_N):
+    # the first key any row may see: with a sliding window (window > 0), the first row's window
+    begin = tl.where(window > 0, tl.maximum(context_len + first - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    for n_start in range(begin, end, BLOCK_N):
         positions = n_start + tl.arange(0, BLOCK_N)
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = soft_capped(tl.dot(q, tl.trans(k)) * scale_log2, softcap_log2, SOFTCAP)
         visible = valid[None, :] & (positions[None, :] <= positions_q[:, None])
+        visible = visible & ((positions[None, :] > positions_q[:, None] - window) | (window <= 0))
         scores = tl.where(visible, scores, float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -72,8 +75,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                  block_m: int = 64, block_n: int = 64) -> None:
-    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]."""
+                  block_m: int = 64, block_n: int = 64, window: int | None = None, softcap: float | None = None
+                  ) -> None:
+    """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]; window and
+    softcap as in paged_decode."""
     num_seqs = seq_lens.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -82,5 +87,5 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, bl
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        scale * LOG2E, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        scale * LOG2E, window or 0, (softcap or 1.0) * LOG2E, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, SOFTCAP=softcap is not None, num_warps=4)
