@@ -17,8 +17,10 @@ def generate(folder: str, backend: str) -> list:
     return [outputs[str(i)].outputs[0] for i in range(len(prompts))]
 
 
-# qwen3: the per-head norms in the fused rotation; mistral: a window shorter than the chunks and the cached prefix
-@pytest.mark.parametrize("shape,overrides", [("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 5})])
+# qwen3: the per-head norms in the fused rotation; mistral: a window shorter than the chunks and the cached prefix;
+# gemma2: local and global layers, soft-capped scores
+@pytest.mark.parametrize("shape,overrides", [("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 5}),
+                                             ("gemma2", {"sliding_window": 5})])
 def test_triton_backend_matches_torch_backend(tiny_model_dir, shape, overrides):
     folder = tiny_model_dir(shape, **overrides)
     triton, reference = generate(folder, "triton"), generate(folder, "torch")

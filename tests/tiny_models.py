@@ -7,8 +7,8 @@ engine loads it exactly as it loads a real Hugging Face model.
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
-                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                          Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from wde.core.loader.dummy_model import write_word_level_tokenizer
 
@@ -52,6 +52,11 @@ SHAPES = {
                                original_max_position_embeddings=1024, pad_token_id=0,
                                rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
                                              "long_factor": [2.0 + i for i in range(8)]}),
+    # local (window 8) and global layers in turn; caps small enough to bite on these random weights
+    "gemma2": lambda: Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=3.0,
+                                   final_logit_softcapping=4.0, rms_norm_eps=1e-6),
     "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                                  rope_theta=500000.0, rms_norm_eps=1e-5,

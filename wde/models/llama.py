@@ -18,7 +18,8 @@ from wde.core.loader.model_loader import load_params
 
 class LlamaAttention(nn.Module):
     def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool, sliding_window: int | None = None):
+                 qk_norm: bool, sliding_window: int | None = None, scale: float | None = None,
+                 logit_softcap: float | None = None):
         super().__init__()
         config = model_config.hf_config
         heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
@@ -31,8 +32,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=head_dim ** -0.5,
-                              sliding_window=sliding_window)
+        self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=scale or head_dim ** -0.5,
+                              sliding_window=sliding_window, logit_softcap=logit_softcap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -83,6 +84,7 @@ class LlamaForCausalLM(nn.Module):
     stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", "gate"), ("gate_up_proj", "up_proj", "up"))
     one_window_for_all_layers = False  # the config's sliding_window, when set, is every layer's (Mistral)
+    model_class = LlamaModel  # takes (model_config, attention options, feed_forward(layer index))
 
     def __init__(self, model_config: ModelConfig):
         super().__init__()
@@ -92,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         attention = self.attention_options(config)
         if self.one_window_for_all_layers:
             attention["sliding_window"] = getattr(config, "sliding_window", None)
-        self.model = LlamaModel(model_config, attention, lambda index: self.feed_forward(config, index))
+        self.model = self.model_class(model_config, attention, lambda index: self.feed_forward(config, index))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens

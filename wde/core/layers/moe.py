@@ -18,7 +18,7 @@ from torch import nn
 
 from wde.core.layers.activation import SiluAndMul
 from wde.core.layers.linear import Linear, default_weight_loader, narrow
-from wde.core.layers.mlp import GatedMLP, check_silu
+from wde.core.layers.mlp import GatedMLP
 from wde.core.parallel.distributed import all_reduce, get_expert_parallel, shard_range
 
 if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
@@ -118,7 +118,8 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int, routing: Routing,
                  hidden_act: str = "silu", shared_intermediate_size: int = 0):
         super().__init__()
-        check_silu(hidden_act)
+        if hidden_act != "silu":  # what the experts' fused kernel computes
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported for experts (only silu)")
         self.gate = Linear(hidden_size, num_experts)  # whole on every rank: each routes all its tokens
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, routing)
         self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None

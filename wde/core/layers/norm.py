@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from wde.core.layers.linear import default_weight_loader, materialize
+
 if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
     from wde.core.kernels.rms_norm import rms_norm
 
@@ -28,3 +30,12 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm scales by (1 + weight): checkpoints hold the offset from 1, loaded here as 1 + it, so
+    every path (and the GPU kernel) multiplies by the weight as it is."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__(hidden_size, eps)
+        self.weight.weight_loader = lambda param, loaded: default_weight_loader(param, materialize(loaded) + 1)
