@@ -320,6 +320,10 @@ def test_a_compilation_past_its_time_fails_its_request_and_the_others_go_on(monk
     ({"type": "string", "minLength": 3, "pattern": "^a?$"}, "/: pattern beside minLength / maxLength"),
     ({"type": "string", "pattern": "^(?!a)[a-c]$"}, "/: pattern with lookaround"),
     ({"type": "string", "pattern": "a^b"}, "/: pattern with an anchor inside the pattern ('^' at 1)"),
+    ({"type": "object", "properties": {"x": {"type": "number", "minimum": 1e-10, "maximum": 1e-9}}},
+     "/properties/x: a number range with no value of 6 decimals or fewer"),
+    ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.000001}, "/: a number range with no value"),
+    ({"type": "object", "properties": {"a": {"type": []}}}, "/properties/a: type with no types"),
     ({"type": "string", "pattern": "^[\\x00-\\x1f]+$"}, "/: pattern with control characters")])
 def test_a_schema_keyword_decoding_would_not_enforce_is_refused(llm, schema, where):
     with pytest.raises(ValueError, match=re.escape(where)):

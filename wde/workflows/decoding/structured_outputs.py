@@ -17,6 +17,7 @@ import time
 import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import ROUND_CEILING, Decimal
 
 import torch
 
@@ -48,6 +49,7 @@ NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
 DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "description", "title"})  # values, not schemas
 # what may stand beside enum / const: xgrammar writes one of the values and checks nothing else of the schema
 BESIDE_VALUES = frozenset({"enum", "const", "type", "default", "examples", "description", "title", "$comment"})
+NUMBER_DECIMALS = 6  # the decimals xgrammar writes a bounded number with (its grammar's limit)
 JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
               "array": (list,), "object": (dict,)}
 
@@ -59,13 +61,33 @@ def of_type(value, types) -> bool:
                for name in names)
 
 
+def without_short_numbers(node: dict) -> bool:
+    """Whether a "number" schema's range holds no value of NUMBER_DECIMALS decimals or fewer: xgrammar's grammar
+    for such a range (minimum 1e-10, maximum 1e-9) takes the empty string, so out comes no value at all."""
+    types = node.get("type")
+    bounds = [node.get(key) for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")]
+    if "number" not in (types if isinstance(types, list) else [types]) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds if b is not None):
+        return False
+    low, high = bounds[0] if bounds[0] is not None else bounds[1], bounds[2] if bounds[2] is not None else bounds[3]
+    if low is None or high is None:
+        return False
+    step = Decimal(1).scaleb(-NUMBER_DECIMALS)
+    first = (Decimal(str(low)) / step).to_integral_value(rounding=ROUND_CEILING) * step  # the least short value
+    if bounds[0] is None and first == Decimal(str(low)):
+        first += step
+    return first > Decimal(str(high)) or (bounds[2] is None and first == Decimal(str(high)))
+
+
 def unenforced_combination(node: dict) -> str | None:
     """Keywords xgrammar takes but would not hold the output to in this combination, or None: an empty anyOf /
     oneOf (it writes nothing), required names that properties does not define, enum / const beside other
     constraints or of another type, a pattern with lengths or lookaround."""
-    for key in ("anyOf", "oneOf"):
+    for key in ("anyOf", "oneOf", "type"):
         if node.get(key) == []:
-            return f"{key} with no schemas"
+            return f"{key} with no schemas" if key != "type" else "type with no types"
+    if without_short_numbers(node):
+        return f"a number range with no value of {NUMBER_DECIMALS} decimals or fewer"
     required, properties = node.get("required"), node.get("properties")
     if isinstance(required, list):
         undefined = [name for name in required if not (isinstance(properties, dict) and name in properties)]
