@@ -1,9 +1,13 @@
 """The whole engine on the Triton attention backend gives the torch backend's tokens (CPU: interpreted)."""
 import pytest
+import torch
 
 from tests.conftest import run_to_completion
 from tests.test_parity_random import random_prompts
 from wde import LLMEngine, SamplingParams
+
+# the interpreter computes in float32 as torch does; on a GPU tl.dot multiplies float32 in TF32 (10-bit mantissas)
+LOGPROB_TOLERANCE = 5e-3 if torch.cuda.is_available() else 1e-4
 
 
 def generate(folder: str, backend: str) -> list:
@@ -27,4 +31,4 @@ def test_triton_backend_matches_torch_backend(tiny_model_dir, shape, overrides):
     assert [c.token_ids for c in triton] == [c.token_ids for c in reference]
     for a, b in zip(triton, reference):
         for step_a, step_b, token in zip(a.logprobs, b.logprobs, a.token_ids):
-            assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-4
+            assert abs(step_a[token].logprob - step_b[token].logprob) < LOGPROB_TOLERANCE
