@@ -19,7 +19,7 @@ VARIANTS = [("qwen3", {}), ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True
             # windows shorter than the prompts and generations, crossing blocks and the 64-token prefill chunks
             ("mistral", {"sliding_window": 24}), ("mixtral", {"sliding_window": 7}), ("phi3", {"sliding_window": 40}),
             ("gemma2", {}), ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None,
-                                        "tie_word_embeddings": False}),
+                                        "tie_word_embeddings": False}), ("gemma3", {}),
             ("phi3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
             ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                           "partial_rotary_factor": 1.0}})]

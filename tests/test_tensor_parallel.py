@@ -61,11 +61,12 @@ def wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
 @pytest.mark.parametrize("shape,overrides,engine_args", [
     ("llama", {}, {}), ("qwen3", {}, {}), ("qwen2", {"num_key_value_heads": 4}, {}), ("qwen2_moe", {}, {}),
     ("mixtral", {}, {}), ("mistral", {}, {}), ("phi3", {}, {}), ("qwen3_moe", {}, {"enable_expert_parallel": True}),
-    ("qwen2_moe", {}, {"enable_expert_parallel": True}), ("gemma2", {}, {}), ("mistral", {"sliding_window": 6}, {})],
+    ("qwen2_moe", {}, {"enable_expert_parallel": True}), ("gemma2", {}, {}), ("mistral", {"sliding_window": 6}, {}),
+    ("gemma3", {}, {})],
     ids=["1 KV head (copied)", "2 KV heads", "4 KV heads", "experts and a shared expert sliced", "experts sliced",
          "mistral", "phi3: fused q/k/v and gate/up tensors split", "4 whole experts per rank",
          "2 whole experts per rank and the shared expert sliced", "gemma2: soft-capped slices of the logits",
-         "a sliding window on each rank's heads"])
+         "a sliding window on each rank's heads", "gemma3: head norms and two RoPEs"])
 def test_two_ranks_give_the_tokens_of_one(tiny_model_dir, shape, overrides, engine_args):
     folder = tiny_model_dir(shape, **overrides)
     assert_same_generation(generate(folder, tensor_parallel_size=2, **engine_args), generate(folder))

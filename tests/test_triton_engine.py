@@ -22,9 +22,9 @@ def generate(folder: str, backend: str) -> list:
 
 
 # qwen3: the per-head norms in the fused rotation; mistral: a window shorter than the chunks and the cached prefix;
-# gemma2: local and global layers, soft-capped scores
+# gemma2: local and global layers, soft-capped scores; gemma3: (1 + weight) head norms in the fused rotation
 @pytest.mark.parametrize("shape,overrides", [("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 5}),
-                                             ("gemma2", {"sliding_window": 5})])
+                                             ("gemma2", {"sliding_window": 5}), ("gemma3", {})])
 def test_triton_backend_matches_torch_backend(tiny_model_dir, shape, overrides):
     folder = tiny_model_dir(shape, **overrides)
     triton, reference = generate(folder, "triton"), generate(folder, "torch")

@@ -7,7 +7,7 @@ engine loads it exactly as it loads a real Hugging Face model.
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
                           Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from wde.core.loader.dummy_model import write_word_level_tokenizer
@@ -57,6 +57,14 @@ SHAPES = {
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                    query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=3.0,
                                    final_logit_softcapping=4.0, rms_norm_eps=1e-6),
+    # 5 local layers (window 8, RoPE base 10,000) to 1 global (base 1,000,000, scaled by 4), q/k norms
+    "gemma3": lambda: Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       query_pre_attn_scalar=24, sliding_window=8, rms_norm_eps=1e-6,
+                                       rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 10000.0},
+                                                        "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                           "rope_theta": 1000000.0}}),
     "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                  num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
                                  rope_theta=500000.0, rms_norm_eps=1e-5,

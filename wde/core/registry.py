@@ -39,6 +39,7 @@ _MODELS: dict[str, dict[str, ModelEntry]] = {
     "MistralForCausalLM": _decoder("wde.models.mistral:MistralForCausalLM"),
     "Phi3ForCausalLM": _decoder("wde.models.phi3:Phi3ForCausalLM"),
     "Gemma2ForCausalLM": _decoder("wde.models.gemma2:Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": _decoder("wde.models.gemma2:Gemma3ForCausalLM"),
     # decoders saved without their LM head (gte-Qwen2, Qwen3-Embedding): last-token embedders
     "Qwen2Model": {"embed": ModelEntry("wde.models.qwen2:Qwen2ForCausalLM", DECODER_EMBED)},
     "Qwen3Model": {"embed": ModelEntry("wde.models.qwen3:Qwen3ForCausalLM", DECODER_EMBED)},

@@ -1,7 +1,9 @@
-"""Gemma 2: Llama's attention and gated MLP with Gemma's changes: embeddings scaled by sqrt(hidden_size), RMSNorms
+"""Gemma 2 and Gemma 3 (text). Gemma 2: Llama's attention and gated MLP with Gemma's changes: embeddings scaled by sqrt(hidden_size), RMSNorms
 that scale by (1 + weight), a norm after attention and one on each side of the MLP, GeGLU (gelu, tanh
 approximation), queries scaled by query_pre_attn_scalar, attention scores and final logits soft-capped
-(cap * tanh(x / cap)), and local layers (a sliding window) alternating with global ones."""
+(cap * tanh(x / cap)), and local layers (a sliding window) alternating with global ones. Gemma 3: no caps, an
+RMSNorm (1 + weight) over each head of q and k, five local layers to a global one, each kind with its RoPE."""
+import copy
 from typing import Callable
 
 import torch
@@ -19,6 +21,17 @@ from wde.models.llama import LlamaAttention, LlamaForCausalLM
 def layer_windows(config: PretrainedConfig) -> list[int | None]:
     """Each layer's attention window: the config's sliding_window on "sliding_attention" layers, else none."""
     return [config.sliding_window if kind == "sliding_attention" else None for kind in config.layer_types]
+
+
+def rope_config(config: PretrainedConfig, layer_type: str) -> PretrainedConfig:
+    """The config whose RoPE a layer of `layer_type` uses: Gemma 3 keys rope_parameters by layer type (a local
+    base for sliding layers, a global one, maybe scaled, for full ones); Gemma 2 has one for all."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type not in params:
+        return config
+    view = copy.copy(config)
+    view.rope_parameters = params[layer_type]
+    return view
 
 
 class Gemma2DecoderLayer(nn.Module):
@@ -49,10 +62,12 @@ class Gemma2Model(nn.Module):
         config = model_config.hf_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size ** 0.5
-        rotary_emb = RotaryEmbedding(config, model_config.head_dim, model_config.max_model_len)
+        rotary_embs = {kind: RotaryEmbedding(rope_config(config, kind), model_config.head_dim,
+                                             model_config.max_model_len) for kind in set(config.layer_types)}
         self.layers = nn.ModuleList(
-            Gemma2DecoderLayer(model_config, rotary_emb, {**attention, "sliding_window": window}, feed_forward(i))
-            for i, window in enumerate(layer_windows(config)))
+            Gemma2DecoderLayer(model_config, rotary_embs[kind], {**attention, "sliding_window": window},
+                               feed_forward(i))
+            for i, (kind, window) in enumerate(zip(config.layer_types, layer_windows(config))))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -87,3 +102,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         if self.final_softcap is None:
             return logits
         return self.final_softcap * torch.tanh(logits / self.final_softcap)
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    @staticmethod
+    def attention_options(config: PretrainedConfig) -> dict:
+        return {**Gemma2ForCausalLM.attention_options(config), "qk_norm": True, "norm_class": GemmaRMSNorm}

@@ -19,7 +19,7 @@ from wde.core.loader.model_loader import load_params
 class LlamaAttention(nn.Module):
     def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool, sliding_window: int | None = None, scale: float | None = None,
-                 logit_softcap: float | None = None):
+                 logit_softcap: float | None = None, norm_class: type[RMSNorm] = RMSNorm):
         super().__init__()
         config = model_config.hf_config
         heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
@@ -29,8 +29,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=o_bias,
                                         input_shard=(first_q * head_dim, self.q_size))
         # Qwen3 normalizes each head of q and k before the rotation
-        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = norm_class(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = norm_class(head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
         self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=scale or head_dim ** -0.5,
                               sliding_window=sliding_window, logit_softcap=logit_softcap)
