@@ -111,11 +111,12 @@ class RequestProcessor(Component, Generic[StateT]):
 
 class KVCacheManager(Component):
     """Owns the KV-cache block bookkeeping: which block holds which tokens of which sequence. It is the one
-    writer of a sequence's `block_table` and `block_hashes`; the scheduler owns `num_computed_tokens`.
-    An encoder's engine has one with no blocks."""
+    writer of a sequence's `block_table`, `block_hashes` and `num_freed_blocks`; the scheduler owns
+    `num_computed_tokens`. An encoder's engine has one with no blocks."""
 
     block_size: int
     enable_prefix_caching: bool
+    window: int | None = None  # every attention layer reads within this window: older blocks go back
 
     @property
     @abstractmethod
@@ -141,6 +142,10 @@ class KVCacheManager(Component):
     @abstractmethod
     def free(self, seq: Any) -> None:
         """Give back every block `seq` holds."""
+
+    def free_outside_window(self, seq: Any) -> None:
+        """Give back the blocks of `seq` that no token to come reads (a model whose every layer attends within a
+        window); by default none."""
 
     @abstractmethod
     def forget(self, blocks: set[int]) -> None:

@@ -23,6 +23,19 @@ class CachedSequence(Protocol):
     block_table: list[int]
     block_hashes: list[bytes]  # of its full blocks, filled in by the manager
     num_computed_tokens: int  # tokens whose K/V are in its blocks (the scheduler writes it)
+    num_freed_blocks: int  # the first entries of block_table given back (free_outside_window); the manager's
+
+
+def attention_window(config: EngineConfig) -> int | None:
+    """The window every attention layer of the model reads within (Mistral's `sliding_window`), or None: the
+    KV before it is never read again, so its blocks can go back while the sequence runs. A model with some
+    global layers (Gemma) reads everything on those."""
+    from wde.core.registry import resolve_model_class
+    model = config.model
+    if not getattr(resolve_model_class(model.architecture, model.task), "one_window_for_all_layers", False):
+        return None
+    window = getattr(model.hf_config, "sliding_window", None)
+    return window if window and window < model.max_model_len else None
 
 
 class KVCacheManager(interfaces.KVCacheManager):
@@ -33,6 +46,7 @@ class KVCacheManager(interfaces.KVCacheManager):
     def __init__(self, config: EngineConfig, num_blocks: int):
         super().__init__(config)
         self.block_size = config.args.block_size
+        self.window = attention_window(config)
         self.enable_prefix_caching = config.args.enable_prefix_caching
         self.allocator = BlockAllocator(num_blocks)
         self.num_queried_tokens = 0  # tokens looked up in the prefix cache
@@ -91,9 +105,22 @@ class KVCacheManager(interfaces.KVCacheManager):
         return True
 
     def free(self, seq: CachedSequence) -> None:
-        for block in reversed(seq.block_table):  # the tail first: it is the least likely to be shared
+        for block in reversed(seq.block_table[seq.num_freed_blocks:]):  # the tail first: least likely shared
             self.allocator.decref(block)
-        seq.block_table = []
+        seq.block_table, seq.num_freed_blocks = [], 0
+
+    def free_outside_window(self, seq: CachedSequence) -> None:
+        """Give back the blocks wholly before the window of the next token to compute (none without a window).
+        Their entries stay in the table (its positions keep their blocks' places): the kernels read nothing
+        before a token's window, and the torch backend reads them masked out, whatever they hold by then. The
+        block before the current one stays, for the prefix cache's hashing of it (allocate_slots)."""
+        if self.window is None:
+            return
+        first_read = seq.num_computed_tokens - self.window + 1  # the first key the next token attends to
+        keep_from = min(first_read // self.block_size, seq.num_computed_tokens // self.block_size - 1)
+        for index in range(seq.num_freed_blocks, keep_from):
+            self.allocator.decref(seq.block_table[index])
+        seq.num_freed_blocks = max(seq.num_freed_blocks, keep_from)
 
     def forget(self, blocks: set[int]) -> None:
         """Blocks a failed step was to write: their K/V are not what their hashes promise, so the prefix cache

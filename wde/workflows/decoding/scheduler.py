@@ -129,6 +129,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
                 budget -= 1
                 i += 1
                 continue
+            self.kv_cache_manager.free_outside_window(seq)  # a windowed model's old blocks make room first
             while not self.kv_cache_manager.allocate_slots(seq, num_tokens):
                 preempted = True
                 victim = self.running.pop()  # the most recently admitted

@@ -14,6 +14,7 @@ class PrefillOnlySequence:
     num_computed_tokens: int = 0  # decoders with prefix caching: tokens whose K/V the cache already held
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
+    num_freed_blocks: int = 0  # never set: one step computes a whole input (the KVCacheManager's protocol)
     aborted: bool = False  # by the scheduler, when the request is aborted while its step runs: no output then
 
     @property
