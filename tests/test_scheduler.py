@@ -75,6 +75,32 @@ def test_chunked_prefill_and_small_batches_give_the_same_tokens(tiny_model_dir):
     assert [outputs[str(i)].outputs[0].token_ids for i in range(len(prompts))] == expected
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_a_prompt_the_budget_cuts_to_one_token_a_step_samples_only_at_its_end(tiny_model_dir, async_scheduling):
+    """Three sequences decode in a budget of 4 tokens: the prompt that joins them gets one token a step, which
+    the one-token fast path took for a decode step (a sample after each, its tokens then wrong)."""
+    folder = tiny_model_dir("llama")
+    prompts = random_prompts([3, 3, 3, 13], seed=1)
+    expected = generate_alone(folder, prompts[3:], GREEDY)
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=100, block_size=4, max_num_batched_tokens=4,
+                                        async_scheduling=async_scheduling)
+    for i, prompt in enumerate(prompts[:3]):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine.add_request("joins", prompts[3], GREEDY)
+    schedule, samples_mid_prompt = engine.scheduler.schedule, []
+
+    def checked():
+        output = schedule()
+        samples_mid_prompt.extend(s for s in output.scheduled
+                                  if s.samples and s.start + s.num_tokens < s.seq.num_prompt_tokens)
+        return output
+    engine.scheduler.schedule = checked
+    assert run_to_completion(engine)["joins"].outputs[0].token_ids == expected[0]
+    assert not samples_mid_prompt
+
+
 def test_preemption_frees_blocks_and_recomputes_to_the_same_tokens(tiny_model_dir):
     folder = tiny_model_dir("qwen3")
     prompts = random_prompts([20, 25, 30, 18], seed=2)

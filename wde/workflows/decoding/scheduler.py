@@ -122,10 +122,12 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
                 i += 1  # its last token is in flight (async scheduling): it finishes when that arrives
                 continue
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            # fast path of a decode step: the token fits in the last block without filling it
+            # fast path of one token (a decode step, or a prompt's chunk cut to one by the budget): it fits in
+            # the last block without filling it
             if num_tokens == 1 and (seq.num_computed_tokens + 1) % block_size and \
                     seq.num_computed_tokens < len(seq.block_table) * block_size:
-                output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1, True))
+                output.scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens, 1,
+                                                          seq.num_computed_tokens + 1 == seq.num_tokens))
                 budget -= 1
                 i += 1
                 continue
