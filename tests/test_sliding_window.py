@@ -66,3 +66,24 @@ def test_a_model_with_global_layers_keeps_every_block(tiny_model_dir):
     assert engine.kv_cache_manager.window is None  # its full-attention layers read the whole sequence
     assert LLMEngine.from_engine_args(model=tiny_model_dir("mistral", sliding_window=WINDOW), num_kv_blocks=100,
                                       block_size=BLOCK_SIZE).kv_cache_manager.window == WINDOW
+
+
+def test_a_cached_prefix_longer_than_the_cache_leaves_room_once_its_window_passed(tiny_model_dir):
+    """8 blocks of 4: the prompt's 8 blocks stay in the prefix cache; a longer prompt finds them all, gives back
+    those before its window at admission and runs (it waited forever, with every block free)."""
+    folder = tiny_model_dir("mistral", sliding_window=8)
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=8, block_size=BLOCK_SIZE,
+                                        max_num_batched_tokens=8, enable_prefix_caching=True)
+    prompt = random_prompts([40], seed=6)[0]
+    engine.add_request("first", prompt[:32], greedy(1))
+    run_to_completion(engine)
+    engine.add_request("longer", prompt, greedy(4))
+    for _ in range(50):
+        finished = [o for o in engine.step() if o.finished]
+        if finished:
+            break
+    assert finished and finished[0].error is None and finished[0].num_cached_tokens == 32
+    reference = reference_logprobs(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+                                   prompt, finished[0].outputs[0].token_ids)
+    assert finished[0].outputs[0].token_ids == reference.argmax(-1).tolist()
+    assert_all_blocks_free(engine)

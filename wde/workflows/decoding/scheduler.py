@@ -162,6 +162,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
             if seq.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
                 cached = seq.num_computed_tokens = self.kv_cache_manager.allocate_cached_prefix(seq)
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            self.kv_cache_manager.free_outside_window(seq)  # of a cached prefix longer than the window
             if not self.kv_cache_manager.allocate_slots(seq, num_tokens):
                 self._release_blocks(seq)  # give back the cached prefix too; it waits
                 return
