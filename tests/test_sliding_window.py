@@ -87,3 +87,8 @@ def test_a_cached_prefix_longer_than_the_cache_leaves_room_once_its_window_passe
                                    prompt, finished[0].outputs[0].token_ids)
     assert finished[0].outputs[0].token_ids == reference.argmax(-1).tolist()
     assert_all_blocks_free(engine)
+
+
+def test_a_window_of_no_tokens_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="sliding_window=0: a window holds at least 1 token"):
+        LLMEngine.from_engine_args(model=tiny_model_dir("mistral", sliding_window=0), num_kv_blocks=16)

@@ -21,6 +21,8 @@ class Attention(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} attention heads cannot be grouped over {num_kv_heads} KV heads")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window={sliding_window}: a window holds at least 1 token")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window  # each token attends to the last `sliding_window` positions only
         self.logit_softcap = logit_softcap  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
