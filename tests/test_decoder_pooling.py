@@ -27,9 +27,11 @@ def reference_last_hidden(folder: str, token_ids: list[int]) -> tuple[torch.Tens
     return out.hidden_states[-1][0, -1], out.logits[0, -1]
 
 
-@pytest.mark.parametrize("shape", ["qwen2", "qwen3", "qwen3_moe", "mixtral"])
-def test_last_token_embeddings_match_transformers(tiny_model_dir, shape):
-    folder = tiny_model_dir(shape)
+@pytest.mark.parametrize("shape,overrides", [("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}), ("mixtral", {}),
+                                             ("gemma2", {}), ("gemma3", {}), ("mistral", {"sliding_window": 9})])
+def test_last_token_embeddings_match_transformers(tiny_model_dir, shape, overrides):
+    """Gemma's and Mistral's windows too, over inputs longer than them (prefilled in chunks of 128)."""
+    folder = tiny_model_dir(shape, **overrides)
     prompts = random_prompts([5, 40, 17, 90], seed=11)
     llm = LLM(model=folder, task="embed", num_kv_blocks=64, max_num_batched_tokens=128)
     normalized = llm.embed(prompts)
