@@ -1,8 +1,9 @@
-"""Gemma 2 and Gemma 3 (text). Gemma 2: Llama's attention and gated MLP with Gemma's changes: embeddings scaled by sqrt(hidden_size), RMSNorms
-that scale by (1 + weight), a norm after attention and one on each side of the MLP, GeGLU (gelu, tanh
-approximation), queries scaled by query_pre_attn_scalar, attention scores and final logits soft-capped
-(cap * tanh(x / cap)), and local layers (a sliding window) alternating with global ones. Gemma 3: no caps, an
-RMSNorm (1 + weight) over each head of q and k, five local layers to a global one, each kind with its RoPE."""
+"""Gemma 2 and Gemma 3 (text). Gemma 2: Llama's attention and gated MLP with Gemma's changes: embeddings
+scaled by sqrt(hidden_size), RMSNorms that scale by (1 + weight), a norm after attention and one on each side
+of the MLP, GeGLU (gelu, tanh approximation), queries scaled by query_pre_attn_scalar, attention scores and
+final logits soft-capped (cap * tanh(x / cap)), and local layers (a sliding window) alternating with global
+ones. Gemma 3: no caps, an RMSNorm (1 + weight) over each head of q and k, five local layers to a global one,
+each kind with its RoPE."""
 import copy
 from typing import Callable
 
