@@ -320,8 +320,8 @@ class TokenMask(Protocol):
         are not to be touched by anyone else until apply() returns."""
 
     def apply(self, logits: Any) -> None:
-        """Set the logits of the tokens the constraints forbid to -inf, in place (preparing first if nobody
-        did)."""
+        """Set the logits of the tokens the constraints forbid to -inf, in place (filling the mask first if
+        nobody prepared it)."""
 
 
 class Stepper(Component, Generic[OutputT]):

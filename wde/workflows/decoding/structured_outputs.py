@@ -287,8 +287,9 @@ class XGrammarMask:
 
     def apply(self, logits: torch.Tensor) -> None:
         import xgrammar
-        self.prepare(logits)
-        on_device = self.filled.result().to(logits.device, non_blocking=True)
+        # filled here, on this thread, when nobody prepared it: a synchronous step has nothing to overlap it with
+        bitmask = self._fill(logits.shape[0], logits.is_cuda) if self.filled is None else self.filled.result()
+        on_device = bitmask.to(logits.device, non_blocking=True)
         if logits.is_cuda:
             self.pinned.copied_out()
         xgrammar.apply_token_bitmask_inplace(logits, on_device, vocab_size=self.vocab_size)

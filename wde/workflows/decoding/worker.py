@@ -77,8 +77,9 @@ class DecodingWorker(ModelWorker):
         """A greedy step's tokens come from the ranks' vocabulary slices, on every rank; otherwise rank 0 gathers
         the logits and samples. With async scheduling every rank also keeps the samples on its device, where
         the next step (launched before these reach the host) takes its input tokens: after rank 0 sampled, it
-        broadcasts them. A step with constrained rows holds its sampling until the stepper proceeds: their
-        masks come from matchers that take the last step's tokens only once those reach the host."""
+        broadcasts them. With async scheduling, a step with constrained rows also holds its sampling until the
+        stepper proceeds: their masks come from matchers that take the last step's tokens only once those reach
+        the host."""
         if model_input.greedy:  # the CUDA graph took them already, or the argmax runs now
             token_ids = greedy if greedy is not None else self._greedy_tokens(shard_logits)
             return self._keep(token_ids, None, prompt_logprobs, None)
@@ -98,7 +99,7 @@ class DecodingWorker(ModelWorker):
                            None, [], None)
                 raise
             return self._keep(self._broadcast(token_ids), logprobs, prompt_logprobs, runners_up)
-        if sampling.allowed is None:
+        if sampling.allowed is None or not self.config.args.async_scheduling:  # nothing to overlap the masks with
             return sample()
         # over several ranks the others wait in the broadcast of these samples, which must come before the
         # next step's input reaches them: sampled as soon as the stepper proceeds
