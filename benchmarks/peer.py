@@ -2,7 +2,8 @@
 
 W1, W2 and W7 use transformers' continuous batching (`generate_batch` with paged attention), which takes one
 max_new_tokens for all requests, so each request gets the mean output length (the total output count matches
-the workload's). W5 is plain `generate` at batch 1 with SDPA attention.
+the workload's). W5 is plain `generate` at batch 1 with SDPA attention. An architecture transformers runs on no
+SDPA (Gemma 2: its soft-capped scores) gets its eager attention in both.
 """
 import time
 
@@ -22,6 +23,13 @@ def causal_lm(shape_name: str, attn_implementation: str):
                                                 **moe).eval()
 
 
+def supports_sdpa(shape_name: str) -> bool:
+    """Whether transformers runs this architecture on SDPA; Gemma 2 is eager only (its soft-capped scores)."""
+    from transformers import AutoModelForCausalLM
+    config = hf_config(shape_name)
+    return AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa
+
+
 def timed(fn):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -33,7 +41,7 @@ def timed(fn):
 def continuous_batching(shape_name: str, prompts: list[list[int]], max_new_tokens: int) -> dict:
     """Output tokens, seconds and requests for one run of generate_batch over all prompts."""
     from transformers.generation import GenerationConfig
-    model = causal_lm(shape_name, "paged|sdpa")
+    model = causal_lm(shape_name, "paged|sdpa" if supports_sdpa(shape_name) else "paged|eager")
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     results, seconds = timed(lambda: model.generate_batch(inputs=prompts, generation_config=config,
                                                           progress_bar=False))
@@ -42,7 +50,7 @@ def continuous_batching(shape_name: str, prompts: list[list[int]], max_new_token
 
 
 def single_stream(shape_name: str, prompt: list[int], new_tokens: int) -> dict:
-    model = causal_lm(shape_name, "sdpa")
+    model = causal_lm(shape_name, "sdpa" if supports_sdpa(shape_name) else "eager")
     ids = torch.tensor([prompt], device="cuda")
 
     def generate(n):

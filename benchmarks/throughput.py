@@ -1,6 +1,7 @@
 """Generation throughput, wde against transformers in the same run.
 
     python -m benchmarks.throughput                  # GPU: workload W1 of GUIDE.md
+    python -m benchmarks.throughput --shape gemma-2-2b   # GPU: W1's requests on another shape (W1-gemma-2-2b)
     python -m benchmarks.throughput --device cpu     # CPU: SmolLM2-135M (.gguf), 32 prompts
 
 W1: Qwen3-0.6B shape (random bf16 weights), 256 requests, prompt U[100, 1024], output U[100, 1024] (seed 0),
@@ -84,7 +85,7 @@ def run_gpu(args) -> None:
     prompts, output_lens = w1(args.num_prompts)
     # structured outputs need tokens that spell JSON: both runs then on the BPE vocabulary (model_folder.py)
     tokenizer = "bpe" if args.structured_outputs else "word-level"
-    llm = LLM(model=model_folder(W1_SHAPE, tokenizer), load_format="dummy", dtype="bfloat16",
+    llm = LLM(model=model_folder(args.shape, tokenizer), load_format="dummy", dtype="bfloat16",
               max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
               async_scheduling=args.async_scheduling)
     warm_up(llm, prompts)
@@ -108,21 +109,22 @@ def run_gpu(args) -> None:
         print(profile_decode_steps(llm, prompts))
     async_scheduling = llm.engine.config.args.async_scheduling
     del llm
-    limit = roofline(generation_cost(W1_SHAPE, list(map(len, prompts)), output_lens, args.max_num_seqs),
+    limit = roofline(generation_cost(args.shape, list(map(len, prompts)), output_lens, args.max_num_seqs),
                      sum(output_lens), "out tok/s", wde["out_tok_per_s"])
 
     def measure_peer() -> dict:
         from benchmarks.peer import continuous_batching
-        result = continuous_batching(W1_SHAPE, prompts, sum(output_lens) // len(output_lens))
+        result = continuous_batching(args.shape, prompts, sum(output_lens) // len(output_lens))
         return {"out_tok_per_s": round(result["out_tokens"] / result["seconds"], 1), **result, "runs": 1}
     peer, peer_error = peer_figures(args.no_peer, measure_peer)
-    detail = {"shape": W1_SHAPE, "weights": "random bf16", "tokenizer": tokenizer,
+    detail = {"shape": args.shape, "weights": "random bf16", "tokenizer": tokenizer,
               "num_requests": args.num_prompts, "prompt_len": "U[100,1024] seed 0",
               "output_len": "U[100,1024] seed 0", "sampling": "greedy",
               "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
               "statistic": "median"}
-    path = write_result("W1", "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
-    print_table(f"W1 throughput ({torch.cuda.get_device_name(0)})", "output tok/s", wde["out_tok_per_s"],
+    workload = "W1" if args.shape == W1_SHAPE else f"W1-{args.shape}"
+    path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
+    print_table(f"{workload} throughput ({torch.cuda.get_device_name(0)})", "output tok/s", wde["out_tok_per_s"],
                 peer["out_tok_per_s"] if peer else None)
     print_roofline(limit)
     print(f"\nwritten to {path}")
@@ -150,6 +152,7 @@ def constrained_runs(llm, prompts, output_lens, num_runs: int, unconstrained_rat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", default=W1_SHAPE, help="GPU: a model shape in benchmarks/model_shapes")
     parser.add_argument("--model", help="CPU only: model file or folder (default: the embedded SmolLM2)")
     parser.add_argument("--num-prompts", type=int, help="default: 256 (W1), 32 (cpu)")
     parser.add_argument("--output-len", type=int, default=64, help="CPU only")

@@ -122,6 +122,10 @@ class KVCacheManager(interfaces.KVCacheManager):
             self.allocator.decref(seq.block_table[index])
         seq.num_freed_blocks = max(seq.num_freed_blocks, keep_from)
 
+    def blocks_held(self, seq: CachedSequence) -> list[int]:
+        """The blocks `seq` holds now, per KV layer group (stats and benchmarks)."""
+        return [len(seq.block_table) - seq.num_freed_blocks]
+
     def forget(self, blocks: set[int]) -> None:
         """Blocks a failed step was to write: their K/V are not what their hashes promise, so the prefix cache
         must never hand them out (a later request with the same prompt would read garbage)."""
