@@ -17,8 +17,9 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor, rows: list[int]) 
     return float((got - want).norm() / want.norm())
 
 
+# head_dim 96 (Phi-3) and 8 compute on padded heads of 128 and 16
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 64, 16), (8, 2, 128, 16), (8, 1, 64, 256),
-                                                                 (7, 1, 64, 16)])
+                                                                 (7, 1, 64, 16), (4, 2, 96, 16), (4, 2, 8, 16)])
 @pytest.mark.parametrize("max_splits,min_per_split", [(1, 128), (3, 128), (3, 16), (16, 32)])
 def test_decode(heads, kv_heads, head_dim, block_size, max_splits, min_per_split):
     # each sequence splits by its own length: 0 and 16 tokens never, 37 and 200 as min_per_split allows; the
@@ -33,7 +34,8 @@ def test_decode(heads, kv_heads, head_dim, block_size, max_splits, min_per_split
         assert not counters.any()
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 64, 16), (8, 1, 128, 16), (4, 4, 64, 256)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 64, 16), (8, 1, 128, 16), (4, 4, 64, 256),
+                                                                 (4, 2, 96, 16), (4, 1, 8, 16)])
 def test_prefill_with_cached_context(heads, kv_heads, head_dim, block_size):
     # fresh prompts, chunks after a cached prefix, and a decode row the prefill kernel must leave alone
     query_lens, context_lens = [20, 3, 45, 1, 16], [0, 50, 17, 30, 0]

@@ -55,7 +55,7 @@ def torch_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (7, 1, 128), (16, 8, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (7, 1, 128), (16, 8, 128), (4, 2, 96)])
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_rope_in_place_with_optional_head_norm(dtype, heads, kv_heads, head_dim, with_norm):
     tokens = 9
@@ -77,7 +77,7 @@ def test_rope_in_place_with_optional_head_norm(dtype, heads, kv_heads, head_dim,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (16, 8, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (16, 8, 128), (4, 2, 96)])
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_rope_with_the_kv_store_folded_in(dtype, heads, kv_heads, head_dim, with_norm):
     """q rotated in place; the rotated k and v written to their cache slots (padding rows: nowhere), k kept."""

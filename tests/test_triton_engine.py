@@ -22,9 +22,16 @@ def generate(folder: str, backend: str) -> list:
 
 
 # qwen3: the per-head norms in the fused rotation; mistral: a window shorter than the chunks and the cached prefix;
-# gemma2: local and global layers, soft-capped scores; gemma3: (1 + weight) head norms in the fused rotation
+# gemma2: local and global layers, soft-capped scores; gemma3: (1 + weight) head norms in the fused rotation;
+# qwen2 (head_dim 8) and phi3 (24, LongRoPE): heads the kernels pad to 16 and 32
+PHI3_HEADS_OF_24 = {"hidden_size": 96, "rope_parameters": {
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+    "original_max_position_embeddings": 1024, "short_factor": [1.0] * 12, "long_factor": [2.0] * 12}}
+
+
 @pytest.mark.parametrize("shape,overrides", [("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 5}),
-                                             ("gemma2", {"sliding_window": 5}), ("gemma3", {})])
+                                             ("gemma2", {"sliding_window": 5}), ("gemma3", {}),
+                                             ("phi3", PHI3_HEADS_OF_24)])
 def test_triton_backend_matches_torch_backend(tiny_model_dir, shape, overrides):
     folder = tiny_model_dir(shape, **overrides)
     triton, reference = generate(folder, "triton"), generate(folder, "torch")

@@ -18,14 +18,6 @@ class TritonAttentionBackend(AttentionBackend):
     supports_prefill_cuda_graphs = True  # both kernels find each sequence's rows and lengths on the device
     fuses_rotation = True
 
-    @classmethod
-    def is_available(cls, config) -> str | None:
-        """None when the backend can run with `config`, else why not."""
-        head_dim = config.model.head_dim
-        if head_dim & (head_dim - 1):
-            return f"head_dim {head_dim} is not a power of two"
-        return None
-
     def __init__(self, config):
         super().__init__(config)
         self.num_sms = (torch.cuda.get_device_properties(config.device).multi_processor_count

@@ -14,23 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step, soft_capped
+from wde.core.kernels.paged_kv import head_pad, load_kv_tile, online_softmax_step, over_dims, soft_capped
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _combine_splits(out_ptr, part_out_ptr, part_lse_ptr, part, heads, row_mask, dims, token, stride_ot, stride_oh,
-                    splits, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    splits, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
     """out = the partial results of `splits` splits, weighted by their share of the softmax (log-sum-exps)."""
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+    mask = over_dims(row_mask, dims, HEAD_DIM, HEAD_PAD)
     for split in range(0, splits):
         # .cg: read past this SM's L1, which may not hold what the other programs wrote
         lse = tl.load(part_lse_ptr + part + split, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-        values = tl.load(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], mask=row_mask[:, None],
-                         other=0.0, cache_modifier=".cg")
+        values = tl.load(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0,
+                         cache_modifier=".cg")
         m_new = tl.maximum(m, lse)
         safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # all empty so far: no weight yet, not NaN
         scale, weight = tl.exp2(m - safe), tl.exp2(lse - safe)
@@ -39,7 +40,7 @@ def _combine_splits(out_ptr, part_out_ptr, part_lse_ptr, part, heads, row_mask, 
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # the block-table width and the split count change from step to step: not specialized on (one compile serves)
@@ -49,7 +50,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_bt,
                    scale_log2, max_splits, window, softcap_log2,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr,
                    SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
@@ -70,35 +71,36 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows
     row_mask = rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=row_mask[:, None],
+    dims = tl.arange(0, HEAD_PAD)
+    rows_over_dims = over_dims(row_mask, dims, HEAD_DIM, HEAD_PAD)
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=rows_over_dims,
                 other=0.0)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     for n_start in range(start, end, BLOCK_N):
         positions = n_start + tl.arange(0, BLOCK_N)
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
-                            stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
+                            stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
         scores = soft_capped(tl.dot(q, tl.trans(k)) * scale_log2, softcap_log2, SOFTCAP)  # base 2: exp2 is fast
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc)
     safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
     if splits == 1:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=rows_over_dims)
     else:
         part = (seq * GROUP * tl.num_programs(1) + heads) * max_splits  # [seq, head, split] of the first split
         tl.store(part_out_ptr + (part + split)[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None],
-                 mask=row_mask[:, None])
+                 mask=rows_over_dims)
         tl.store(part_lse_ptr + part + split, tl.where(l > 0, m + tl.log2(safe_l), float("-inf")), mask=row_mask)
         # acq_rel: this split's stores are visible to whoever counts last, and that one sees all the others'
         counter = counters_ptr + seq * tl.num_programs(1) + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
             tl.store(counter, 0)  # ready for the next layer
             _combine_splits(out_ptr, part_out_ptr, part_lse_ptr, part, heads, row_mask, dims, token, stride_ot,
-                            stride_oh, splits, GROUP_PAD, HEAD_DIM)
+                            stride_oh, splits, GROUP_PAD, HEAD_DIM, HEAD_PAD)
 
 
 def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
@@ -133,5 +135,5 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None, num_warps=4)
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None, num_warps=4)

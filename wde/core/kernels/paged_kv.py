@@ -4,14 +4,33 @@ import triton
 import triton.language as tl
 
 
+def head_pad(head_dim: int) -> int:
+    """The head width the kernels compute on: a power of two (tl.arange) of at least 16 (tl.dot on a GPU); the
+    dims past head_dim (Phi-3's 96 computes on 128) are masked off."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def over_dims(rows_mask, dims, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """rows_mask [rows] as the mask of [rows, HEAD_PAD] loads and stores: the padding dims off. Without padding
+    it stays [rows, 1], broadcast: no per-dim test in the hot loops of power-of-two heads."""
+    mask = rows_mask[:, None]
+    if HEAD_PAD != HEAD_DIM:
+        mask = mask & (dims < HEAD_DIM)[None, :]
+    return mask
+
+
 @triton.jit
 def load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
-                 stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr):
-    """K and V rows [tile, head_dim] of `positions` of sequence `seq` (zeros where not `valid`)."""
+                 stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_PAD: tl.constexpr):
+    """K and V rows [tile, HEAD_PAD] of `positions` of sequence `seq` (zeros where not `valid`, and past
+    HEAD_DIM)."""
     blocks = tl.load(block_tables_ptr + seq * stride_bt + positions // BLOCK_SIZE, mask=valid, other=0)
     offsets = blocks.to(tl.int64) * stride_cb + (positions % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-    k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+    mask = over_dims(valid, dims, HEAD_DIM, HEAD_PAD)
+    k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=mask, other=0.0)
     return k, v
 
 

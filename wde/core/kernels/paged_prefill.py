@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import load_kv_tile, online_softmax_step, soft_capped
+from wde.core.kernels.paged_kv import head_pad, load_kv_tile, online_softmax_step, over_dims, soft_capped
 
 LOG2E = 1.4426950408889634
 
@@ -33,7 +33,7 @@ def _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
                     scale_log2, window, softcap_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
+                    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M)
@@ -49,12 +49,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
     new_tokens = first + tl.arange(0, BLOCK_M)
     row_mask = new_tokens < query_len
     positions_q = context_len + new_tokens
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_PAD)
+    rows_over_dims = over_dims(row_mask, dims, HEAD_DIM, HEAD_PAD)
     q = tl.load(q_ptr + (query_start + new_tokens)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_mask[:, None], other=0.0)
+                mask=rows_over_dims, other=0.0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     end = tl.minimum(context_len + first + BLOCK_M, seq_len)  # the last key any row of this tile may see
     # the first key any row may see: with a sliding window (window > 0), the first row's window
     begin = tl.where(window > 0, tl.maximum(context_len + first - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
@@ -62,7 +63,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
         positions = n_start + tl.arange(0, BLOCK_N)
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
-                            stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
+                            stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
         scores = soft_capped(tl.dot(q, tl.trans(k)) * scale_log2, softcap_log2, SOFTCAP)
         visible = valid[None, :] & (positions[None, :] <= positions_q[:, None])
         visible = visible & ((positions[None, :] > positions_q[:, None] - window) | (window <= 0))
@@ -70,7 +71,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
         m, l, acc = online_softmax_step(scores, v, m, l, acc)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + (query_start + new_tokens)[:, None] * stride_ot + head * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=rows_over_dims)
 
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
@@ -88,4 +89,5 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, bl
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, window or 0, (softcap or 1.0) * LOG2E, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, SOFTCAP=softcap is not None, num_warps=4)
+        HEAD_PAD=head_pad(head_dim), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        SOFTCAP=softcap is not None, num_warps=4)

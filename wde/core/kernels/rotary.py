@@ -5,22 +5,24 @@ import torch
 import triton
 import triton.language as tl
 
+from wde.core.kernels.paged_kv import over_dims
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_t, stride_h, token, num_heads, cos, sin, norm_ptr, eps, out_ptr, stride_out_h,
-                  HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
+                  HAS_NORM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, HEADS_PAD: tl.constexpr):
     """Heads of one token of x, normed (HAS_NORM) and rotated, written from out_ptr on (x itself: in place)."""
     heads = tl.arange(0, HEADS_PAD)
-    dims = tl.arange(0, HALF)
-    mask = (heads < num_heads)[:, None]
+    dims = tl.arange(0, HALF_PAD)
+    mask = over_dims(heads < num_heads, dims, HALF, HALF_PAD)
     base = x_ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     if HAS_NORM:
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)
-        x1 = tl.load(norm_ptr + dims) * (a * rstd[:, None]).to(x1.dtype)
-        x2 = tl.load(norm_ptr + HALF + dims) * (b * rstd[:, None]).to(x2.dtype)
+        x1 = tl.load(norm_ptr + dims, mask=dims < HALF) * (a * rstd[:, None]).to(x1.dtype)
+        x2 = tl.load(norm_ptr + HALF + dims, mask=dims < HALF) * (b * rstd[:, None]).to(x2.dtype)
     cos = cos.to(x1.dtype)[None, :]
     sin = sin.to(x1.dtype)[None, :]
     out = out_ptr + heads[:, None] * stride_out_h + dims[None, :]
@@ -32,28 +34,28 @@ def _rotate_heads(x_ptr, stride_t, stride_h, token, num_heads, cos, sin, norm_pt
 def _rope_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, positions_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, eps,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, cache_kv_stride,
                  num_q_heads, num_k_heads, HAS_NORM: tl.constexpr, STORE: tl.constexpr, HALF: tl.constexpr,
-                 Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr):
+                 HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr):
     token = tl.program_id(0)
     position = tl.load(positions_ptr + token)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(cos_sin_ptr + position * 2 * HALF + dims)
-    sin = tl.load(cos_sin_ptr + position * 2 * HALF + HALF + dims)
+    dims = tl.arange(0, HALF_PAD)
+    cos = tl.load(cos_sin_ptr + position * 2 * HALF + dims, mask=dims < HALF)
+    sin = tl.load(cos_sin_ptr + position * 2 * HALF + HALF + dims, mask=dims < HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, cos, sin, q_norm_ptr, eps,
-                  q_ptr + token * stride_qt, stride_qh, HAS_NORM, HALF, Q_HEADS_PAD)
+                  q_ptr + token * stride_qt, stride_qh, HAS_NORM, HALF, HALF_PAD, Q_HEADS_PAD)
     if STORE:
         slot = tl.load(slot_ptr + token)
         if slot >= 0:  # padding rows of a CUDA graph batch write nothing
             row = cache_ptr + slot.to(tl.int64) * num_k_heads * 2 * HALF  # [kv_heads, head_dim] of this slot
             _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_k_heads, cos, sin, k_norm_ptr, eps, row, 2 * HALF,
-                          HAS_NORM, HALF, K_HEADS_PAD)
+                          HAS_NORM, HALF, HALF_PAD, K_HEADS_PAD)
             heads = tl.arange(0, K_HEADS_PAD)
-            all_dims = tl.arange(0, 2 * HALF)
-            mask = (heads < num_k_heads)[:, None]
+            all_dims = tl.arange(0, 2 * HALF_PAD)
+            mask = over_dims(heads < num_k_heads, all_dims, 2 * HALF, 2 * HALF_PAD)
             v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + all_dims[None, :], mask=mask)
             tl.store(row + cache_kv_stride + heads[:, None] * 2 * HALF + all_dims[None, :], v, mask=mask)
     else:
         _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_k_heads, cos, sin, k_norm_ptr, eps,
-                      k_ptr + token * stride_kt, stride_kh, HAS_NORM, HALF, K_HEADS_PAD)
+                      k_ptr + token * stride_kt, stride_kh, HAS_NORM, HALF, HALF_PAD, K_HEADS_PAD)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -77,5 +79,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                 kv_cache.stride(0) if store else 0, q.shape[1], k.shape[1],
                                 HAS_NORM=has_norm, STORE=store, HALF=q.shape[2] // 2,
+                                HALF_PAD=triton.next_power_of_2(q.shape[2] // 2),
                                 Q_HEADS_PAD=triton.next_power_of_2(q.shape[1]),
                                 K_HEADS_PAD=triton.next_power_of_2(k.shape[1]))
