@@ -1,6 +1,8 @@
-"""A model whose every layer attends within a window (Mistral's sliding_window) gives back the KV blocks before
-the window while its sequences run: a long generation holds only what it reads, and its tokens stay
-transformers' through prefix-cache hits, chunked prefills and preemption."""
+"""Windowed layers give back the KV blocks before their window while their sequences run: a model whose every
+layer attends within a window (Mistral's sliding_window) in its one KV layer group, one that mixes local and
+global layers (Gemma) in each windowed group, while its global group keeps everything. A long generation holds
+only what it reads, and its tokens stay transformers' through prefix-cache hits, chunked prefills and
+preemption."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -8,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import assert_all_blocks_free, run_to_completion
 from tests.test_parity_random import random_prompts, reference_logprobs
 from wde import LLMEngine, SamplingParams
+from wde.core.kv_cache.layer_groups import KVLayerGroups, group_layers
 
 WINDOW, BLOCK_SIZE = 32, 4
 
@@ -16,18 +19,29 @@ def greedy(num_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
 
 
+WINDOWED_SHAPES = ["mistral", "gemma2", "gemma3"]  # every layer windowed; local and global in turn; 5 to 1
+
+
+@pytest.mark.parametrize("shape", WINDOWED_SHAPES)
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_a_sequence_of_8_windows_holds_the_window_and_gives_transformers_tokens(tiny_model_dir, async_scheduling):
-    folder = tiny_model_dir("mistral", sliding_window=WINDOW)
-    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=200, block_size=BLOCK_SIZE,
+def test_a_sequence_of_8_windows_holds_the_window_and_gives_transformers_tokens(tiny_model_dir, shape,
+                                                                                  async_scheduling):
+    folder = tiny_model_dir(shape, sliding_window=WINDOW)
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=400, block_size=BLOCK_SIZE,
                                         max_num_batched_tokens=16, async_scheduling=async_scheduling)
+    windows = engine.kv_cache_manager.group_windows
     prompt = random_prompts([40])[0]  # prefilled in chunks of 16, across windows
     engine.add_request("long", prompt, greedy(8 * WINDOW))
     held, outputs = [], {}
     while engine.has_unfinished_requests():
         outputs.update({o.request_id: o for o in engine.step() if o.finished})
-        held += [len(s.block_table) - s.num_freed_blocks for s in engine.scheduler.running]
-    assert max(held) <= WINDOW // BLOCK_SIZE + 2, max(held)
+        held += [engine.kv_cache_manager.blocks_held(seq) for seq in engine.scheduler.running]
+    for group, window in enumerate(windows):
+        most = max(blocks[group] for blocks in held)
+        if window is None:
+            assert most == -(-(len(prompt) + 8 * WINDOW - 1) // BLOCK_SIZE)  # a global group: every block
+        else:
+            assert most <= WINDOW // BLOCK_SIZE + 2, (group, most)
     assert_all_blocks_free(engine)
     tokens = outputs["long"].outputs[0].token_ids
     reference = reference_logprobs(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
@@ -35,11 +49,16 @@ def test_a_sequence_of_8_windows_holds_the_window_and_gives_transformers_tokens(
     assert tokens == reference.argmax(-1).tolist()
 
 
-def test_prefix_hits_inside_the_window_and_preemption_keep_the_tokens(tiny_model_dir):
+# a cache smaller than the three sequences: Mistral's holds its windows of them, Gemma's all of their global blocks
+TIGHT_CACHE = {"mistral": 16, "gemma2": 70, "gemma3": 120}
+
+
+@pytest.mark.parametrize("shape", WINDOWED_SHAPES)
+def test_prefix_hits_inside_the_window_and_preemption_keep_the_tokens(tiny_model_dir, shape):
     """A prompt shared past the window (its first blocks given back, still findable in the prefix cache), and
-    a cache smaller than one sequence, so that they are preempted and recomputed: the tokens of a roomy engine
-    without either."""
-    folder = tiny_model_dir("mistral", sliding_window=WINDOW)
+    a cache too small for all sequences at once, so that they are preempted and recomputed: the tokens of a
+    roomy engine without either."""
+    folder = tiny_model_dir(shape, sliding_window=WINDOW)
     shared = random_prompts([70], seed=4)[0]
     prompts = [shared + [5, 6], shared + [7], random_prompts([50], seed=5)[0]]
 
@@ -56,16 +75,37 @@ def test_prefix_hits_inside_the_window_and_preemption_keep_the_tokens(tiny_model
     expected, _ = generate(num_kv_blocks=400)
     cached, engine = generate(num_kv_blocks=400, enable_prefix_caching=True)
     assert cached == expected and engine.kv_cache_manager.prefix_cache_hit_rate > 0.3
-    # 16 blocks, 64 tokens: less than one of these sequences, more than its window and a step's tokens
-    tight, engine = generate(num_kv_blocks=16)
+    assert_all_blocks_free(engine)
+    tight, engine = generate(num_kv_blocks=TIGHT_CACHE[shape])
     assert tight == expected and engine.scheduler.num_preemptions > 0
+    assert_all_blocks_free(engine)
 
 
-def test_a_model_with_global_layers_keeps_every_block(tiny_model_dir):
-    engine = LLMEngine.from_engine_args(model=tiny_model_dir("gemma2"), num_kv_blocks=100, block_size=BLOCK_SIZE)
-    assert engine.kv_cache_manager.window is None  # its full-attention layers read the whole sequence
-    assert LLMEngine.from_engine_args(model=tiny_model_dir("mistral", sliding_window=WINDOW), num_kv_blocks=100,
-                                      block_size=BLOCK_SIZE).kv_cache_manager.window == WINDOW
+def test_layer_groups_follow_the_windows():
+    # Gemma 2: local and global in turn, a group each, a block holding one layer of each group
+    assert group_layers([8, None, 8, None], 1024, True) == KVLayerGroups((8, None), (0, 1, 0, 1), (0, 0, 1, 1), 2)
+    # Gemma 3's 5 local to 1 global: the local layers cut into groups the size of the global one
+    groups = group_layers(([8] * 5 + [None]) * 2, 1024, True)
+    assert groups.windows == (8, 8, 8, 8, 8, None) and groups.layers_per_block == 2
+    assert groups.group_of_layer == (0, 0, 1, 1, 2, 5, 2, 3, 3, 4, 4, 5)
+    # one window for all (Mistral), a window as long as the model's (none), a prefill-only workflow: one group
+    assert group_layers([8] * 3, 1024, True) == KVLayerGroups((8,), (0, 0, 0), (0, 1, 2), 3)
+    assert group_layers([2048, None], 1024, True).windows == (None,)
+    assert group_layers([8, None], 1024, False) == KVLayerGroups((None,), (0, 0), (0, 1), 2)
+
+
+def test_a_model_with_global_layers_sizes_one_sequence_by_its_global_blocks(tiny_model_dir):
+    """A sequence alone must fit: Gemma's global group holds all of it, its windowed group its window."""
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir("gemma2", sliding_window=WINDOW), num_kv_blocks=100,
+                                        block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    manager = engine.kv_cache_manager
+    assert manager.window is None and manager.group_windows == (WINDOW, None)
+    # 100 blocks: 14 for the window (12 for its 32 tokens and a step of 16, two more), 86 global blocks of 4 tokens
+    assert engine.request_processor.max_seq_len == 86 * BLOCK_SIZE
+    mistral = LLMEngine.from_engine_args(model=tiny_model_dir("mistral", sliding_window=WINDOW), num_kv_blocks=100,
+                                         block_size=BLOCK_SIZE, max_num_batched_tokens=16)
+    assert mistral.kv_cache_manager.window == WINDOW
+    assert mistral.request_processor.max_seq_len == mistral.config.model.max_model_len
 
 
 def test_a_cached_prefix_longer_than_the_cache_leaves_room_once_its_window_passed(tiny_model_dir):

@@ -35,7 +35,8 @@ def generate(folder: str, graphed: bool) -> tuple[list, Counter]:
         worker, args = engine.executor.worker, engine.config.args
         worker.cuda_graphs = StepCudaGraphs(worker.model, args.max_num_seqs, args.max_num_batched_tokens,
                                             engine.config.model.max_model_len, args.block_size, worker.device,
-                                            worker._greedy_tokens, with_prefill=True, capture=capture)
+                                            worker._greedy_tokens, with_prefill=True, capture=capture,
+                                            num_kv_groups=worker.kv_layer_groups.num_groups)
         capture.replays.clear()  # what capturing ran
     # more prompts than slots, ending at different steps: prompts are read beside decoding rows, in chunks (90
     # tokens > 64), one after a cached prefix

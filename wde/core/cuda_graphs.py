@@ -73,7 +73,7 @@ class StepCudaGraphs:
 
     def __init__(self, model: torch.nn.Module, max_batch: int, max_tokens: int, max_model_len: int,
                  block_size: int, device: torch.device, greedy_tokens: Callable[[torch.Tensor], torch.Tensor] | None,
-                 with_prefill: bool, capture: Capture | None = None):
+                 with_prefill: bool, capture: Capture | None = None, num_kv_groups: int = 1):
         self.model = model
         self.greedy_tokens = greedy_tokens  # [rows, vocabulary slice] logits -> [rows] token ids, if captured
         self.sizes = batch_size_ladder(max_batch)
@@ -89,6 +89,12 @@ class StepCudaGraphs:
         self.query_starts = torch.zeros(max_batch + 1, dtype=torch.int32, device=device)  # written every step
         self.block_tables = torch.zeros(max_batch, -(-max_model_len // block_size), dtype=torch.int32,
                                         device=device)
+        # the KV layer groups after the first (a model that mixes windows): their slots and tables, or None
+        self.group_slot_mapping = self.group_block_tables = None
+        if num_kv_groups > 1:
+            self.group_slot_mapping = torch.full((num_kv_groups - 1, rows), -1, dtype=torch.int64, device=device)
+            self.group_block_tables = torch.zeros(num_kv_groups - 1, *self.block_tables.shape, dtype=torch.int32,
+                                                  device=device)
         # size -> replay(), which runs the captured step again and returns its outputs (static tensors)
         self.decode_replays: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self.prefill_replays: dict[int, Callable[[], torch.Tensor]] = {}
@@ -98,13 +104,19 @@ class StepCudaGraphs:
         # the host-side lengths only steer the backend's launch choices; the kernels read the device tensors
         return PagedAttentionMetadata(self.slot_mapping[:size], self.decode_starts[:size + 1],
                                       self.seq_lens[:size], self.block_tables[:size], [1] * size,
-                                      [self.max_model_len] * size)
+                                      [self.max_model_len] * size, *self._group_buffers(size, size))
 
     def _prefill_metadata(self, num_tokens: int) -> PagedAttentionMetadata:
         # a decode row and a prompt chunk among the slots: the backend launches both kernels, sized for any step
         seqs = self.max_batch
         return PagedAttentionMetadata(self.slot_mapping[:num_tokens], self.query_starts, self.seq_lens,
-                                      self.block_tables, [2] + [1] * (seqs - 1), [self.max_model_len] * seqs)
+                                      self.block_tables, [2] + [1] * (seqs - 1), [self.max_model_len] * seqs,
+                                      *self._group_buffers(num_tokens, seqs))
+
+    def _group_buffers(self, num_tokens: int, num_seqs: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.group_slot_mapping is None:
+            return None, None
+        return self.group_slot_mapping[:, :num_tokens], self.group_block_tables[:, :num_seqs]
 
     def _decode_forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         with set_forward_context(self._decode_metadata(size)):
@@ -166,6 +178,10 @@ class StepCudaGraphs:
         self.slot_mapping[:count].copy_(meta.slot_mapping, non_blocking=True)
         if size > count:
             self.slot_mapping[count:size].fill_(-1)  # padding writes no KV
+        if self.group_slot_mapping is not None:
+            self.group_slot_mapping[:, :count].copy_(meta.group_slot_mappings, non_blocking=True)
+            if size > count:
+                self.group_slot_mapping[:, count:size].fill_(-1)
 
     def _load_sequences(self, meta: PagedAttentionMetadata, slots: int) -> None:
         count = meta.num_seqs
@@ -173,3 +189,6 @@ class StepCudaGraphs:
         if slots > count:
             self.seq_lens[count:slots].fill_(0)  # padding attends to nothing
         self.block_tables[:count, :meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        if self.group_block_tables is not None:
+            self.group_block_tables[:, :count, :meta.block_tables.shape[1]].copy_(meta.group_block_tables,
+                                                                                 non_blocking=True)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from wde.core.engine.failures import Failure
     from wde.core.engine.scheduler_output import SchedulerOutput
     from wde.core.engine.stats import SchedulerStats
+    from wde.core.kv_cache.layer_groups import KVLayerGroups
     from wde.core.engine.llm_engine import LLMEngine
     from wde.core.request import Request
     from wde.core.tokenizer import IncrementalDecoder
@@ -217,10 +218,12 @@ class FinishedStep(LaunchedStep[ModelOutputT]):
 
 
 class Executor(Component, Generic[ModelInputT, ModelOutputT]):
-    """Runs model steps on one or more Workers. `num_kv_blocks`: the KV-cache blocks every worker holds."""
+    """Runs model steps on one or more Workers. `num_kv_blocks`: the KV-cache blocks every worker holds;
+    `kv_layer_groups`: which layers share them (wde/core/kv_cache/layer_groups.py), the same on every worker."""
 
     supports_tensor_parallel: ClassVar[bool] = False  # may run with tensor_parallel_size > 1
     num_kv_blocks: int
+    kv_layer_groups: "KVLayerGroups"
 
     @classmethod
     def from_engine(cls, engine: "LLMEngine") -> "Executor":

@@ -8,6 +8,7 @@ import torch
 from wde.core import interfaces
 from wde.core.attention.layer import Attention
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from wde.core.kv_cache.layer_groups import group_layers
 from wde.core.loader.model_loader import load_model
 from wde.core.parallel.distributed import init_device_all_reduce
 from wde.core.pinned_copy import PinnedCopier
@@ -16,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 class ModelWorker(interfaces.Worker):
+    splits_kv_by_window = False  # whether its layers' windows may split the KV cache into groups (layer_groups.py)
+
     def __init__(self, config: EngineConfig, components: dict[str, type]):
         super().__init__(config)
         self.device = config.device
@@ -26,6 +29,8 @@ class ModelWorker(interfaces.Worker):
                                self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_layers = [layer for layer in self.attn_layers if layer.uses_kv_cache]
+        self.kv_layer_groups = group_layers([layer.sliding_window for layer in self.kv_layers],
+                                            config.model.max_model_len, self.splits_kv_by_window)
         self.attn_backend = components["AttentionBackend"](config)  # chosen by the engine's selector
         if (self.attn_backend.kind == "paged") != bool(self.kv_layers):
             causal = self.attn_backend.kind == "paged"
@@ -39,7 +44,7 @@ class ModelWorker(interfaces.Worker):
 
     def kv_block_bytes(self) -> int:
         layer, args = self.kv_layers[0], self.config.args
-        elements = 2 * len(self.kv_layers) * args.block_size * layer.num_kv_heads * layer.head_dim
+        elements = 2 * self.kv_layer_groups.layers_per_block * args.block_size * layer.num_kv_heads * layer.head_dim
         return elements * self.config.model.dtype.itemsize
 
     def determine_num_kv_blocks(self) -> int:
@@ -59,7 +64,8 @@ class ModelWorker(interfaces.Worker):
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB): lower "
                                "max_num_seqs / max_num_batched_tokens, or raise gpu_memory_utilization")
-        most_usable = args.max_num_seqs * -(-model.max_model_len // args.block_size)
+        most_usable = (args.max_num_seqs * -(-model.max_model_len // args.block_size)
+                       * self.kv_layer_groups.num_groups)
         return min(num_blocks, most_usable)
 
     def free_memory_after_profiling(self) -> int:
@@ -89,21 +95,24 @@ class ModelWorker(interfaces.Worker):
             return
         model, args = self.config.model, self.config.args
         self.kv_cache = self.allocate_kv_cache(num_blocks)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s", num_blocks, args.block_size,
-                    num_blocks * args.block_size, self.kv_cache.numel() * model.dtype.itemsize / 2**30,
-                    self.device)
+        groups = self.kv_layer_groups
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s, in %d layer group(s) of %d layers "
+                    "each (windows %s)", num_blocks, args.block_size, num_blocks * args.block_size,
+                    self.kv_cache.numel() * model.dtype.itemsize / 2**30, self.device, groups.num_groups,
+                    groups.layers_per_block, list(groups.windows))
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        """One tensor [layers, 2, blocks, block_size, kv_heads, head_dim]; each attention layer gets its slice.
+        """One tensor [layers a block holds, 2, blocks, block_size, kv_heads, head_dim]; each attention layer gets
+        its slot's slice, and reads it through its group's block tables.
 
         Zeroed: padding rows that a backend reads but masks out must hold finite numbers.
         """
-        layer, args = self.kv_layers[0], self.config.args
+        layer, args, groups = self.kv_layers[0], self.config.args, self.kv_layer_groups
         # this rank's KV heads (all of them without tensor parallelism)
-        cache = torch.zeros(len(self.kv_layers), 2, num_blocks, args.block_size, layer.num_kv_heads,
+        cache = torch.zeros(groups.layers_per_block, 2, num_blocks, args.block_size, layer.num_kv_heads,
                             layer.head_dim, dtype=self.config.model.dtype, device=self.device)
-        for layer, layer_cache in zip(self.kv_layers, cache):
-            layer.kv_cache = layer_cache
+        for layer, group, slot in zip(self.kv_layers, groups.group_of_layer, groups.slot_of_layer):
+            layer.kv_cache, layer.kv_group = cache[slot], group
         return cache
 
     def release_kv_cache(self) -> None:

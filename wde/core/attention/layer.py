@@ -10,8 +10,9 @@ from wde.core.layers.rotary import Rotation
 class Attention(nn.Module):
     """q, k, v come in as [num_tokens, heads * head_dim]; the bound AttentionBackend does the work.
 
-    The Worker binds `backend` and this layer's slice of the KV cache (`kv_cache`, shaped
-    [2, num_blocks, block_size, num_kv_heads, head_dim]) before the first step.
+    The Worker binds `backend`, this layer's slice of the KV cache (`kv_cache`, shaped
+    [2, num_blocks, block_size, num_kv_heads, head_dim]) and its KV layer group (`kv_group`: which of the
+    step's block tables and slot mappings it reads, wde/core/kv_cache/layer_groups.py) before the first step.
     """
 
     uses_kv_cache = True  # decoders keep K/V in the paged cache; EncoderAttention does not
@@ -28,6 +29,7 @@ class Attention(nn.Module):
         self.logit_softcap = logit_softcap  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
         self.backend: AttentionBackend | None = None
         self.kv_cache: torch.Tensor | None = None
+        self.kv_group = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotation: Rotation | None = None
                 ) -> torch.Tensor:
@@ -36,12 +38,15 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        metadata = get_attn_metadata()
+        if self.kv_group:
+            metadata = metadata.for_group(self.kv_group)
         if rotation is not None and self.backend.fuses_rotation:
-            out = self.backend.forward(self, q, k, v, get_attn_metadata(), rotation=rotation)
+            out = self.backend.forward(self, q, k, v, metadata, rotation=rotation)
         else:
             if rotation is not None:
                 q, k = rotation.apply(q, k)
-            out = self.backend.forward(self, q, k, v, get_attn_metadata())
+            out = self.backend.forward(self, q, k, v, metadata)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
 

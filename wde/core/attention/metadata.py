@@ -1,5 +1,5 @@
 """What an attention backend needs to know about one step over the paged KV cache."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -13,6 +13,11 @@ class PagedAttentionMetadata:
     The new tokens of all sequences are concatenated into one flat batch (no padding); sequence i's new tokens
     are rows query_start_loc[i]:query_start_loc[i+1]. Its whole context lives in the KV-cache blocks listed in
     block_tables[i] (padded rows; entries past the sequence's last block are meaningless).
+
+    A model whose layers fall into several KV layer groups (wde/core/kv_cache/layer_groups.py) has a slot
+    mapping and block tables per group: the first group's in `slot_mapping` and `block_tables`, the others'
+    stacked in `group_slot_mappings` and `group_block_tables` (None with one group); `for_group` gives a
+    group's view.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot (block * block_size + offset) of each token
@@ -21,6 +26,17 @@ class PagedAttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    group_slot_mappings: torch.Tensor | None = None  # [groups - 1, num_tokens] int64
+    group_block_tables: torch.Tensor | None = None  # [groups - 1, num_seqs, max_blocks_per_seq] int32
+
+    def for_group(self, group: int) -> "PagedAttentionMetadata":
+        return self._group_views[group - 1] if group else self
+
+    @cached_property
+    def _group_views(self) -> list["PagedAttentionMetadata"]:
+        return [replace(self, slot_mapping=slots, block_tables=tables, group_slot_mappings=None,
+                        group_block_tables=None)
+                for slots, tables in zip(self.group_slot_mappings, self.group_block_tables)]
 
     @property
     def num_seqs(self) -> int:
@@ -55,18 +71,28 @@ class EncoderAttentionMetadata:
         return max(self.seq_lens_host)
 
 
-def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
-                        block_tables: list[list[int]]) -> PagedAttentionMetadata:
+def padded_tables(block_tables: list[list[int]]) -> np.ndarray:
     # numpy fills the padded table row by row far faster than torch.tensor() reads nested lists
     tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
     for row, table in enumerate(block_tables):
         tables[row, :len(table)] = table
+    return tables
+
+
+def build_attn_metadata(slots: list[int], query_lens: list[int], seq_lens: list[int],
+                        block_tables: list[list[int]], group_slots: list[list[int]] | None = None,
+                        group_tables: list[list[list[int]]] | None = None) -> PagedAttentionMetadata:
+    """group_slots / group_tables: the slots and tables of the KV layer groups after the first, if any."""
     query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=query_start_loc[1:])
+    grouped = {}
+    if group_tables:
+        grouped = {"group_slot_mappings": torch.tensor(group_slots, dtype=torch.int64),
+                   "group_block_tables": torch.from_numpy(np.stack([padded_tables(t) for t in group_tables]))}
     return PagedAttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=torch.from_numpy(query_start_loc),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.from_numpy(tables),
-        query_lens_host=query_lens, seq_lens_host=seq_lens)
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=torch.from_numpy(padded_tables(block_tables)),
+        query_lens_host=query_lens, seq_lens_host=seq_lens, **grouped)
 
 
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:

@@ -11,6 +11,7 @@ class LocalExecutor(interfaces.Executor):
         super().__init__(config, components)
         self.worker = components["Worker"](config, components)
         self.num_kv_blocks = self.worker.determine_num_kv_blocks()
+        self.kv_layer_groups = self.worker.kv_layer_groups
         self.worker.init_kv_cache(self.num_kv_blocks)
 
     def execute_model(self, model_input: Any) -> Any:

@@ -15,6 +15,7 @@ class HasRequest(Protocol):
 
 class HasBlocks(HasRequest, Protocol):
     block_table: list[int]
+    group_tables: list[list[int]]  # of the KV layer groups after the first
 
     @property
     def is_finished(self) -> bool:
@@ -54,7 +55,8 @@ class SchedulerOutput(Generic[Item]):
     def requests_reading(self, blocks: set[int]) -> list[Request]:
         """The requests whose sequences hold one of `blocks` (so read them, as a cached prefix)."""
         return list({id(item.seq.request): item.seq.request for item in self.scheduled
-                     if not blocks.isdisjoint(item.seq.block_table)}.values())
+                     if not blocks.isdisjoint(item.seq.block_table)
+                     or any(not blocks.isdisjoint(table) for table in item.seq.group_tables)}.values())
 
     def only(self, request_ids: set[str]) -> "SchedulerOutput[Item]":
         return replace(self, scheduled=[s for s in self.scheduled if s.seq.request.request_id in request_ids])

@@ -20,37 +20,40 @@ class CachedSequence(Protocol):
     """What the manager needs of a sequence."""
 
     token_ids: "list[int] | array"  # ints, as a list or an array("q")
-    block_table: list[int]
+    block_table: list[int]  # of the first KV layer group (the only one of most models)
     block_hashes: list[bytes]  # of its full blocks, filled in by the manager
     num_computed_tokens: int  # tokens whose K/V are in its blocks (the scheduler writes it)
     num_freed_blocks: int  # the first entries of block_table given back (free_outside_window); the manager's
-
-
-def attention_window(config: EngineConfig) -> int | None:
-    """The window every attention layer of the model reads within (Mistral's `sliding_window`), or None: the
-    KV before it is never read again, so its blocks can go back while the sequence runs. A model with some
-    global layers (Gemma) reads everything on those."""
-    from wde.core.registry import resolve_model_class
-    model = config.model
-    if not getattr(resolve_model_class(model.architecture, model.task), "one_window_for_all_layers", False):
-        return None
-    window = getattr(model.hf_config, "sliding_window", None)
-    return window if window and window < model.max_model_len else None
+    group_tables: list[list[int]]  # the tables of the other KV layer groups, as long as block_table; the manager's
+    group_freed_blocks: list[int]  # num_freed_blocks of each of those; the manager's
 
 
 class KVCacheManager(interfaces.KVCacheManager):
+    """Every table of a sequence has an entry per block of its tokens, in every KV layer group
+    (wde/core/kv_cache/layer_groups.py): a group's entries before its window's first block are given back as the
+    window moves on (or, on a prefix hit, stand for blocks never taken), and kept in place so that positions keep
+    their blocks' places; the kernels never read them. A group caches its full blocks under its own keys, so a
+    prefix hit takes from each group what its layers read: the windowed groups only their window's blocks."""
+
     @classmethod
     def from_engine(cls, engine) -> "KVCacheManager":
-        return cls(engine.config, engine.executor.num_kv_blocks)
+        return cls(engine.config, engine.executor.num_kv_blocks, engine.executor.kv_layer_groups.windows)
 
-    def __init__(self, config: EngineConfig, num_blocks: int):
+    def __init__(self, config: EngineConfig, num_blocks: int, group_windows: tuple[int | None, ...] = (None,)):
         super().__init__(config)
         self.block_size = config.args.block_size
-        self.window = attention_window(config)
+        self.group_windows = group_windows  # per KV layer group: the window its layers read within, or None
         self.enable_prefix_caching = config.args.enable_prefix_caching
         self.allocator = BlockAllocator(num_blocks)
         self.num_queried_tokens = 0  # tokens looked up in the prefix cache
         self.num_hit_tokens = 0  # of which found
+
+    @property
+    def window(self) -> int | None:
+        """The window every layer reads within, when they share one: a sequence then holds about a window's
+        blocks however long it grows. None when some layer reads the whole context."""
+        windows = set(self.group_windows)
+        return windows.pop() if len(windows) == 1 else None
 
     @property
     def num_blocks(self) -> int:
@@ -63,6 +66,23 @@ class KVCacheManager(interfaces.KVCacheManager):
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def longest_sequence(self, max_step_tokens: int, max_model_len: int) -> int:
+        """The most tokens one sequence can reach alone in the cache (up to max_model_len): a sequence that fits
+        alone can always run, after preempting the others. A windowed group holds at most the blocks of its
+        window and of one step's tokens, and two more (the block before the current one, and a partial one)."""
+        windowed_peaks = [self.blocks_for(window + max_step_tokens) + 2 for window in self.group_windows
+                          if window is not None]
+        num_global = len(self.group_windows) - len(windowed_peaks)
+
+        def fits(num_tokens: int) -> bool:
+            blocks = self.blocks_for(num_tokens)
+            return num_global * blocks + sum(min(blocks, peak) for peak in windowed_peaks) <= self.num_blocks
+        low, high = 0, max_model_len  # the longest length that fits, by bisection (fits() only grows with it)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return low
+
     def allocate_cached_prefix(self, seq: CachedSequence) -> int:
         """At admission, share the cached blocks that hold the start of `seq`; return the tokens reused.
 
@@ -70,17 +90,35 @@ class KVCacheManager(interfaces.KVCacheManager):
         """
         if not self.enable_prefix_caching or seq.block_table:
             return 0
-        hashes = self._full_block_hashes(seq)
-        hits = []
-        for block_hash in hashes[:(len(seq.token_ids) - 1) // self.block_size]:
-            block = self.allocator.lookup(block_hash)
-            if block is None:
-                break
-            hits.append(block)
-        for block in hits:
-            self.allocator.incref(block)
-        seq.block_table = hits
-        return len(hits) * self.block_size  # the scheduler's to record: it owns num_computed_tokens
+        hashes = self._full_block_hashes(seq)[:(len(seq.token_ids) - 1) // self.block_size]
+        num_hit_blocks = self._longest_cached_prefix(hashes)
+        if not num_hit_blocks:
+            return 0
+        tables = self._tables(seq)
+        for group, window in enumerate(self.group_windows):
+            first = self._first_block_read(num_hit_blocks * self.block_size, window)
+            hits = [self.allocator.lookup(self._key(block_hash, group)) for block_hash in hashes[first:num_hit_blocks]]
+            for block in hits:
+                self.allocator.incref(block)
+            tables[group][:] = [hits[0]] * first + hits  # entries before its window: never read, not held
+            self._set_freed(seq, group, first)
+        return num_hit_blocks * self.block_size  # the scheduler's to record: it owns num_computed_tokens
+
+    def _longest_cached_prefix(self, hashes: list[bytes]) -> int:
+        """The most leading blocks of which every group finds the ones its layers read in the cache."""
+        found = len(hashes)
+        for group, window in enumerate(self.group_windows):
+            if window is None:  # a global group reads every block of the prefix
+                found = next((i for i in range(found) if self.allocator.lookup(self._key(hashes[i], group)) is None),
+                             found)
+        while found:  # each windowed group reads the blocks of the window before the first token to compute
+            missing = [i for group, window in enumerate(self.group_windows) if window is not None
+                       for i in range(self._first_block_read(found * self.block_size, window), found)
+                       if self.allocator.lookup(self._key(hashes[i], group)) is None]
+            if not missing:
+                return found
+            found = max(missing)
+        return 0
 
     def count_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Account one admitted sequence's lookup in the hit rate (failed admissions are retried, not counted)."""
@@ -88,43 +126,75 @@ class KVCacheManager(interfaces.KVCacheManager):
         self.num_hit_tokens += num_hit_tokens
 
     def allocate_slots(self, seq: CachedSequence, num_new_tokens: int) -> bool:
-        """Give `seq` blocks for `num_new_tokens` more tokens; False (and nothing changed) if too few are free."""
+        """Give `seq` blocks for `num_new_tokens` more tokens in every group; False (and nothing changed) if too
+        few are free."""
+        tables = self._tables(seq)
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if needed > self.allocator.num_free:
+        if needed * len(tables) > self.allocator.num_free:
             return False
-        for _ in range(needed):
-            seq.block_table.append(self.allocator.allocate())
+        for table in tables:
+            for _ in range(needed):
+                table.append(self.allocator.allocate())
         if self.enable_prefix_caching:  # blocks this step fills are findable from now on (see below)
             hashes = self._full_block_hashes(seq)
             full_before = seq.num_computed_tokens // self.block_size
             full_after = (seq.num_computed_tokens + num_new_tokens) // self.block_size
             # a block whose last token was still being sampled (async scheduling) had no hash at the last call:
             # it is cached now (cache() ignores a block already cached)
-            for index in range(max(0, full_before - 1), min(full_after, len(hashes))):
-                self.allocator.cache(seq.block_table[index], hashes[index])
+            for group, table in enumerate(tables):
+                for index in range(max(0, full_before - 1), min(full_after, len(hashes))):
+                    self.allocator.cache(table[index], self._key(hashes[index], group))
         return True
 
     def free(self, seq: CachedSequence) -> None:
-        for block in reversed(seq.block_table[seq.num_freed_blocks:]):  # the tail first: least likely shared
-            self.allocator.decref(block)
-        seq.block_table, seq.num_freed_blocks = [], 0
+        for group, table in enumerate(self._tables(seq)):
+            for block in reversed(table[self._freed(seq, group):]):  # the tail first: least likely shared
+                self.allocator.decref(block)
+        seq.block_table, seq.num_freed_blocks, seq.group_tables, seq.group_freed_blocks = [], 0, [], []
 
     def free_outside_window(self, seq: CachedSequence) -> None:
-        """Give back the blocks wholly before the window of the next token to compute (none without a window).
-        Their entries stay in the table (its positions keep their blocks' places): the kernels read nothing
-        before a token's window, and the torch backend reads them masked out, whatever they hold by then. The
-        block before the current one stays, for the prefix cache's hashing of it (allocate_slots)."""
-        if self.window is None:
-            return
-        first_read = seq.num_computed_tokens - self.window + 1  # the first key the next token attends to
-        keep_from = min(first_read // self.block_size, seq.num_computed_tokens // self.block_size - 1)
-        for index in range(seq.num_freed_blocks, keep_from):
-            self.allocator.decref(seq.block_table[index])
-        seq.num_freed_blocks = max(seq.num_freed_blocks, keep_from)
+        """Give back the blocks wholly before the window of the next token to compute, in each windowed group.
+        The block before the current one stays, for the prefix cache's hashing of it (allocate_slots)."""
+        for group, (window, table) in enumerate(zip(self.group_windows, self._tables(seq))):
+            if window is None:
+                continue
+            keep_from = min(self._first_block_read(seq.num_computed_tokens, window),
+                            seq.num_computed_tokens // self.block_size - 1)
+            freed = self._freed(seq, group)
+            for index in range(freed, keep_from):
+                self.allocator.decref(table[index])
+            self._set_freed(seq, group, max(freed, keep_from))
 
     def blocks_held(self, seq: CachedSequence) -> list[int]:
         """The blocks `seq` holds now, per KV layer group (stats and benchmarks)."""
-        return [len(seq.block_table) - seq.num_freed_blocks]
+        return [len(table) - self._freed(seq, group) for group, table in enumerate(self._tables(seq))]
+
+    def _first_block_read(self, num_computed_tokens: int, window: int | None) -> int:
+        """The first block the token at position num_computed_tokens reads through a layer with this window."""
+        return 0 if window is None else max(0, num_computed_tokens - window + 1) // self.block_size
+
+    def _tables(self, seq: CachedSequence) -> list[list[int]]:
+        """The sequence's block table in each group (the other groups' made empty on its first call)."""
+        if len(seq.group_tables) != len(self.group_windows) - 1:
+            seq.group_tables = [[] for _ in self.group_windows[1:]]
+            seq.group_freed_blocks = [0] * len(seq.group_tables)
+        return [seq.block_table, *seq.group_tables]
+
+    @staticmethod
+    def _freed(seq: CachedSequence, group: int) -> int:
+        return seq.group_freed_blocks[group - 1] if group else seq.num_freed_blocks
+
+    @staticmethod
+    def _set_freed(seq: CachedSequence, group: int, count: int) -> None:
+        if group:
+            seq.group_freed_blocks[group - 1] = count
+        else:
+            seq.num_freed_blocks = count
+
+    @staticmethod
+    def _key(block_hash: bytes, group: int) -> bytes:
+        """A group's key of a block of this hash: the same tokens hold other layers' K/V in each group."""
+        return block_hash + bytes([group]) if group else block_hash
 
     def forget(self, blocks: set[int]) -> None:
         """Blocks a failed step was to write: their K/V are not what their hashes promise, so the prefix cache

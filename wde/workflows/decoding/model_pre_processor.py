@@ -106,6 +106,14 @@ def prompt_logprob_rows(index: int, scheduled: ScheduledSequence, first_flat_row
                              seq.params.prompt_logprobs)
 
 
+def add_group_slots(tables: list[list[int]], start: int, end: int, block_size: int, group_slots: list[list[int]],
+                    group_tables: list[list[list[int]]]) -> None:
+    """A sequence's positions start..end-1 in the KV layer groups after the first: their slots and its tables."""
+    for table, slots, step_tables in zip(tables, group_slots, group_tables):
+        slots.extend(slots_of(table, start, end, block_size))
+        step_tables.append(table)
+
+
 class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, ModelInput]):
     @classmethod
     def from_engine(cls, engine) -> "DecodingModelPreProcessor":
@@ -124,10 +132,14 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, Mo
         block_size = self.block_size
         token_ids, positions, slots, query_lens, seq_lens, block_tables = [], [], [], [], [], []
         logits_indices, sampled, prompt_logprobs, in_flight_rows = [], [], [], []
+        num_more_groups = len(scheduler_output.scheduled[0].seq.group_tables)  # KV layer groups after the first
+        group_slots, group_tables = [[] for _ in range(num_more_groups)], [[] for _ in range(num_more_groups)]
         for index, scheduled in enumerate(scheduler_output.scheduled):
             seq, start, count = scheduled.seq, scheduled.start, scheduled.num_tokens
             end = start + count
             table = seq.block_table
+            if num_more_groups:
+                add_group_slots(seq.group_tables, start, end, block_size, group_slots, group_tables)
             if count == 1:  # the common case, a decode step: no ranges to build
                 if start < len(seq.token_ids):
                     token_ids.append(seq.token_ids[start])
@@ -155,7 +167,7 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, Mo
         for row, seq in enumerate(sampled):
             seq.sample_row = row
         return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          build_attn_metadata(slots, query_lens, seq_lens, block_tables),
+                          build_attn_metadata(slots, query_lens, seq_lens, block_tables, group_slots, group_tables),
                           torch.tensor(logits_indices, dtype=torch.int64), sampling, prompt_logprobs,
                           in_flight_source(in_flight_rows, len(token_ids)), sampling.only_argmax)
 

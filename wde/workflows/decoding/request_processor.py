@@ -18,14 +18,8 @@ class DecodingRequestProcessor(interfaces.RequestProcessor[SequenceGroup]):
         self.tokenizer = tokenizer
         self.structured_outputs = structured_outputs
         self.max_model_len = config.model.max_model_len
-        block_size, window = kv_cache_manager.block_size, kv_cache_manager.window
-        kv_capacity = kv_cache_manager.num_blocks * block_size
-        # a sequence alone in the engine must always fit in the cache, or preemption could never make room; one
-        # of a model that attends within a window on every layer holds at most the window and one step's tokens
-        # (its older blocks go back as it runs)
-        holds_any_length = window is not None and (
-            kv_capacity >= window + config.args.max_num_batched_tokens + 2 * block_size)
-        self.max_seq_len = self.max_model_len if holds_any_length else min(self.max_model_len, kv_capacity)
+        # a sequence alone in the engine must always fit in the cache, or preemption could never make room
+        self.max_seq_len = kv_cache_manager.longest_sequence(config.args.max_num_batched_tokens, self.max_model_len)
 
     def __call__(self, request: Request) -> SequenceGroup:
         prompt_ids = request.prompt_token_ids

@@ -33,7 +33,9 @@ class ScheduledSequence:
     rewound: bool = False
 
     def written_blocks(self, block_size: int) -> list[int]:
-        return self.seq.block_table[self.start // block_size:(self.start + self.num_tokens - 1) // block_size + 1]
+        """The blocks this step writes, in every KV layer group."""
+        first, last = self.start // block_size, (self.start + self.num_tokens - 1) // block_size + 1
+        return [block for table in (self.seq.block_table, *self.seq.group_tables) for block in table[first:last]]
 
 
 def scheduled(seq: Sequence, num_tokens: int) -> ScheduledSequence:

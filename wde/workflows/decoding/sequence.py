@@ -52,7 +52,11 @@ class Sequence:
     sample_row: int = -1  # its row among the samples of the last step that sampled it
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks (prefix caching)
-    num_freed_blocks: int = 0  # the first blocks of its table, given back: wholly before every layer's window
+    num_freed_blocks: int = 0  # the first blocks of its table, given back: wholly before its layers' window
+    # a model whose layers mix windows: the block tables of its KV layer groups after the first, and how many
+    # of each one's first blocks went back (wde/core/kv_cache/layer_groups.py)
+    group_tables: list[list[int]] = field(default_factory=list)
+    group_freed_blocks: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None

@@ -16,6 +16,8 @@ from wde.workflows.decoding.model_pre_processor import ModelInput
 
 
 class DecodingWorker(ModelWorker):
+    splits_kv_by_window = True  # long generations free their windowed layers' old blocks as they go
+
     def __init__(self, config, components):
         super().__init__(config, components)
         self.sampler = Sampler(self.device, config.args.seed)
@@ -31,7 +33,8 @@ class DecodingWorker(ModelWorker):
             self.cuda_graphs = StepCudaGraphs(self.model, args.max_num_seqs, args.max_num_batched_tokens,
                                               self.config.model.max_model_len, args.block_size, self.device,
                                               self._greedy_tokens if get_tp_size() == 1 else None,
-                                              with_prefill=self.attn_backend.supports_prefill_cuda_graphs)
+                                              with_prefill=self.attn_backend.supports_prefill_cuda_graphs,
+                                              num_kv_groups=self.kv_layer_groups.num_groups)
 
     def _greedy_tokens(self, shard_logits: torch.Tensor) -> torch.Tensor:
         return greedy_tokens(shard_logits, self.vocab_size)

@@ -15,6 +15,8 @@ class PrefillOnlySequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_freed_blocks: int = 0  # never set: one step computes a whole input (the KVCacheManager's protocol)
+    group_tables: list[list[int]] = field(default_factory=list)  # never set: its worker keeps one KV layer group
+    group_freed_blocks: list[int] = field(default_factory=list)
     aborted: bool = False  # by the scheduler, when the request is aborted while its step runs: no output then
 
     @property
