@@ -132,3 +132,14 @@ def test_a_cached_prefix_longer_than_the_cache_leaves_room_once_its_window_passe
 def test_a_window_of_no_tokens_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="sliding_window=0: a window holds at least 1 token"):
         LLMEngine.from_engine_args(model=tiny_model_dir("mistral", sliding_window=0), num_kv_blocks=16)
+
+
+@pytest.mark.parametrize("shape", ["gemma2", "gemma3"])
+def test_the_memory_profile_step_runs_over_every_layer_group(tiny_model_dir, shape):
+    """The step a GPU worker runs to size its KV cache carries every group's tables (run here on the CPU)."""
+    engine = LLMEngine.from_engine_args(model=tiny_model_dir(shape), num_kv_blocks=16, block_size=BLOCK_SIZE,
+                                        max_num_batched_tokens=32, max_num_seqs=4)
+    worker = engine.executor.worker
+    assert worker.kv_layer_groups.num_groups > 1
+    worker.profile_run()  # a scratch cache of its own, dropped after
+    assert all(layer.kv_cache is None for layer in worker.kv_layers)

@@ -100,13 +100,16 @@ def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> l
     return [block_table[pos // block_size] * block_size + pos % block_size for pos in range(start, end)]
 
 
-def dummy_paged_batch(num_tokens: int, num_seqs: int, block_size: int
+def dummy_paged_batch(num_tokens: int, num_seqs: int, block_size: int, num_kv_groups: int = 1
                       ) -> tuple[list[int], PagedAttentionMetadata, list[int], int]:
     """A profiling batch: num_tokens new tokens over num_seqs fresh sequences that all use the same scratch
-    blocks. Returns (positions, metadata, last row of each sequence, blocks the scratch cache needs)."""
+    blocks, in every KV layer group. Returns (positions, metadata, last row of each sequence, blocks the scratch
+    cache needs)."""
     query_lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     num_blocks = -(-max(query_lens) // block_size)
     positions = [pos for length in query_lens for pos in range(length)]
-    metadata = build_attn_metadata(positions, query_lens, query_lens, [list(range(num_blocks))] * num_seqs)
+    tables = [list(range(num_blocks))] * num_seqs
+    metadata = build_attn_metadata(positions, query_lens, query_lens, tables, [positions] * (num_kv_groups - 1),
+                                   [tables] * (num_kv_groups - 1))
     last_rows = (np.cumsum(query_lens) - 1).tolist()
     return positions, metadata, last_rows, num_blocks

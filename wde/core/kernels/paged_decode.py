@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import head_pad, load_kv_tile, online_softmax_step, over_dims, soft_capped
+from wde.core.kernels.paged_kv import (dot_precision, head_pad, load_kv_tile, online_softmax_step, over_dims,
+                                      soft_capped)
 
 LOG2E = 1.4426950408889634
 
@@ -52,7 +53,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                    scale_log2, max_splits, window, softcap_log2,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr,
-                   SOFTCAP: tl.constexpr):
+                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -83,9 +84,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
-        scores = soft_capped(tl.dot(q, tl.trans(k)) * scale_log2, softcap_log2, SOFTCAP)  # base 2: exp2 is fast
+        # base 2: exp2 is fast
+        scores = soft_capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2, softcap_log2, SOFTCAP)
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m, l, acc = online_softmax_step(scores, v, m, l, acc)
+        m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)
     safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
     if splits == 1:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -136,4 +138,5 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None, num_warps=4)
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(q.dtype), num_warps=4)

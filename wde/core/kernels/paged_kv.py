@@ -1,7 +1,15 @@
 """The pieces both paged attention kernels share: reading a tile of K/V through the block table, capping its
 scores (Gemma's logit soft-capping), and folding a tile into the online softmax."""
+import torch
 import triton
 import triton.language as tl
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """How tl.dot multiplies: a float32 model's attention exactly ("ieee", as torch's float32 matmuls do), not in
+    TF32, whose 10-bit mantissas moved greedy picks of float32 test models on a GPU; 16-bit inputs multiply
+    exactly on the tensor cores either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def head_pad(head_dim: int) -> int:
@@ -35,7 +43,7 @@ def load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head,
 
 
 @triton.jit
-def online_softmax_step(scores, v, m, l, acc):
+def online_softmax_step(scores, v, m, l, acc, PRECISION: tl.constexpr):
     """Fold one tile of masked base-2 scores [rows, tile] and its values into the running row maximum m, sum l
     and unnormalized output acc. A row may have seen no key yet (a sliding window that starts past this tile):
     its maximum stays -inf, and it takes nothing from the tile (not NaN)."""
@@ -43,7 +51,7 @@ def online_softmax_step(scores, v, m, l, acc):
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     p = tl.exp2(scores - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
-    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
 
 @triton.jit

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import head_pad, load_kv_tile, online_softmax_step, over_dims, soft_capped
+from wde.core.kernels.paged_kv import (dot_precision, head_pad, load_kv_tile, online_softmax_step, over_dims,
+                                      soft_capped)
 
 LOG2E = 1.4426950408889634
 
@@ -33,7 +34,8 @@ def _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, num_seqs,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
                     scale_log2, window, softcap_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
+                    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_M)
@@ -64,11 +66,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
-        scores = soft_capped(tl.dot(q, tl.trans(k)) * scale_log2, softcap_log2, SOFTCAP)
+        scores = soft_capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2, softcap_log2, SOFTCAP)
         visible = valid[None, :] & (positions[None, :] <= positions_q[:, None])
         visible = visible & ((positions[None, :] > positions_q[:, None] - window) | (window <= 0))
         scores = tl.where(visible, scores, float("-inf"))
-        m, l, acc = online_softmax_step(scores, v, m, l, acc)
+        m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + (query_start + new_tokens)[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rows_over_dims)
@@ -90,4 +92,5 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, bl
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, window or 0, (softcap or 1.0) * LOG2E, GROUP=q.shape[1] // num_kv_heads, HEAD_DIM=head_dim,
         HEAD_PAD=head_pad(head_dim), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        SOFTCAP=softcap is not None, num_warps=4)
+        SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(q.dtype), num_warps=4)

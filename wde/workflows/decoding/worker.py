@@ -134,7 +134,8 @@ class DecodingWorker(ModelWorker):
         args = self.config.args
         num_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * self.config.model.max_model_len)
         num_seqs = min(args.max_num_seqs, num_tokens)
-        positions, metadata, last_rows, num_blocks = dummy_paged_batch(num_tokens, num_seqs, args.block_size)
+        positions, metadata, last_rows, num_blocks = dummy_paged_batch(num_tokens, num_seqs, args.block_size,
+                                                                       self.kv_layer_groups.num_groups)
         self.allocate_kv_cache(num_blocks)  # a scratch cache the dummy sequences share; dropped below
         sampling = SamplingMetadata(temperature=torch.ones(num_seqs), all_greedy=False, all_random=True,
                                     num_logprobs=None)
