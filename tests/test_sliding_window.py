@@ -13,6 +13,7 @@ from wde import LLMEngine, SamplingParams
 from wde.core.kv_cache.layer_groups import KVLayerGroups, group_layers
 
 WINDOW, BLOCK_SIZE = 32, 4
+FLOAT32 = {"dtype": "float32"}  # transformers' precision on a GPU too (where "auto" would be bfloat16)
 
 
 def greedy(num_tokens: int) -> SamplingParams:
@@ -28,7 +29,7 @@ def test_a_sequence_of_8_windows_holds_the_window_and_gives_transformers_tokens(
                                                                                   async_scheduling):
     folder = tiny_model_dir(shape, sliding_window=WINDOW)
     engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=400, block_size=BLOCK_SIZE,
-                                        max_num_batched_tokens=16, async_scheduling=async_scheduling)
+                                        max_num_batched_tokens=16, async_scheduling=async_scheduling, **FLOAT32)
     windows = engine.kv_cache_manager.group_windows
     prompt = random_prompts([40])[0]  # prefilled in chunks of 16, across windows
     engine.add_request("long", prompt, greedy(8 * WINDOW))
@@ -63,7 +64,8 @@ def test_prefix_hits_inside_the_window_and_preemption_keep_the_tokens(tiny_model
     prompts = [shared + [5, 6], shared + [7], random_prompts([50], seed=5)[0]]
 
     def generate(**args) -> list[list[int]]:
-        engine = LLMEngine.from_engine_args(model=folder, block_size=BLOCK_SIZE, max_num_batched_tokens=16, **args)
+        engine = LLMEngine.from_engine_args(model=folder, block_size=BLOCK_SIZE, max_num_batched_tokens=16, **args,
+                                            **FLOAT32)
         engine.add_request("0", prompts[0], greedy(60))
         for _ in range(30):  # the first is well past the window of the shared prompt when the others come
             engine.step()
@@ -113,7 +115,7 @@ def test_a_cached_prefix_longer_than_the_cache_leaves_room_once_its_window_passe
     those before its window at admission and runs (it waited forever, with every block free)."""
     folder = tiny_model_dir("mistral", sliding_window=8)
     engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=8, block_size=BLOCK_SIZE,
-                                        max_num_batched_tokens=8, enable_prefix_caching=True)
+                                        max_num_batched_tokens=8, enable_prefix_caching=True, **FLOAT32)
     prompt = random_prompts([40], seed=6)[0]
     engine.add_request("first", prompt[:32], greedy(1))
     run_to_completion(engine)

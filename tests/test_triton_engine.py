@@ -10,7 +10,7 @@ LOGPROB_TOLERANCE = 1e-4
 
 
 def generate(folder: str, backend: str) -> list:
-    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=32, attention_backend=backend,
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=32, attention_backend=backend, dtype="float32",
                                         max_num_batched_tokens=32, enable_prefix_caching=True)
     prompts = random_prompts([21, 3, 40], seed=7) + [random_prompts([21], seed=7)[0] + [9]]  # a prefix hit
     for i, prompt in enumerate(prompts):
