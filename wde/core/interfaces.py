@@ -111,8 +111,9 @@ class RequestProcessor(Component, Generic[StateT]):
 
 
 class KVCacheManager(Component):
-    """Owns the KV-cache block bookkeeping: which block holds which tokens of which sequence. It is the one
-    writer of a sequence's `block_table`, `block_hashes` and `num_freed_blocks`; the scheduler owns
+    """Owns the KV-cache block bookkeeping: which block holds which tokens of which sequence, in each KV layer
+    group (wde/core/kv_cache/layer_groups.py). It is the one writer of a sequence's `block_table`,
+    `block_hashes`, `num_freed_blocks`, `group_tables` and `group_freed_blocks`; the scheduler owns
     `num_computed_tokens`. An encoder's engine has one with no blocks."""
 
     block_size: int
@@ -145,8 +146,13 @@ class KVCacheManager(Component):
         """Give back every block `seq` holds."""
 
     def free_outside_window(self, seq: Any) -> None:
-        """Give back the blocks of `seq` that no token to come reads (a model whose every layer attends within a
-        window); by default none."""
+        """Give back the blocks of `seq` that no token to come reads (the layers that attend within a window);
+        by default none."""
+
+    def longest_sequence(self, max_step_tokens: int, max_model_len: int) -> int:
+        """The most tokens one sequence can reach alone in the cache, up to max_model_len (a sequence that fits
+        alone can always run, after preempting the others); by default all its blocks count."""
+        return min(max_model_len, self.num_blocks * self.block_size)
 
     @abstractmethod
     def forget(self, blocks: set[int]) -> None:
