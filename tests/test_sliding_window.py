@@ -145,3 +145,24 @@ def test_the_memory_profile_step_runs_over_every_layer_group(tiny_model_dir, sha
     assert worker.kv_layer_groups.num_groups > 1
     worker.profile_run()  # a scratch cache of its own, dropped after
     assert all(layer.kv_cache is None for layer in worker.kv_layers)
+
+
+@pytest.mark.parametrize("shape", ["mistral", "gemma2"])
+def test_a_window_shorter_than_a_block_with_prefix_hits(tiny_model_dir, shape):
+    """A window of 1: the token before the first to compute reads no cached block, yet the hit keeps the block
+    before it (its hash may still be cached); the same prompt twice gives the tokens of an engine without the
+    prefix cache (an IndexError escaped step() here; found by the helper's attack)."""
+    folder = tiny_model_dir(shape, sliding_window=1)
+    prompt = random_prompts([20], seed=8)[0]
+
+    def generate(**args) -> list[list[int]]:
+        engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=100, block_size=BLOCK_SIZE,
+                                            max_num_batched_tokens=16, **args, **FLOAT32)
+        tokens = []
+        for i in range(2):
+            engine.add_request(str(i), prompt, greedy(6))
+            tokens.append(run_to_completion(engine)[str(i)].outputs[0].token_ids)
+        return tokens, engine
+    expected, _ = generate()
+    cached, engine = generate(enable_prefix_caching=True)
+    assert cached == expected and engine.kv_cache_manager.prefix_cache_hit_rate > 0.3

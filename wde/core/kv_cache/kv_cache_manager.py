@@ -96,7 +96,7 @@ class KVCacheManager(interfaces.KVCacheManager):
             return 0
         tables = self._tables(seq)
         for group, window in enumerate(self.group_windows):
-            first = self._first_block_read(num_hit_blocks * self.block_size, window)
+            first = self._first_block_kept(num_hit_blocks * self.block_size, window)
             hits = [self.allocator.lookup(self._key(block_hash, group)) for block_hash in hashes[first:num_hit_blocks]]
             for block in hits:
                 self.allocator.incref(block)
@@ -113,7 +113,7 @@ class KVCacheManager(interfaces.KVCacheManager):
                              found)
         while found:  # each windowed group reads the blocks of the window before the first token to compute
             missing = [i for group, window in enumerate(self.group_windows) if window is not None
-                       for i in range(self._first_block_read(found * self.block_size, window), found)
+                       for i in range(self._first_block_kept(found * self.block_size, window), found)
                        if self.allocator.lookup(self._key(hashes[i], group)) is None]
             if not missing:
                 return found
@@ -158,8 +158,7 @@ class KVCacheManager(interfaces.KVCacheManager):
         for group, (window, table) in enumerate(zip(self.group_windows, self._tables(seq))):
             if window is None:
                 continue
-            keep_from = min(self._first_block_read(seq.num_computed_tokens, window),
-                            seq.num_computed_tokens // self.block_size - 1)
+            keep_from = self._first_block_kept(seq.num_computed_tokens, window)
             freed = self._freed(seq, group)
             for index in range(freed, keep_from):
                 self.allocator.decref(table[index])
@@ -169,9 +168,14 @@ class KVCacheManager(interfaces.KVCacheManager):
         """The blocks `seq` holds now, per KV layer group (stats and benchmarks)."""
         return [len(table) - self._freed(seq, group) for group, table in enumerate(self._tables(seq))]
 
-    def _first_block_read(self, num_computed_tokens: int, window: int | None) -> int:
-        """The first block the token at position num_computed_tokens reads through a layer with this window."""
-        return 0 if window is None else max(0, num_computed_tokens - window + 1) // self.block_size
+    def _first_block_kept(self, num_computed_tokens: int, window: int | None) -> int:
+        """The first block a group with this window keeps before computing position num_computed_tokens: the
+        first its layers read from there, and at the latest the block before the current one, whose hash
+        allocate_slots may still cache (so a window shorter than a block still holds a block it filled)."""
+        if window is None:
+            return 0
+        first_read = max(0, num_computed_tokens - window + 1) // self.block_size
+        return max(0, min(first_read, num_computed_tokens // self.block_size - 1))
 
     def _tables(self, seq: CachedSequence) -> list[list[int]]:
         """The sequence's block table in each group (the other groups' made empty on its first call)."""
