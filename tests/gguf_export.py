@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from wde.core.loader.gguf_weights import _EXPERT_STACKS, _GLOBAL_NAMES, _LAYER_NAMES, LAYER_NAMES_BY_TYPE
 
 # llama.cpp's architecture names: Mixtral's files are its "llama" with experts
-ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "gemma3_text": "gemma3"}
 EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
 MIXTRAL_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -60,8 +60,16 @@ def export_gguf(folder: Path, out: Path) -> Path:
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config["rope_theta"] if "rope_theta" in config else
-                              config["rope_parameters"]["rope_theta"])
+    rope_parameters = config.get("rope_parameters", {})
+    if "full_attention" in rope_parameters:  # Gemma 3: the file holds the global layers' RoPE
+        rope_parameters = rope_parameters["full_attention"]
+        if rope_parameters.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope_parameters["factor"])
+    writer.add_rope_freq_base(config["rope_theta"] if "rope_theta" in config else rope_parameters["rope_theta"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
+        if config.get(key):
+            getattr(writer, f"add_{key}")(config[key])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     if config.get("sliding_window"):
@@ -79,6 +87,8 @@ def export_gguf(folder: Path, out: Path) -> Path:
     for name, tensor in load_file(folder / "model.safetensors").items():
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = llama_cpp_permute(tensor, heads if "q_proj" in name else kv_heads)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp adds Gemma's 1 to its norms
+            tensor = tensor + 1
         expert = EXPERT.fullmatch(name)
         if expert:  # stacked per layer and part below, as llama.cpp does
             layer, index, part = expert.groups()

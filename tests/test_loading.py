@@ -49,13 +49,17 @@ def test_a_shard_missing_from_the_index_is_named(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("shape,overrides", [("qwen3", {}), ("qwen2", {}), ("llama", {}),
                                              ("qwen3", {"tie_word_embeddings": False}),
                                              ("qwen3_moe", {"mlp_only_layers": []}), ("qwen2_moe", {}),
-                                             ("mixtral", {}), ("phi3", {})])
+                                             ("mixtral", {}), ("phi3", {}),
+                                             ("gemma2", {"query_pre_attn_scalar": 16}),
+                                             ("gemma3", {"query_pre_attn_scalar": 16})])
 def test_gguf_file_loads_the_same_model_as_safetensors(tiny_model_dir, tmp_path, shape, overrides):
     """Qwen3's head_dim and q/k norms, Qwen2's biases, Llama's permuted q/k rows and rope_freqs (llama3 RoPE
     scaling), tied and untied heads; the mixtures of experts' stacked experts, their sizes and renormalization
     (Qwen3-MoE's on, Qwen2-MoE's off), Qwen2-MoE's shared expert, Mixtral as llama.cpp's "llama" with experts
     (every layer sparse: llama.cpp has no dense layers in Qwen3-MoE); Phi-3's fused tensors and its LongRoPE
-    factors, which llama.cpp keeps as tensors."""
+    factors, which llama.cpp keeps as tensors; Gemma's norms with their 1 added, its pre- and post-norms, soft
+    caps (Gemma 2), local and global RoPE (Gemma 3's global base and linear factor from the file) and the query
+    scale llama.cpp derives (head_dim, as the tiny shapes are set to here)."""
     folder = tiny_model_dir(shape, **overrides)
     gguf_file = export_gguf(Path(folder), tmp_path / f"{shape}.gguf")
     from_gguf = generate(str(gguf_file), tokenizer=folder)

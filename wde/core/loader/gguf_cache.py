@@ -160,6 +160,8 @@ def write_config(path: str, folder: Path) -> None:
     if window is not None:
         config.sliding_window = int(window.contents())
     with_longrope(config, reader, architecture)
+    if architecture in ("gemma2", "gemma3"):
+        with_gemma(config, reader, architecture)
     table = []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
@@ -213,6 +215,30 @@ def with_longrope(config: transformers.PretrainedConfig, reader: "gguf.GGUFReade
     attention_factor = reader.fields.get(f"{architecture}.rope.scaling.attn_factor")
     if attention_factor is not None:
         config.rope_parameters["attention_factor"] = float(attention_factor.contents())
+
+
+# llama.cpp's Gemma 27B models scale queries by hidden / heads, the others by head_dim: it tells them by depth
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def with_gemma(config: transformers.PretrainedConfig, reader: "gguf.GGUFReader", architecture: str) -> None:
+    """What transformers leaves at its defaults on a Gemma file: the soft caps the file holds (Gemma 2), the query
+    scale llama.cpp derives, and Gemma 3's RoPE of its global layers (the file's base and linear factor; the
+    local layers keep base 10,000, as llama.cpp does)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        field = reader.fields.get(f"{architecture}.{key}")
+        if field is not None:
+            setattr(config, key, float(field.contents()))
+    deep = config.num_hidden_layers == GEMMA_27B_LAYERS[architecture]
+    config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if deep else config.head_dim
+    if architecture == "gemma3":
+        base = reader.fields.get(f"{architecture}.rope.freq_base")
+        factor = reader.fields.get(f"{architecture}.rope.scaling.factor")
+        config.rope_parameters = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear" if factor is not None else "default",
+                               "rope_theta": float(base.contents()) if base is not None else 1000000.0,
+                               **({"factor": float(factor.contents())} if factor is not None else {})}}
 
 
 def write_tokenizer(path: str, folder: Path) -> None:

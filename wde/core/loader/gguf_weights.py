@@ -31,7 +31,13 @@ _LAYER_NAMES = {
 }
 # Phi-3 keeps q/k/v in one tensor and gate/up in another, as Hugging Face's checkpoints do
 _PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-LAYER_NAMES_BY_TYPE = {"phi3": _PHI3_LAYER_NAMES}
+# Gemma norms the attention and the MLP both before and after
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+LAYER_NAMES_BY_TYPE = {"phi3": _PHI3_LAYER_NAMES, "gemma2": _GEMMA_LAYER_NAMES, "gemma3_text": _GEMMA_LAYER_NAMES}
+# llama.cpp stores Gemma's RMSNorm weights with their 1 added (it scales by the weight): Hugging Face's hold the
+# offset from 1, which the model's loader adds (GemmaRMSNorm)
+NORMS_WITH_ONE_ADDED = frozenset({"gemma2", "gemma3_text"})
 # tensors that hold RoPE scaling, read into the config (gguf_cache.write_config)
 ROPE_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
 # llama.cpp stacks the experts of a layer in one tensor, [experts, rows, columns]: Hugging Face's tensors per expert
@@ -88,6 +94,8 @@ def iterate_gguf(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, 
         weight = torch.from_numpy(np.require(weight, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
         if name.endswith("shared_expert_gate.weight") and weight.dim() == 1:  # quantized files keep it 1-D
             weight = weight[None]
+        if hf_config.model_type in NORMS_WITH_ONE_ADDED and name.endswith("norm.weight"):
+            weight = weight - 1
         if "{}" in name:  # a stack of experts: one tensor each, as the model's loader takes them
             yield from ((name.format(expert), expert_weight) for expert, expert_weight in enumerate(weight))
         else:
