@@ -44,6 +44,7 @@ _MODELS: dict[str, dict[str, ModelEntry]] = {
     "Qwen2Model": {"embed": ModelEntry("wde.models.qwen2:Qwen2ForCausalLM", DECODER_EMBED)},
     "Qwen3Model": {"embed": ModelEntry("wde.models.qwen3:Qwen3ForCausalLM", DECODER_EMBED)},
     "BertModel": {"embed": ModelEntry("wde.models.bert:BertModel", ENCODE)},
+    "Gemma3TextModel": {"embed": ModelEntry("wde.models.gemma2:Gemma3TextEncoder", ENCODE)},  # EmbeddingGemma
     "XLMRobertaModel": {"embed": ModelEntry("wde.models.xlm_roberta:XLMRobertaModel", ENCODE)},
     "BertForSequenceClassification": {
         "score": ModelEntry("wde.models.bert:BertForSequenceClassification", ENCODE_SCORE),

@@ -109,3 +109,27 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     @staticmethod
     def attention_options(config: PretrainedConfig) -> dict:
         return {**Gemma2ForCausalLM.attention_options(config), "qk_norm": True, "norm_class": GemmaRMSNorm}
+
+
+class Gemma3TextEncoder(Gemma3ForCausalLM):
+    """EmbeddingGemma: a Gemma 3 whose attention runs both ways (use_bidirectional_attention), served as an
+    encoder: its global layers read the whole input, its local ones the positions less than sliding_window away
+    on either side (as transformers masks them); pooled as its sentence-transformers files say (the mean, then
+    two dense layers)."""
+
+    pooling = "mean"
+
+    def __init__(self, model_config: ModelConfig):
+        if not getattr(model_config.hf_config, "use_bidirectional_attention", False):
+            raise ValueError("a Gemma3TextModel without use_bidirectional_attention is a causal decoder: serve it "
+                             "as Gemma3ForCausalLM (architectures in config.json) with task='embed'")
+        super().__init__(model_config)
+
+    @staticmethod
+    def attention_options(config: PretrainedConfig) -> dict:
+        return {**Gemma3ForCausalLM.attention_options(config), "bidirectional": True}
+
+    def load_weights(self, weights) -> None:
+        """A Gemma3TextModel checkpoint names its tensors without the "model." of the decoder's."""
+        super().load_weights((name if name.startswith("model.") else f"model.{name}", tensor)
+                             for name, tensor in weights)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from wde.core.attention.layer import Attention
+from wde.core.attention.layer import Attention, EncoderAttention
 from wde.core.config import ModelConfig
 from wde.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from wde.core.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -19,7 +19,8 @@ from wde.core.loader.model_loader import load_params
 class LlamaAttention(nn.Module):
     def __init__(self, model_config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool, sliding_window: int | None = None, scale: float | None = None,
-                 logit_softcap: float | None = None, norm_class: type[RMSNorm] = RMSNorm):
+                 logit_softcap: float | None = None, norm_class: type[RMSNorm] = RMSNorm,
+                 bidirectional: bool = False):
         super().__init__()
         config = model_config.hf_config
         heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
@@ -32,8 +33,10 @@ class LlamaAttention(nn.Module):
         self.q_norm = norm_class(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = norm_class(head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
-        self.attn = Attention(local_heads, local_kv_heads, head_dim, scale=scale or head_dim ** -0.5,
-                              sliding_window=sliding_window, logit_softcap=logit_softcap)
+        # bidirectional (EmbeddingGemma): every token sees the whole input, with no KV cache
+        attention_class = EncoderAttention if bidirectional else Attention
+        self.attn = attention_class(local_heads, local_kv_heads, head_dim, scale=scale or head_dim ** -0.5,
+                                    sliding_window=sliding_window, logit_softcap=logit_softcap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

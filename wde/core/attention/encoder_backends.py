@@ -19,10 +19,19 @@ class EncoderTorchBackend(AttentionBackend):
         for length in attn_metadata.seq_lens_host:
             rows = slice(start, start + length)
             out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k[rows].transpose(0, 1),
-                                                       v[rows].transpose(0, 1), scale=layer.scale,
-                                                       enable_gqa=True).transpose(0, 1)
+                                                       v[rows].transpose(0, 1), scale=layer.scale, enable_gqa=True,
+                                                       attn_mask=window_mask(length, layer.sliding_window,
+                                                                             q.device)).transpose(0, 1)
             start += length
         return out
+
+
+def window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Bidirectional sliding window: a token sees the positions less than `window` away, either side."""
+    if window is None:
+        return None
+    positions = torch.arange(length, device=device)
+    return (positions[:, None] - positions[None, :]).abs() < window
 
 
 class EncoderFlashBackend(AttentionBackend):
@@ -45,5 +54,7 @@ class EncoderFlashBackend(AttentionBackend):
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_metadata: EncoderAttentionMetadata) -> torch.Tensor:
         cu, longest = attn_metadata.cu_seqlens, attn_metadata.max_seq_len
+        reach = None if layer.sliding_window is None else layer.sliding_window - 1  # positions either side
         return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
-                                                       scale=layer.scale)[0]
+                                                       scale=layer.scale, window_size_left=reach,
+                                                       window_size_right=reach)[0]

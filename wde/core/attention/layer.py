@@ -51,6 +51,13 @@ class Attention(nn.Module):
 
 
 class EncoderAttention(Attention):
-    """Bidirectional attention within each sequence of the flat batch, with no KV cache (BERT-like encoders)."""
+    """Bidirectional attention within each sequence of the flat batch, with no KV cache (BERT-like encoders;
+    with a sliding window, each token sees the positions less than it away on either side: EmbeddingGemma)."""
 
     uses_kv_cache = False
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logit_softcap: float | None = None):
+        if logit_softcap is not None:
+            raise ValueError("encoder attention has no soft-capped scores (attn_logit_softcapping)")
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)

@@ -1,10 +1,13 @@
-"""Embeddings: pool each input's hidden states, cut to `dimensions`, L2-normalize."""
+"""Embeddings: pool each input's hidden states, through the dense layers its sentence-transformers files name,
+cut to `dimensions`, L2-normalize."""
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from wde.core import interfaces
 from wde.workflows.prefill_only.model_pre_processor import PoolingMetadata
-from wde.workflows.prefill_only.pooling import pool, sentence_transformers_pooling
+from wde.workflows.prefill_only.pooling import SentenceTransformersPooling, pool, sentence_transformers_pooling
 
 
 class EmbeddingPooler(interfaces.Pooler):
@@ -13,13 +16,20 @@ class EmbeddingPooler(interfaces.Pooler):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.method, self.normalize = sentence_transformers_pooling(config.model.path) or (model.pooling, True)
+        pooling = (sentence_transformers_pooling(config.model.path)
+                   or SentenceTransformersPooling(model.pooling, True))
+        self.method, self.normalize = pooling.method, pooling.normalize
+        device = next(model.parameters()).device
+        self.dense = [replace(layer, weight=layer.weight.to(device),
+                              bias=None if layer.bias is None else layer.bias.to(device)) for layer in pooling.dense]
         if getattr(model, "pooling", None) == "last" and self.method != "last":
             raise ValueError(f"a decoder embedder pools its last token, not {self.method!r} (its earlier tokens "
                              "may come from the prefix cache, with no hidden state)")
 
     def __call__(self, hidden: torch.Tensor, meta: PoolingMetadata) -> torch.Tensor | list[torch.Tensor]:
         vectors = pool(hidden, meta, self.method)
+        for layer in self.dense:
+            vectors = layer(vectors)
         settings = [(p.dimensions, self.normalize if p.normalize is None else p.normalize) for p in meta.params]
         if len(set(settings)) == 1:  # the usual case: one setting for the whole step, one [inputs, dims] tensor
             dimensions, normalize = settings[0]
