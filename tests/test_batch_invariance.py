@@ -60,6 +60,29 @@ def test_a_mixture_of_experts_outputs_equal_running_alone(tiny_model_dir, shape,
     check_stats(engine, case, prompts)
 
 
+# a window of 8 under chunks of 32, prompts up to 140 and a shared prefix of 80; preemption: too few blocks for all
+# (Gemma 3's five windowed groups need more of them for one sequence)
+WINDOWED_CASES = [("chunked prefill", {"max_num_batched_tokens": 32}, 0),
+                  ("preemption", {"num_kv_blocks": None, "max_num_batched_tokens": 64}, 0),
+                  ("prefix cache hits", {"enable_prefix_caching": True}, 80)]
+PREEMPTION_BLOCKS = {"mistral": 20, "gemma2": 20, "gemma3": 40}
+
+
+@pytest.mark.parametrize("case,engine_args,shared_prefix", WINDOWED_CASES, ids=[c[0] for c in WINDOWED_CASES])
+@pytest.mark.parametrize("shape", ["mistral", "gemma2", "gemma3"])
+def test_windowed_layers_outputs_equal_running_alone(tiny_model_dir, shape, case, engine_args, shared_prefix):
+    """Chunks and prefix hits that cross the window, and preemption, with the blocks before the window given
+    back (every layer's window: Mistral; local layer groups beside a global one: Gemma)."""
+    folder = tiny_model_dir(shape, sliding_window=8)
+    prompts, params = workload(shared_prefix)
+    if engine_args.get("num_kv_blocks", 0) is None:
+        engine_args = {**engine_args, "num_kv_blocks": PREEMPTION_BLOCKS[shape]}
+    alone, _ = run(folder, prompts, params, max_num_seqs=1)
+    together, engine = run(folder, prompts, params, async_scheduling=True, **engine_args)
+    assert together == alone
+    check_stats(engine, case, prompts)
+
+
 def check_stats(engine: LLMEngine, case: str, prompts: list[list[int]]) -> None:
     stats = engine.get_stats()
     if case == "preemption":
