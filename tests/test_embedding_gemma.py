@@ -49,7 +49,7 @@ def write_embedding_gemma(folder, bidirectional: bool = True) -> tuple[torch.nn.
 def test_embeddings_equal_transformers_through_the_sentence_transformers_pipeline(tmp_path):
     model, dense = write_embedding_gemma(tmp_path)
     prompts = random_prompts([3, 9, 20, 33], seed=2)
-    llm = LLM(model=str(tmp_path), max_num_batched_tokens=64)
+    llm = LLM(model=str(tmp_path), max_num_batched_tokens=64, dtype="float32")  # float32 on a GPU too
     assert llm.engine.config.model.task == "embed"
     outputs = llm.embed(prompts)
     for prompt, output in zip(prompts, outputs):

@@ -200,6 +200,24 @@ def test_encoder_flash_backend_matches_the_torch_backend():
     assert flash_error < 1.5 * relative_error(vectors["encoder_torch", "bfloat16"], reference) + 1e-3
 
 
+def test_encoder_flash_backend_windows_both_sides_as_the_torch_backend(tmp_path):
+    """EmbeddingGemma's local layers in the varlen flash kernel (window_size_left / right) against the torch
+    backend's masks, in bfloat16, and the float32 torch backend as the reference."""
+    from tests.test_embedding_gemma import write_embedding_gemma
+    from tests.test_parity_random import random_prompts
+    from wde import LLM
+    write_embedding_gemma(tmp_path)
+    prompts = random_prompts([3, 9, 20, 33, 70], seed=2)
+    vectors = {}
+    for backend, dtype in (("encoder_flash", "bfloat16"), ("encoder_torch", "bfloat16"), ("encoder_torch", "float32")):
+        llm = LLM(model=str(tmp_path), dtype=dtype, attention_backend=backend, max_num_batched_tokens=256)
+        vectors[backend, dtype] = torch.stack([o.outputs.data for o in llm.embed(prompts)])
+        del llm
+    reference = vectors["encoder_torch", "float32"]
+    flash_error = relative_error(vectors["encoder_flash", "bfloat16"], reference)
+    assert flash_error < 1.5 * relative_error(vectors["encoder_torch", "bfloat16"], reference) + 1e-3
+
+
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 
