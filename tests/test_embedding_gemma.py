@@ -11,7 +11,7 @@ from transformers import AutoModel, Gemma3TextConfig
 
 from tests.test_parity_random import random_prompts
 from tests.tiny_models import EOS_ID, VOCAB_SIZE
-from wde import LLM
+from wde import LLM, PoolingParams
 from wde.core.loader.dummy_model import write_word_level_tokenizer
 
 HIDDEN, DENSE = 64, 96
@@ -63,3 +63,48 @@ def test_a_causal_gemma3_text_model_is_sent_to_the_decoder_class(tmp_path):
     write_embedding_gemma(tmp_path, bidirectional=False)
     with pytest.raises(ValueError, match="without use_bidirectional_attention is a causal decoder"):
         LLM(model=str(tmp_path))
+
+
+def break_dense_chain(folder):
+    save_file({"linear.weight": torch.randn(HIDDEN, 80)}, folder / "3_Dense" / "model.safetensors")
+
+
+def rename_dense_weight(folder):
+    save_file({"weight": torch.randn(HIDDEN, DENSE)}, folder / "3_Dense" / "model.safetensors")
+
+
+def garble_modules(folder):
+    (folder / "modules.json").write_text("{not json")
+
+
+def modules_as_an_object(folder):
+    (folder / "modules.json").write_text(json.dumps({"0": "Transformer"}))
+
+
+def dense_without_pooling(folder):
+    modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Pooling")]
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+# each broken at load, naming what is wrong (found by the helper's attack: some failed every request instead)
+@pytest.mark.parametrize("damage,message", [
+    (break_dense_chain, r"3_Dense: a Dense of weight \[64, 80\] cannot take the 96 values before it"),
+    (rename_dense_weight, r"3_Dense/model.safetensors has no linear.weight \(it holds weight\)"),
+    (garble_modules, r"modules.json: not a readable JSON file"),
+    (modules_as_an_object, r"modules.json: holds a dict, not a JSON list"),
+    (dense_without_pooling, r"modules.json: a Dense module before any Pooling module")])
+def test_a_broken_sentence_transformers_pipeline_is_refused_at_load(tmp_path, damage, message):
+    write_embedding_gemma(tmp_path)
+    damage(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        LLM(model=str(tmp_path))
+
+
+def test_dimensions_are_checked_against_the_last_dense_layer(tmp_path):
+    write_embedding_gemma(tmp_path)
+    save_file({"linear.weight": torch.randn(32, DENSE)}, tmp_path / "3_Dense" / "model.safetensors")
+    llm = LLM(model=str(tmp_path), dtype="float32")
+    assert llm.embed([[5, 6, 7]], PoolingParams(dimensions=16))[0].outputs.data.shape == (16,)
+    assert llm.embed([[5, 6, 7]])[0].outputs.data.shape == (32,)
+    with pytest.raises(ValueError, match="dimensions=48 is more than the model's 32"):
+        llm.embed([[5, 6, 7]], PoolingParams(dimensions=48))

@@ -16,7 +16,7 @@ class EmbeddingPooler(interfaces.Pooler):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        pooling = (sentence_transformers_pooling(config.model.path)
+        pooling = (sentence_transformers_pooling(config.model.path, config.model.hf_config.hidden_size)
                    or SentenceTransformersPooling(model.pooling, True))
         self.method, self.normalize = pooling.method, pooling.normalize
         device = next(model.parameters()).device

@@ -5,6 +5,7 @@ from wde.core import interfaces
 from wde.core.inputs import coerce_params, parse_prompt
 from wde.core.pooling_params import PoolingParams
 from wde.core.request import Request
+from wde.workflows.prefill_only.pooling import sentence_transformers_pooling
 
 
 class PrefillOnlyInputProcessor(interfaces.InputProcessor):
@@ -16,12 +17,14 @@ class PrefillOnlyInputProcessor(interfaces.InputProcessor):
         super().__init__(config)
         self.task = task
         # read once: attribute access on a transformers config object is slow, and this runs per request
-        self.vocab_size, self.hidden_size = config.model.vocab_size, config.model.hf_config.hidden_size
+        self.vocab_size, hidden_size = config.model.vocab_size, config.model.hf_config.hidden_size
+        pooling = sentence_transformers_pooling(config.model.path, hidden_size) if task == "embed" else None
+        self.width = pooling.width(hidden_size) if pooling else hidden_size  # an embedding's, after its Dense
 
     def __call__(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> Request:
         params = coerce_params(params, PoolingParams)
-        if params.dimensions is not None and params.dimensions > self.hidden_size:
-            raise ValueError(f"dimensions={params.dimensions} is more than the model's {self.hidden_size}")
+        if params.dimensions is not None and params.dimensions > self.width:
+            raise ValueError(f"dimensions={params.dimensions} is more than the model's {self.width}")
         vocab_size = self.vocab_size
         if self.task == "score":
             if not isinstance(prompt, tuple) or len(prompt) != 2:
