@@ -9,6 +9,7 @@ from torch import nn
 from wde.core.config import ModelConfig
 from wde.core.layers.linear import default_weight_loader
 from wde.core.layers.norm import RMSNorm
+from wde.core.loader.fp8_checkpoint import dequantized_weights, fp8_format
 from wde.core.loader.gguf_weights import iterate_gguf
 from wde.core.loader.safetensors_weights import iterate_safetensors
 from wde.core.registry import resolve_model_class
@@ -20,7 +21,9 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, object]]:
     """(name, tensor or lazy slice) pairs; parameters' loaders read what they keep (layers/linear.py)."""
     if model_config.gguf_file:
         return iterate_gguf(model_config.weights_path, model_config.hf_config)
-    return iterate_safetensors(model_config.path)
+    fp8 = fp8_format(model_config.hf_config)
+    weights = iterate_safetensors(model_config.path)
+    return dequantized_weights(weights, fp8) if fp8 else weights
 
 
 def load_model(model_config: ModelConfig, device: torch.device, load_format: str = "auto", seed: int = 0
