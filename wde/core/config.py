@@ -68,6 +68,9 @@ class EngineArgs(BaseModel):
                           "which hold the answer after it; the server splits it into reasoning_content")
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (for benchmarks), "
                                                                       "nothing read from the model folder")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="fp8: the attention and MLP projections' weights quantized to float8 (e4m3) per output "
+                          "channel at load, activations per token at each step")
 
 
 @dataclass

@@ -23,7 +23,8 @@ class ModelWorker(interfaces.Worker):
         super().__init__(config)
         self.device = config.device
         torch.manual_seed(config.args.seed)
-        self.model = load_model(config.model, self.device, config.args.load_format, config.args.seed)
+        self.model = load_model(config.model, self.device, config.args.load_format, config.args.seed,
+                                config.args.quantization)
         # the layers all-reduce [tokens, hidden] activations, at most max_num_batched_tokens rows of them
         init_device_all_reduce(config.args.max_num_batched_tokens * config.model.hidden_size, config.model.dtype,
                                self.device)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wde.core.layers.fp8 import fp8_matmul
 from wde.core.parallel.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
 
 if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
@@ -91,15 +92,22 @@ def default_weight_loader(param: nn.Parameter, loaded) -> None:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), whole on every rank. Parameters start uninitialized: the loader fills every one."""
+    """y = x W^T (+ b), whole on every rank. Parameters start uninitialized: the loader fills every one.
+    `weight_scale` is set when the weight is FP8 (wde/core/layers/fp8.py), else None."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+        self.register_parameter("weight_scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return fp8_matmul(x, self.weight, self.weight_scale, bias)
+        return linear(x, self.weight, bias)
 
 
 class MergedColumnParallelLinear(Linear):
@@ -191,5 +199,5 @@ class RowParallelLinear(Linear):
         default_weight_loader(param, narrow(loaded, 1, *self.input_shard, self.input_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(linear(x, self.weight))
+        out = all_reduce(self.matmul(x, None))
         return out + self.bias if self.bias is not None else out

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from wde.core.config import ModelConfig
+from wde.core.layers.fp8 import quantize_linears
 from wde.core.layers.linear import default_weight_loader
 from wde.core.layers.norm import RMSNorm
 from wde.core.loader.fp8_checkpoint import dequantized_weights, fp8_format
@@ -26,8 +27,8 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, object]]:
     return dequantized_weights(weights, fp8) if fp8 else weights
 
 
-def load_model(model_config: ModelConfig, device: torch.device, load_format: str = "auto", seed: int = 0
-               ) -> nn.Module:
+def load_model(model_config: ModelConfig, device: torch.device, load_format: str = "auto", seed: int = 0,
+               quantization: str | None = None) -> nn.Module:
     start = time.perf_counter()
     model_class = resolve_model_class(model_config.architecture, model_config.task)
     default_dtype = torch.get_default_dtype()
@@ -41,6 +42,9 @@ def load_model(model_config: ModelConfig, device: torch.device, load_format: str
         initialize_dummy_weights(model, getattr(model_config.hf_config, "initializer_range", 0.02), seed)
     else:
         model.load_weights(iterate_weights(model_config))
+    if quantization == "fp8":
+        logger.info("quantization fp8: %d projections' weights to float8 per output channel",
+                    quantize_linears(model))
     model.eval()
     logger.info("loaded %s (%s, %.0fM parameters, %s) on %s in %.1f s", model_config.architecture,
                 "random weights" if load_format == "dummy" else model_config.weights_path,

@@ -1,0 +1,46 @@
+"""FP8 (e4m3) linear layers: weights quantized per output channel at load, activations per token at each call.
+
+`quantization="fp8"` turns the projections of a loaded model (attention's q/k/v and output, the MLP's gate/up
+and down: the column- and row-parallel linears; not the embeddings, the LM head, a router or the experts of a
+mixture) into layers that hold float8 weights and a float32 scale per output row.
+On a GPU the matmul is torch._scaled_mm with row-wise scales: each token's row of x scaled by its own amax
+(dynamic), each weight row by its scale. On a CPU the same numbers are computed by the reference path: x and
+the weight rounded to float8 as the GPU rounds them, then dequantized and multiplied in float32. Each
+tensor-parallel rank quantizes its own slice of a weight, so the scales shard with the weights.
+"""
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+MIN_SCALE = 1e-12  # a row of zeros keeps a finite scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 rows of x, float32 scale [rows, 1]): each row divided by its amax / 448."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+               ) -> torch.Tensor:
+    """x [tokens, in] (bf16 / fp16 / fp32) times the float8 weight [out, in] with its scales [out, 1]."""
+    x_q, x_scale = quantize_rows(x)
+    if x.is_cuda:
+        return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=bias,
+                                out_dtype=x.dtype)
+    out = (x_q.float() * x_scale) @ (weight.float() * weight_scale).t()
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """The projections of `model` to FP8 weights, in place; returns how many."""
+    from wde.core.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (MergedColumnParallelLinear, RowParallelLinear)) and module.weight_scale is None:
+            weight, scale = quantize_rows(module.weight.data)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.weight_scale = nn.Parameter(scale, requires_grad=False)
+            count += 1
+    return count
