@@ -1,4 +1,6 @@
 """The paged attention kernels against the float64 torch reference (on the CPU through TRITON_INTERPRET=1)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -83,3 +85,27 @@ def test_store_kv_writes_slots_and_skips_padding():
     assert torch.equal(flat[0, 17], k[2]) and torch.equal(flat[1, 17], v[2])
     written = (flat.abs().sum(dim=(2, 3)) > 0).nonzero().tolist()
     assert written == [[0, 5], [0, 17], [1, 5], [1, 17]]  # the padding row (-1) wrote nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (the interpreter's bfloat16 is not exact)
+def test_a_float8_cache_in_both_kernels(dtype):
+    """kv_cache_dtype="fp8": the kernels widen the cache's float8 K/V to the queries' type before their
+    products, so they compute what the reference computes from the same float8 values."""
+    p = make_problem([1, 12, 1, 5], [40, 0, 3, 20], 4, 2, 64, 16, dtype, DEVICE)
+    p = replace(p, kv_cache=p.kv_cache.to(torch.float8_e4m3fn))
+    out = torch.full_like(p.q, float("nan"))
+    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 2, block_n=16)
+    paged_prefill(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, block_m=16,
+                  block_n=16)
+    assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) < (
+        TOLERANCE if dtype == torch.float32 else 2e-3)
+
+
+def test_store_kv_into_a_float8_cache_saturates():
+    """Values past float8 e4m3's largest (448) are stored as it, not as NaN; the others rounded to float8."""
+    kv_cache = torch.zeros(2, 2, 4, 1, 8, dtype=torch.float8_e4m3fn, device=DEVICE)
+    # 126.6 and 7.99 round up into the next power of two (Triton's interpreter once halved them)
+    k = torch.tensor([[[1000.0, -1000.0, 1.1, 0.3, 126.6, -7.99, 17.0, 0.0]]], device=DEVICE)
+    store_kv(k, -k, kv_cache, torch.tensor([3], device=DEVICE))
+    expected = k.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert torch.equal(kv_cache[0, 0, 3].float(), expected[0]) and torch.equal(kv_cache[1, 0, 3].float(), -expected[0])

@@ -121,3 +121,23 @@ def test_skinny_matmul(dtype, m, n, k, with_bias):
     out = skinny_matmul(x, weight, bias, num_sms=4)
     expected = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
+
+
+def test_rope_stores_k_and_v_into_a_float8_cache():
+    """kv_cache_dtype="fp8": the rotated k and v rounded to float8 as torch rounds them (saturating at 448)."""
+    tokens, heads, kv_heads, head_dim, block_size = 3, 4, 2, 64, 4
+    q = torch.randn(tokens, heads, head_dim, device=DEVICE)
+    k = torch.randn(tokens, kv_heads, head_dim, device=DEVICE)
+    v = torch.randn(tokens, kv_heads, head_dim, device=DEVICE) * 300  # some past float8's largest value
+    positions, slots = torch.tensor([0, 5, 2], device=DEVICE), torch.tensor([1, 6, 3], device=DEVICE)
+    angles = torch.outer(torch.arange(8.0), 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
+    expected_k = torch_rope(k, positions, cos_sin)
+    kv_cache = torch.zeros(2, 2, block_size, kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE)
+    apply_rope(q, k, positions, cos_sin, None, None, 0.0, v, kv_cache, slots)
+    flat = kv_cache.view(2, -1, kv_heads, head_dim).float()
+    as_float8 = lambda x: x.clamp(-448, 448).to(torch.float8_e4m3fn).float()  # noqa: E731
+    for token, slot in enumerate(slots.tolist()):  # (below 2^-6, float8's subnormals, one step of 2^-9 apart)
+        assert torch.allclose(flat[1, slot], as_float8(v[token]), rtol=0, atol=2 ** -9)
+        # the rotation's own float32 rounding may move a value across a float8 rounding edge: one step at most
+        assert torch.allclose(flat[0, slot], as_float8(expected_k[token]), rtol=0.13, atol=1e-2)

@@ -43,10 +43,14 @@ class ModelWorker(interfaces.Worker):
         self.kv_cache: torch.Tensor | None = None
         self.copier = PinnedCopier(self.device)  # each step's input, to the device in one copy
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.config.args.kv_cache_dtype == "fp8" else self.config.model.dtype
+
     def kv_block_bytes(self) -> int:
         layer, args = self.kv_layers[0], self.config.args
         elements = 2 * self.kv_layer_groups.layers_per_block * args.block_size * layer.num_kv_heads * layer.head_dim
-        return elements * self.config.model.dtype.itemsize
+        return elements * self.kv_cache_dtype.itemsize
 
     def determine_num_kv_blocks(self) -> int:
         """The explicit num_kv_blocks, else as many blocks as the memory budget holds (and the engine can use)."""
@@ -99,7 +103,7 @@ class ModelWorker(interfaces.Worker):
         groups = self.kv_layer_groups
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s, in %d layer group(s) of %d layers "
                     "each (windows %s)", num_blocks, args.block_size, num_blocks * args.block_size,
-                    self.kv_cache.numel() * model.dtype.itemsize / 2**30, self.device, groups.num_groups,
+                    self.kv_cache.numel() * self.kv_cache.dtype.itemsize / 2**30, self.device, groups.num_groups,
                     groups.layers_per_block, list(groups.windows))
 
     def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
@@ -111,7 +115,7 @@ class ModelWorker(interfaces.Worker):
         layer, args, groups = self.kv_layers[0], self.config.args, self.kv_layer_groups
         # this rank's KV heads (all of them without tensor parallelism)
         cache = torch.zeros(groups.layers_per_block, 2, num_blocks, args.block_size, layer.num_kv_heads,
-                            layer.head_dim, dtype=self.config.model.dtype, device=self.device)
+                            layer.head_dim, dtype=self.kv_cache_dtype, device=self.device)
         for layer, group, slot in zip(self.kv_layers, groups.group_of_layer, groups.slot_of_layer):
             layer.kv_cache, layer.kv_group = cache[slot], group
         return cache

@@ -23,6 +23,8 @@ class FlashAttnBackend(AttentionBackend):
             return "the flash-attn package is not installed (pip install wde[flash])"
         if config.device.type != "cuda":
             return "flash-attn needs a CUDA device"
+        if config.args.kv_cache_dtype == "fp8":
+            return "wde's flash-attn path reads a KV cache of the model's dtype, not kv_cache_dtype='fp8'"
         if config.args.block_size % 256:
             return f"flash-attn pages the KV cache in multiples of 256 tokens; block_size is {config.args.block_size}"
         return None

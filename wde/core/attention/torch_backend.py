@@ -10,19 +10,34 @@ from wde.core.attention.metadata import PagedAttentionMetadata
 from wde.core.interfaces import AttentionBackend
 
 
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def as_cache_values(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x in the cache's dtype: a float8 cache saturates at +-448 (a plain cast would make NaN of larger values)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
+    return x
+
+
 def store_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write each new token's K and V into its cache slot (the torch reference of kernels/store_kv.py)."""
     num_kv_heads, head_dim = k.shape[1:]
+    k, v = as_cache_values(k, kv_cache), as_cache_values(v, kv_cache)
+    if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel on the CPU: copy the bytes
+        kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[num_seqs, num_blocks] block ids -> [num_seqs, kv_heads, num_tokens, head_dim] of cached K or V."""
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int, dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """[num_seqs, num_blocks] block ids -> [num_seqs, kv_heads, num_tokens, head_dim] of cached K or V, as
+    `dtype` (the queries')."""
     block_size = cache.shape[1]
     num_blocks = -(-num_tokens // block_size)
     gathered = cache[block_tables[:, :num_blocks]]  # [seqs, blocks, block_size, kv_heads, head_dim]
-    return gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2)
+    return gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2).to(dtype)
 
 
 def attend(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,8 +73,8 @@ class TorchAttentionBackend(AttentionBackend):
     def _prefill(self, layer, q: torch.Tensor, meta: PagedAttentionMetadata, seq: int) -> torch.Tensor:
         """One sequence's new tokens attend causally to its whole context (cached prefix + themselves)."""
         seq_len, query_len = meta.seq_lens_host[seq], q.shape[0]
-        keys = gather_context(layer.kv_cache[0], meta.block_tables[seq:seq + 1], seq_len)
-        values = gather_context(layer.kv_cache[1], meta.block_tables[seq:seq + 1], seq_len)
+        keys = gather_context(layer.kv_cache[0], meta.block_tables[seq:seq + 1], seq_len, q.dtype)
+        values = gather_context(layer.kv_cache[1], meta.block_tables[seq:seq + 1], seq_len, q.dtype)
         query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
         key_pos = torch.arange(seq_len, device=q.device)[None, :]
         mask = key_pos <= query_pos
@@ -72,8 +87,8 @@ class TorchAttentionBackend(AttentionBackend):
         seq_lens = meta.seq_lens[seqs]
         longest = max(meta.seq_lens_host[i] for i in seqs)
         block_tables = meta.block_tables[seqs]
-        keys = gather_context(layer.kv_cache[0], block_tables, longest)
-        values = gather_context(layer.kv_cache[1], block_tables, longest)
+        keys = gather_context(layer.kv_cache[0], block_tables, longest, q.dtype)
+        values = gather_context(layer.kv_cache[1], block_tables, longest, q.dtype)
         key_pos = torch.arange(longest, device=q.device)[None, :]
         mask = key_pos < seq_lens[:, None]
         if layer.sliding_window is not None:

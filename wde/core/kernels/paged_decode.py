@@ -85,6 +85,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
         # base 2: exp2 is fast
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened (else: as they are)
         scores = soft_capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2, softcap_log2, SOFTCAP)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)

@@ -39,7 +39,20 @@ def load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head,
     mask = over_dims(valid, dims, HEAD_DIM, HEAD_PAD)
     k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=mask, other=0.0)
-    return k, v
+    return k, v  # in the cache's type: the kernels take them to the queries' before their products
+
+
+@triton.jit
+def to_cache(x, cache_ptr):
+    """x as the cache's element type. A float8 (e4m3) cache saturates at +-448 (a plain cast would make NaN),
+    and each value is first rounded to 3 mantissa bits in float32, to nearest even, by integer arithmetic whose
+    carry moves into the exponent: the cast is then exact. The GPU's cast rounds the same way; Triton's
+    interpreter rounds a value that carries into the next power of two to half of it (126.6 to 64, not 128)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        bits = tl.clamp(x.to(tl.float32), -448.0, 448.0).to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF  # 23 mantissa bits -> 3
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -66,6 +66,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr
         valid = positions < end
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened (else: as they are)
         scores = soft_capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2, softcap_log2, SOFTCAP)
         visible = valid[None, :] & (positions[None, :] <= positions_q[:, None])
         visible = visible & ((positions[None, :] > positions_q[:, None] - window) | (window <= 0))
