@@ -18,8 +18,8 @@ import logging
 
 import torch
 
-from benchmarks.engine_runs import (add_async_scheduling_flag, median_run, peer_figures, spread, timed_generate,
-                                    traced_generate, warm_up)
+from benchmarks.engine_runs import (add_async_scheduling_flag, add_fp8_flags, fp8_settings, median_run, peer_figures,
+                                    spread, timed_generate, traced_generate, warm_up)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.roofline import decode_step_cost, generation_cost, model_sizes, print_roofline, roofline
@@ -55,14 +55,16 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--runs", type=int, default=3)
     add_async_scheduling_flag(parser)
+    add_fp8_flags(parser)
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from wde import LLM, SamplingParams
     prompts = w2(args.num_requests, PROMPT_LEN)
+    fp8_engine, fp8_suffix, value_bytes = fp8_settings(args)
     llm = LLM(model=model_folder(args.shape), load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tensor_parallel_size,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, **fp8_engine)
     warm_up(llm, prompts)
     params = [SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)] * len(prompts)
     runs = []
@@ -84,7 +86,7 @@ def main() -> None:
     del llm
     # the limit of one GPU's share: the FLOPs and bytes divide over the tensor-parallel ranks
     cost = [c / args.tensor_parallel_size for c in generation_cost(
-        args.shape, [PROMPT_LEN] * len(prompts), [OUTPUT_LEN] * len(prompts), args.max_num_seqs)]
+        args.shape, [PROMPT_LEN] * len(prompts), [OUTPUT_LEN] * len(prompts), args.max_num_seqs, **value_bytes)]
     limit = roofline(cost, len(prompts), "req/s", wde["req_per_s"])
 
     def measure_peer() -> dict:
@@ -98,8 +100,8 @@ def main() -> None:
               "gpus": args.tensor_parallel_size, "weights": "random bf16", "num_requests": args.num_requests,
               "peer_requests": args.peer_requests, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN,
               "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
-              "statistic": "median"}
-    workload = {W2_SHAPE: "W2", W7_SHAPE: "W7"}.get(args.shape, f"W2-{args.shape}")
+              "statistic": "median", **fp8_engine}
+    workload = {W2_SHAPE: "W2", W7_SHAPE: "W7"}.get(args.shape, f"W2-{args.shape}") + fp8_suffix
     if args.tensor_parallel_size > 1:
         workload += f"-tp{args.tensor_parallel_size}"
     path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)

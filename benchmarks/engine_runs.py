@@ -97,6 +97,20 @@ def add_async_scheduling_flag(parser: argparse.ArgumentParser) -> None:
                              "on); --no-async-scheduling: synchronous steps")
 
 
+def add_fp8_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", choices=["fp8"], help="FP8 weights (issue 18): compare with a run without")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: a float8 KV cache")
+
+
+def fp8_settings(args) -> tuple[dict, str, dict]:
+    """(engine arguments, workload-name suffix, value bytes for the roofline) of --quantization/--kv-cache-dtype."""
+    engine = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
+    suffix = ("-fp8-weights" if args.quantization else "") + ("-fp8-kv" if args.kv_cache_dtype == "fp8" else "")
+    value_bytes = {"weight_value_bytes": 1 if args.quantization else 2,
+                   "kv_value_bytes": 1 if args.kv_cache_dtype == "fp8" else 2}
+    return engine, suffix, value_bytes
+
+
 def peer_figures(no_peer: bool, measure: Callable[[], dict]) -> tuple[dict | None, str | None]:
     """(the peer's figures, None), or (None, why not) with --no-peer. Call it after dropping the LLM: the memory
     wde held goes back to the GPU first."""

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.engine_runs import add_async_scheduling_flag, peer_figures
+from benchmarks.engine_runs import add_async_scheduling_flag, add_fp8_flags, fp8_settings, peer_figures
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.roofline import generation_cost, print_roofline, roofline
@@ -43,14 +43,16 @@ def main() -> None:
     parser.add_argument("--shape", default=W5_SHAPE, help="a model shape in benchmarks/model_shapes")
     parser.add_argument("--runs", type=int, default=5)
     add_async_scheduling_flag(parser)
+    add_fp8_flags(parser)
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from wde import LLMEngine
     prompt = w5()
+    fp8_engine, fp8_suffix, value_bytes = fp8_settings(args)
     start = time.perf_counter()
     engine = LLMEngine.from_engine_args(model=model_folder(args.shape), load_format="dummy", dtype="bfloat16",
-                                        disable_log_stats=True, async_scheduling=args.async_scheduling)
+                                        disable_log_stats=True, async_scheduling=args.async_scheduling, **fp8_engine)
     built = time.perf_counter() - start
     startup_first_token = stream_one(engine, "startup", prompt, 1)[0] + built
     stream_one(engine, "warm-up", prompt, 32)
@@ -63,16 +65,17 @@ def main() -> None:
            "runs_tok_per_s": [round(NEW_TOKENS / total, 1) for _, total in runs]}
     async_scheduling = engine.config.args.async_scheduling
     del engine
-    limit = roofline(generation_cost(args.shape, [len(prompt)], [NEW_TOKENS], 1), NEW_TOKENS, "out tok/s",
-                     wde["tok_per_s"])
+    limit = roofline(generation_cost(args.shape, [len(prompt)], [NEW_TOKENS], 1, **value_bytes), NEW_TOKENS,
+                     "out tok/s", wde["tok_per_s"])
 
     def measure_peer() -> dict:
         from benchmarks.peer import single_stream
         return single_stream(args.shape, prompt, NEW_TOKENS)
     peer, peer_error = peer_figures(args.no_peer, measure_peer)
     detail = {"shape": args.shape, "weights": "random bf16", "prompt_len": len(prompt), "new_tokens": NEW_TOKENS,
-              "batch": 1, "async_scheduling": async_scheduling, "runs": args.runs, "statistic": "median"}
-    workload = "W5" if args.shape == W5_SHAPE else f"W5-{args.shape}"
+              "batch": 1, "async_scheduling": async_scheduling, "runs": args.runs, "statistic": "median",
+              **fp8_engine}
+    workload = ("W5" if args.shape == W5_SHAPE else f"W5-{args.shape}") + fp8_suffix
     path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
     print_table(f"{workload} single stream ({torch.cuda.get_device_name(0)})", "output tok/s", wde["tok_per_s"],
                 peer["tok_per_s"] if peer else None)

@@ -115,15 +115,17 @@ def model_sizes(shape_name: str) -> ModelSizes:
                       heads * head_dim, layers, *experts)
 
 
-def generation_cost(shape_name: str, prompt_lens: list[int], output_lens: list[int], max_num_seqs: int
+def generation_cost(shape_name: str, prompt_lens: list[int], output_lens: list[int], max_num_seqs: int,
+                    weight_value_bytes: float = BYTES_PER_VALUE, kv_value_bytes: float = BYTES_PER_VALUE
                     ) -> tuple[float, float]:
     """(bytes, FLOPs) a generation workload needs at the least. Decode steps: at least the longest output, and
-    at least the outputs over max_num_seqs; each reads every weight once."""
+    at least the outputs over max_num_seqs; each reads every weight once. FP8 weights or KV: 1 byte a value."""
     sizes = model_sizes(shape_name)
     steps = max(max(output_lens), math.ceil(sum(output_lens) / max_num_seqs))
-    weight_bytes = sizes.step_params(sum(output_lens) / steps) * BYTES_PER_VALUE
+    weight_bytes = sizes.step_params(sum(output_lens) / steps) * weight_value_bytes
     # a sequence's n-th output token reads the K/V of its prompt and its n - 1 earlier outputs
-    kv_reads = sum(p * o + o * (o - 1) / 2 for p, o in zip(prompt_lens, output_lens)) * sizes.kv_bytes_per_token
+    kv_reads = (sum(p * o + o * (o - 1) / 2 for p, o in zip(prompt_lens, output_lens)) * sizes.kv_bytes_per_token
+                * kv_value_bytes / BYTES_PER_VALUE)
     tokens = sum(prompt_lens) + sum(output_lens)
     attention_pairs = sum(p * (p + 1) / 2 + p * o + o * (o + 1) / 2 for p, o in zip(prompt_lens, output_lens))
     flops = (2 * sizes.layer_params * tokens + 2 * sizes.head_params * sum(output_lens)

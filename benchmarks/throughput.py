@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from benchmarks.engine_runs import (add_async_scheduling_flag, median_run, peer_figures, profile_decode_steps,
-                                    spread, timed_generate, traced_generate, warm_up)
+from benchmarks.engine_runs import (add_async_scheduling_flag, add_fp8_flags, fp8_settings, median_run, peer_figures,
+                                    profile_decode_steps, spread, timed_generate, traced_generate, warm_up)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.roofline import generation_cost, print_roofline, roofline
@@ -85,9 +85,10 @@ def run_gpu(args) -> None:
     prompts, output_lens = w1(args.num_prompts)
     # structured outputs need tokens that spell JSON: both runs then on the BPE vocabulary (model_folder.py)
     tokenizer = "bpe" if args.structured_outputs else "word-level"
+    fp8_engine, fp8_suffix, value_bytes = fp8_settings(args)
     llm = LLM(model=model_folder(args.shape, tokenizer), load_format="dummy", dtype="bfloat16",
               max_num_seqs=args.max_num_seqs, attention_backend=args.attention_backend,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, **fp8_engine)
     warm_up(llm, prompts)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     runs = []
@@ -109,8 +110,8 @@ def run_gpu(args) -> None:
         print(profile_decode_steps(llm, prompts))
     async_scheduling = llm.engine.config.args.async_scheduling
     del llm
-    limit = roofline(generation_cost(args.shape, list(map(len, prompts)), output_lens, args.max_num_seqs),
-                     sum(output_lens), "out tok/s", wde["out_tok_per_s"])
+    limit = roofline(generation_cost(args.shape, list(map(len, prompts)), output_lens, args.max_num_seqs,
+                                     **value_bytes), sum(output_lens), "out tok/s", wde["out_tok_per_s"])
 
     def measure_peer() -> dict:
         from benchmarks.peer import continuous_batching
@@ -121,8 +122,8 @@ def run_gpu(args) -> None:
               "num_requests": args.num_prompts, "prompt_len": "U[100,1024] seed 0",
               "output_len": "U[100,1024] seed 0", "sampling": "greedy",
               "max_num_seqs": args.max_num_seqs, "async_scheduling": async_scheduling, "runs": args.runs,
-              "statistic": "median"}
-    workload = "W1" if args.shape == W1_SHAPE else f"W1-{args.shape}"
+              "statistic": "median", **fp8_engine}
+    workload = ("W1" if args.shape == W1_SHAPE else f"W1-{args.shape}") + fp8_suffix
     path = write_result(workload, "cuda", wde, peer, peer_error, workload_detail=detail, roofline=limit)
     print_table(f"{workload} throughput ({torch.cuda.get_device_name(0)})", "output tok/s", wde["out_tok_per_s"],
                 peer["out_tok_per_s"] if peer else None)
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--attention-backend", default="auto")
     add_async_scheduling_flag(parser)
+    add_fp8_flags(parser)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="time the steps of one more run by batch size, and "
                                                                    "print a kernel profile of decode steps")
