@@ -111,3 +111,35 @@ def test_an_fp8_weight_without_its_scales_is_named(tiny_model_dir, tmp_path):
     save_file(tensors, fp8_folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"without their pair: model.layers.0.self_attn.q_proj.weight \(no scales\)"):
         LLMEngine.from_engine_args(model=str(fp8_folder), num_kv_blocks=8)
+
+
+def damage_config(folder, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+# found by the helper's attack: these loaded into NaN outputs, or failed with bare errors
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["quantization_config"].update(weight_block_size=[0, 16]), "two positive sizes"),
+    (lambda c: c["quantization_config"].update(weight_block_size=[-32, -16]), "two positive sizes"),
+    (lambda c: c.update(quantization_config="fp8"), "could not read the model config from .*config.json"),
+    (lambda c: c["quantization_config"].pop("quant_method"), "quantization_config has no quant_method")])
+def test_a_damaged_fp8_config_is_refused_by_name(tiny_model_dir, tmp_path, change, message):
+    from pathlib import Path
+    fp8_folder, reference_folder = tmp_path / "fp8", tmp_path / "reference"
+    write_fp8_pair(Path(tiny_model_dir("qwen3")), fp8_folder, reference_folder, "fp8")
+    damage_config(fp8_folder, change)
+    with pytest.raises(ValueError, match=message):
+        LLMEngine.from_engine_args(model=str(fp8_folder), num_kv_blocks=8)
+
+
+def test_a_non_finite_scale_is_named(tiny_model_dir, tmp_path):
+    from pathlib import Path
+    fp8_folder, reference_folder = tmp_path / "fp8", tmp_path / "reference"
+    write_fp8_pair(Path(tiny_model_dir("qwen3")), fp8_folder, reference_folder, "fp8")
+    tensors = load_file(fp8_folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight_scale_inv"][0, 0] = float("nan")
+    save_file(tensors, fp8_folder / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight: an FP8 weight's scales are not all"):
+        LLMEngine.from_engine_args(model=str(fp8_folder), num_kv_blocks=8)

@@ -30,15 +30,20 @@ def fp8_format(hf_config: PretrainedConfig) -> Fp8Format | None:
     quant = getattr(hf_config, "quantization_config", None)
     if quant is None:
         return None
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    if not isinstance(quant, dict):
+        raise ValueError(f"quantization_config must be a mapping, not {quant!r}")
     method = quant.get("quant_method")
+    if method is None:
+        raise ValueError("quantization_config has no quant_method")
     if method == "fp8":
         if quant.get("fmt", "e4m3") != "e4m3" or quant.get("activation_scheme", "dynamic") != "dynamic":
             raise ValueError(f"an FP8 checkpoint of fmt={quant.get('fmt')!r}, activation_scheme="
                              f"{quant.get('activation_scheme')!r} is not supported (e4m3, dynamic)")
         block = quant.get("weight_block_size")
-        if block is None or len(block) != 2:
-            raise ValueError(f"an FP8 checkpoint without a weight_block_size of two sizes: {block!r}")
+        if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(
+                isinstance(size, int) and size > 0 for size in block):
+            raise ValueError(f"an FP8 checkpoint needs a weight_block_size of two positive sizes, not {block!r}")
         return Fp8Format(".weight_scale_inv", (int(block[0]), int(block[1])))
     if method == "compressed-tensors" and quant.get("format") == "float-quantized":
         return Fp8Format(".weight_scale", None)
@@ -48,6 +53,8 @@ def fp8_format(hf_config: PretrainedConfig) -> Fp8Format | None:
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
     """float8 weight [rows, columns] times its scales, in float32."""
+    if not torch.isfinite(scale).all():
+        raise ValueError("an FP8 weight's scales are not all finite")
     if weight.dim() != 2:
         raise ValueError(f"an FP8 weight of shape {tuple(weight.shape)}: expected [rows, columns]")
     rows, columns = weight.shape
@@ -74,7 +81,7 @@ def dequantized_weights(weights: Iterable[tuple[str, object]], fmt: Fp8Format) -
             base = name[:-len(fmt.scale_suffix)]
             scale = materialize(loaded)
             if base in waiting_weights:
-                yield f"{base}.weight", dequantize(waiting_weights.pop(base), scale, fmt.block)
+                yield f"{base}.weight", named(base, dequantize, waiting_weights.pop(base), scale, fmt.block)
             else:
                 waiting_scales[base] = scale
         elif name.endswith((".input_scale", ".weight_zero_point")):
@@ -82,15 +89,23 @@ def dequantized_weights(weights: Iterable[tuple[str, object]], fmt: Fp8Format) -
         elif name.endswith(".weight") and _dtype(loaded) == torch.float8_e4m3fn:
             base, weight = name[:-len(".weight")], materialize(loaded)
             if base in waiting_scales:
-                yield name, dequantize(weight, waiting_scales.pop(base), fmt.block)
+                yield name, named(base, dequantize, weight, waiting_scales.pop(base), fmt.block)
             else:
                 waiting_weights[base] = weight
         else:
             yield name, loaded
     if waiting_weights or waiting_scales:
         unmatched = sorted(f"{base}.weight (no scales)" for base in waiting_weights) + sorted(
-            f"{base}{fmt.scale_suffix} (no weight)" for base in waiting_scales)
+            f"{base}{fmt.scale_suffix} (no float8 e4m3 weight)" for base in waiting_scales)
         raise ValueError(f"FP8 checkpoint tensors without their pair: {', '.join(unmatched[:5])}")
+
+
+def named(base: str, fn, *args):
+    """fn(*args), its ValueError naming the tensor it was about."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"{base}.weight: {e}") from e
 
 
 def _dtype(loaded) -> torch.dtype:
