@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 from wde.core.attention.metadata import PagedAttentionMetadata
 from wde.core.interfaces import AttentionBackend
-
-
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+from wde.core.layers.fp8 import FP8_MAX
 
 
 def as_cache_values(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
