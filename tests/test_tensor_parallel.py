@@ -189,12 +189,34 @@ def generate_ok(llm: LLM) -> bool:
     return len(llm.generate([[5, 6]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 10
 
 
+def process_groups_held_by(root: object) -> list:
+    """The process groups reachable from `root` through objects' attributes and containers."""
+    seen, stack, groups = set(), [root], []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.distributed.ProcessGroup):
+            groups.append(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith("wde"):
+            stack.extend(vars(obj).values())
+    return groups
+
+
 def test_workers_stop_on_close_and_on_garbage_collection(tiny_model_dir):
     llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2)
     pids = [p.pid for p in llm.engine.executor.workers.processes]
     assert generate_ok(llm)
+    assert process_groups_held_by([llm, {"world": torch.distributed.group.WORLD}])  # the walk finds a group
     llm.close()
     assert wait_gone(pids)
+    # a group object kept past close is freed at interpreter exit, where gloo aborts the process
+    assert not process_groups_held_by(llm)
     llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2)
     pids = [p.pid for p in llm.engine.executor.workers.processes]
     del llm

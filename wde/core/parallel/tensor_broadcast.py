@@ -93,12 +93,13 @@ class TensorBroadcaster:
     """Both ends: rank 0 calls send(), the other ranks receive(), step after step, in the same order."""
 
     def __init__(self):
-        self.group = get_host_group()
         self.skeleton_bytes: bytes | None = None
         self.skeleton = None
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(tensor, src=0, group=self.group)
+        # the group is looked up at each call, never held: a group object that outlives
+        # destroy_tensor_parallel is freed at interpreter exit, where gloo's threads abort the process
+        dist.broadcast(tensor, src=0, group=get_host_group())
         return tensor
 
     def send(self, obj: Any) -> None:
