@@ -13,22 +13,24 @@ from wde.core.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 NUM_TOKENS = 256
 
 
-def greedy_sequence(folder: str, prompt: list[int], **engine_args) -> list[int]:
-    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=64, dtype="float32", **engine_args)
+def greedy_sequence(folder: str, prompt: list[int], dtype: str = "float32", **engine_args) -> list[int]:
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=64, dtype=dtype, **engine_args)
     engine.add_request("g", prompt, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
     return prompt + run_to_completion(engine)["g"].outputs[0].token_ids
 
 
-def teacher_forced(folder: str, sequence: list[int], **engine_args) -> list[dict]:
+def teacher_forced(folder: str, sequence: list[int], dtype: str = "float32", **engine_args) -> list[dict]:
     """Each position's {token: Logprob} (the token there and the top-1) given the tokens before it."""
-    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=64, dtype="float32", **engine_args)
+    engine = LLMEngine.from_engine_args(model=folder, num_kv_blocks=64, dtype=dtype, **engine_args)
     engine.add_request("t", sequence, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
     return run_to_completion(engine)["t"].prompt_logprobs[1:]
 
 
-def agreement_and_error(folder: str, prompt: list[int], **fp8_args) -> tuple[float, float]:
-    sequence = greedy_sequence(folder, prompt)
-    reference, quantized = teacher_forced(folder, sequence), teacher_forced(folder, sequence, **fp8_args)
+def agreement_and_error(folder: str, prompt: list[int], dtype: str = "float32", **fp8_args) -> tuple[float, float]:
+    """Over the tokens the unquantized model generates: how often they stay the FP8 model's top-1, and the
+    largest change of their logprob."""
+    sequence = greedy_sequence(folder, prompt, dtype)
+    reference, quantized = teacher_forced(folder, sequence, dtype), teacher_forced(folder, sequence, dtype, **fp8_args)
     generated = range(len(prompt) - 1, len(sequence) - 1)  # positions whose next token the model generated
     tokens = sequence[1:]
     top1 = sum(quantized[i][tokens[i]].rank == 1 for i in generated) / len(generated)

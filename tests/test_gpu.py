@@ -325,3 +325,58 @@ def test_constrained_steps_launched_ahead_on_the_gpu_give_the_tokens_of_eager_sy
         assert all(matcher.accept_token(token) for token in completion.token_ids), completion.text
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     assert [outputs["graphs"][i].token_ids for i in greedy] == [outputs["eager"][i].token_ids for i in greedy]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("in_features,out_features", [(576, 1536), (100, 36)])  # the second too odd for cuBLAS
+def test_fp8_scaled_matmul_computes_the_reference_paths_numbers(dtype, in_features, out_features):
+    from wde.core.layers.fp8 import fp8_matmul, quantize_rows
+    torch.manual_seed(0)
+    x = torch.randn(37, in_features, device="cuda", dtype=dtype)
+    weight, scale = quantize_rows(torch.randn(out_features, in_features, device="cuda"))
+    bias = torch.randn(out_features, device="cuda", dtype=dtype)
+    for b in (None, bias):
+        out = fp8_matmul(x, weight, scale, b)
+        reference = fp8_matmul(x.cpu(), weight.cpu(), scale.cpu(), None if b is None else b.cpu())
+        assert out.dtype == dtype and relative_error(out.cpu(), reference.float()) < BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(32, 8, 128, 16), (16, 16, 64, 256)])
+def test_both_kernels_read_a_float8_cache_at_real_sizes(heads, kv_heads, head_dim, block_size):
+    from dataclasses import replace
+
+    from wde.core.kernels.paged_decode import paged_decode
+    from wde.core.kernels.paged_prefill import paged_prefill
+    query_lens, contexts = [512, 1, 300, 1, 7], [0, 900, 31000, 20000, 4096]
+    p = make_problem(query_lens, contexts, heads, kv_heads, head_dim, block_size, torch.bfloat16, "cuda")
+    p = replace(p, kv_cache=p.kv_cache.to(torch.float8_e4m3fn))
+    reference = reference_attention(p, torch.float32, "cuda")
+    prefill = torch.zeros_like(p.q)
+    paged_prefill(p.q, p.kv_cache, prefill, p.block_tables, p.seq_lens, p.query_start_loc, p.scale)
+    rows = [torch.arange(int(p.query_start_loc[i]), int(p.query_start_loc[i + 1])) for i in range(len(query_lens))]
+    prefill_rows = torch.cat([r for r, n in zip(rows, query_lens) if n > 1])
+    assert relative_error(prefill[prefill_rows], reference[prefill_rows]) < BF16_TOLERANCE
+    decode_problem = make_problem([1] * len(contexts), contexts, heads, kv_heads, head_dim, block_size,
+                                  torch.bfloat16, "cuda")
+    decode_problem = replace(decode_problem, kv_cache=decode_problem.kv_cache.to(torch.float8_e4m3fn))
+    for num_splits in (1, 8):
+        out = torch.full_like(decode_problem.q, float("nan"))
+        paged_decode(decode_problem.q, decode_problem.kv_cache, out, decode_problem.block_tables,
+                     decode_problem.seq_lens, decode_problem.query_start_loc, decode_problem.scale, num_splits)
+        assert relative_error(out, reference_attention(decode_problem, torch.float32, "cuda")) < BF16_TOLERANCE
+
+
+def test_fp8_weights_and_kv_cache_keep_smollm2s_bf16_tokens_on_the_gpu(smollm2_path):
+    """Both FP8 paths at once, bf16, Triton backend, CUDA graphs: teacher-forced over 256 tokens the bf16
+    model generated (prefill), and the FP8 engine's own greedy tokens (decode) scored by the bf16 model."""
+    from tests.test_fp8_quantization import agreement_and_error, greedy_sequence, teacher_forced
+    from tests.test_parity_random import random_prompts
+    prompt = random_prompts([24], seed=5)[0]
+    fp8 = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    top1, error = agreement_and_error(smollm2_path, prompt, "bfloat16", **fp8)
+    generated = greedy_sequence(smollm2_path, prompt, "bfloat16", **fp8)
+    scored = teacher_forced(smollm2_path, generated, "bfloat16")[len(prompt) - 1:]
+    decode_top1 = sum(s[t].rank == 1 for s, t in zip(scored, generated[len(prompt):])) / len(scored)
+    print(f"fp8 on the GPU: teacher-forced top-1 {top1:.3f}, max logprob error {error:.3f}, "
+          f"decode top-1 under bf16 {decode_top1:.3f}")
+    assert top1 >= 0.95 and error < 1.0 and decode_top1 >= 0.9, (top1, error, decode_top1)

@@ -123,6 +123,20 @@ def test_skinny_matmul(dtype, m, n, k, with_bias):
     torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("m,n,k", [(1, 48, 64), (5, 100, 200)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_matmul_of_a_float8_weight(dtype, m, n, k, with_bias):
+    """quantization="fp8": the float8 weight widened exactly and its rows scaled; x as it is."""
+    from wde.core.layers.fp8 import quantize_rows
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 3)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
+    out = skinny_matmul(x, weight, bias, num_sms=4, weight_scale=scale)
+    expected = x.double() @ (weight.double() * scale.double()).T + (bias.double() if with_bias else 0)
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
+
+
 def test_rope_stores_k_and_v_into_a_float8_cache():
     """kv_cache_dtype="fp8": the rotated k and v rounded to float8 as torch rounds them (saturating at 448)."""
     tokens, heads, kv_heads, head_dim, block_size = 3, 4, 2, 64, 4
@@ -141,3 +155,16 @@ def test_rope_stores_k_and_v_into_a_float8_cache():
         assert torch.allclose(flat[1, slot], as_float8(v[token]), rtol=0, atol=2 ** -9)
         # the rotation's own float32 rounding may move a value across a float8 rounding edge: one step at most
         assert torch.allclose(flat[0, slot], as_float8(expected_k[token]), rtol=0.13, atol=1e-2)
+
+
+@pytest.mark.parametrize("k", [64, 100, 3000])  # one tile, a ragged tile, several tiles
+def test_quantize_rows_fused_gives_torchs_float8_rows_and_scales(k):
+    from wde.core.kernels.quantize_fp8 import quantize_rows_fused
+    from wde.core.layers.fp8 import FP8_MAX, MIN_SCALE, quantize_rows
+    x = torch.randn(5, k, device=DEVICE) * torch.tensor([1.0, 1e3, 1e-4, 0.0, 30.0], device=DEVICE)[:, None]
+    x[4, k // 2] = -5e4  # one outlier sets its row's scale (and fits float16)
+    for dtype in (torch.float32, torch.float16):
+        ours, our_scale = quantize_rows_fused(x.to(dtype), FP8_MAX, MIN_SCALE)
+        theirs, their_scale = quantize_rows(x.to(dtype))
+        assert torch.equal(our_scale, their_scale)
+        assert torch.equal(ours.float(), theirs.float())  # the same values (a -0 may come out as 0)

@@ -43,16 +43,20 @@ def load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head,
 
 
 @triton.jit
-def to_cache(x, cache_ptr):
-    """x as the cache's element type. A float8 (e4m3) cache saturates at +-448 (a plain cast would make NaN),
-    and each value is first rounded to 3 mantissa bits in float32, to nearest even, by integer arithmetic whose
-    carry moves into the exponent: the cast is then exact. The GPU's cast rounds the same way; Triton's
+def cast_for(x, ptr):
+    """x as the element type of the tensor at `ptr` (a KV cache, float8 activations). Float8 (e4m3) saturates
+    at +-448 (a plain cast would make NaN), and each value is first rounded to 3 mantissa bits in float32, to
+    nearest even, by integer arithmetic whose carry moves into the exponent: the cast is then exact. The GPU's cast rounds the same way; Triton's
     interpreter rounds a value that carries into the next power of two to half of it (126.6 to 64, not 128)."""
-    if cache_ptr.dtype.element_ty == tl.float8e4nv:
-        bits = tl.clamp(x.to(tl.float32), -448.0, 448.0).to(tl.int32, bitcast=True)
+    if ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF  # 23 mantissa bits -> 3
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(cache_ptr.dtype.element_ty)
+        # below 2^-6 float8 is subnormal, a multiple of 2^-9: adding 1.5 * 2^14 (whose float32 ulp is 2^-9)
+        # rounds to one, to nearest even
+        subnormal = (x + 24576.0) - 24576.0
+        x = tl.where(tl.abs(x) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import over_dims, to_cache
+from wde.core.kernels.paged_kv import over_dims, cast_for
 
 
 @triton.jit
@@ -26,8 +26,8 @@ def _rotate_heads(x_ptr, stride_t, stride_h, token, num_heads, cos, sin, norm_pt
     cos = cos.to(x1.dtype)[None, :]
     sin = sin.to(x1.dtype)[None, :]
     out = out_ptr + heads[:, None] * stride_out_h + dims[None, :]
-    tl.store(out, to_cache(x1 * cos - x2 * sin, out_ptr), mask=mask)  # out_ptr: x itself, or a (float8) cache
-    tl.store(out + HALF, to_cache(x2 * cos + x1 * sin, out_ptr), mask=mask)
+    tl.store(out, cast_for(x1 * cos - x2 * sin, out_ptr), mask=mask)  # out_ptr: x itself, or a (float8) cache
+    tl.store(out + HALF, cast_for(x2 * cos + x1 * sin, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, positions_ptr, cos_si
             all_dims = tl.arange(0, 2 * HALF_PAD)
             mask = over_dims(heads < num_k_heads, all_dims, 2 * HALF, 2 * HALF_PAD)
             v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + all_dims[None, :], mask=mask)
-            tl.store(row + cache_kv_stride + heads[:, None] * 2 * HALF + all_dims[None, :], to_cache(v, row), mask=mask)
+            tl.store(row + cache_kv_stride + heads[:, None] * 2 * HALF + all_dims[None, :], cast_for(v, row), mask=mask)
     else:
         _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_k_heads, cos, sin, k_norm_ptr, eps,
                       k_ptr + token * stride_kt, stride_kh, HAS_NORM, HALF, HALF_PAD, K_HEADS_PAD)

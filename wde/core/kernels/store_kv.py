@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import to_cache
+from wde.core.kernels.paged_kv import cast_for
 
 
 @triton.jit
@@ -17,8 +17,8 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, ca
     mask = offsets < ROW
     key = tl.load(k_ptr + token * stride_kt + offsets, mask=mask)
     value = tl.load(v_ptr + token * stride_vt + offsets, mask=mask)
-    tl.store(cache_ptr + slot * ROW + offsets, to_cache(key, cache_ptr), mask=mask)
-    tl.store(cache_ptr + cache_kv_stride + slot * ROW + offsets, to_cache(value, cache_ptr), mask=mask)
+    tl.store(cache_ptr + slot * ROW + offsets, cast_for(key, cache_ptr), mask=mask)
+    tl.store(cache_ptr + cache_kv_stride + slot * ROW + offsets, cast_for(value, cache_ptr), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

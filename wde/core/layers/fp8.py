@@ -11,6 +11,9 @@ tensor-parallel rank quantizes its own slice of a weight, so the scales shard wi
 import torch
 from torch import nn
 
+if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
+    from wde.core.kernels.quantize_fp8 import quantize_rows_fused
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 MIN_SCALE = 1e-12  # a row of zeros keeps a finite scale
@@ -22,13 +25,24 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def scaled_mm_takes(weight: torch.Tensor) -> bool:
+    """cuBLAS's float8 matmul needs both sides of the weight a multiple of 16 (a tensor-parallel slice may not
+    be); the others take the reference path."""
+    return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
                ) -> torch.Tensor:
     """x [tokens, in] (bf16 / fp16 / fp32) times the float8 weight [out, in] with its scales [out, 1]."""
+    if x.is_cuda and scaled_mm_takes(weight):
+        one_pass = x.dim() == 2 and x.stride(1) == 1
+        x_q, x_scale = quantize_rows_fused(x, FP8_MAX, MIN_SCALE) if one_pass else quantize_rows(x)
+        # cuBLAS's row-wise scaled matmul writes bf16 only; another dtype (and its bias) converts around it
+        fused_bias = bias if x.dtype == torch.bfloat16 else None
+        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=fused_bias,
+                               out_dtype=torch.bfloat16).to(x.dtype)
+        return out if bias is None or fused_bias is not None else out + bias
     x_q, x_scale = quantize_rows(x)
-    if x.is_cuda:
-        return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=bias,
-                                out_dtype=x.dtype)
     out = (x_q.float() * x_scale) @ (weight.float() * weight_scale).t()
     return (out if bias is None else out + bias.float()).to(x.dtype)
 

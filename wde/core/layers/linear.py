@@ -6,6 +6,7 @@ splits by KV head, each rank taking its KV heads' groups of q heads (shares may 
 are fewer KV heads than ranks, the ranks that share a KV head each hold a copy of it. A checkpoint tensor may
 arrive lazily (a safetensors slice): `narrow` reads only the rows a rank keeps.
 """
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -24,28 +25,38 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b), through the faster of cuBLAS and wde's skinny matmul for this shape (see skinny_is_faster)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b), through the faster for this shape (see skinny_is_faster) of wde's skinny matmul and the
+    library's: cuBLAS, or for a float8 weight with its scales, fp8_matmul (scaled matmul, quantized x)."""
+    def library() -> torch.Tensor:
+        if weight_scale is not None:
+            return fp8_matmul(x, weight, weight_scale, bias)
+        return F.linear(x, weight, bias)
+
+    def skinny() -> torch.Tensor:
+        return skinny_matmul(x, weight, bias, _num_sms(x.device), weight_scale)
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
-            and x.stride(1) == 1 and weight.is_contiguous() and skinny_is_faster(x, weight, bias)):
-        return skinny_matmul(x, weight, bias, _num_sms(x.device))
-    return F.linear(x, weight, bias)
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_is_faster(x, weight, bias, skinny, library)):
+        return skinny()
+    return library()
 
 
 _SKINNY_FASTER: dict[tuple, bool] = {}
 
 
-def skinny_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the skinny matmul beats cuBLAS at this (rows, N, K, dtype), measured the first time the shape
-    runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its capture): neither
+def skinny_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     skinny: Callable[[], torch.Tensor], library: Callable[[], torch.Tensor]) -> bool:
+    """Whether the skinny matmul beats the library's at this (rows, N, K, dtypes), measured the first time the
+    shape runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its capture): neither
     wins everywhere (on an H200, cuBLAS takes 12 us for Qwen3-0.6B's o_proj at one row, the skinny matmul 5;
-    cuBLAS is ahead on most others; benchmarks/kernels.py). A shape first seen inside a capture takes cuBLAS."""
-    key = (x.shape[0], *weight.shape, x.dtype, bias is not None, x.device)
+    cuBLAS is ahead on most others; benchmarks/kernels.py). A shape first seen inside a capture takes the
+    library's."""
+    key = (x.shape[0], *weight.shape, x.dtype, weight.dtype, bias is not None, x.device)
     if key not in _SKINNY_FASTER:
         if torch.cuda.is_current_stream_capturing():
             return False
-        skinny = time_in_graph(lambda: skinny_matmul(x, weight, bias, _num_sms(x.device)))
-        _SKINNY_FASTER[key] = skinny < time_in_graph(lambda: F.linear(x, weight, bias))
+        _SKINNY_FASTER[key] = time_in_graph(skinny) < time_in_graph(library)
     return _SKINNY_FASTER[key]
 
 
@@ -105,9 +116,7 @@ class Linear(nn.Module):
         return self.matmul(x, self.bias)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.weight_scale is not None:
-            return fp8_matmul(x, self.weight, self.weight_scale, bias)
-        return linear(x, self.weight, bias)
+        return linear(x, self.weight, bias, self.weight_scale)
 
 
 class MergedColumnParallelLinear(Linear):
