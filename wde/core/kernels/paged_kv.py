@@ -46,8 +46,9 @@ def load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head,
 def cast_for(x, ptr):
     """x as the element type of the tensor at `ptr` (a KV cache, float8 activations). Float8 (e4m3) saturates
     at +-448 (a plain cast would make NaN), and each value is first rounded to 3 mantissa bits in float32, to
-    nearest even, by integer arithmetic whose carry moves into the exponent: the cast is then exact. The GPU's cast rounds the same way; Triton's
-    interpreter rounds a value that carries into the next power of two to half of it (126.6 to 64, not 128)."""
+    nearest even, by integer arithmetic whose carry moves into the exponent: the cast is then exact. The GPU's
+    cast rounds the same way; Triton's interpreter rounds a value that carries into the next power of two to
+    half of it (126.6 to 64, not 128)."""
     if ptr.dtype.element_ty == tl.float8e4nv:
         x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
         bits = x.to(tl.int32, bitcast=True)

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import over_dims, cast_for
+from wde.core.kernels.paged_kv import cast_for, over_dims
 
 
 @triton.jit

@@ -38,10 +38,12 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         one_pass = x.dim() == 2 and x.stride(1) == 1
         x_q, x_scale = quantize_rows_fused(x, FP8_MAX, MIN_SCALE) if one_pass else quantize_rows(x)
         # cuBLAS's row-wise scaled matmul writes bf16 only; another dtype (and its bias) converts around it
-        fused_bias = bias if x.dtype == torch.bfloat16 else None
-        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=fused_bias,
+        if x.dtype == torch.bfloat16:
+            return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=bias,
+                                    out_dtype=torch.bfloat16)
+        out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                                out_dtype=torch.bfloat16).to(x.dtype)
-        return out if bias is None or fused_bias is not None else out + bias
+        return out if bias is None else out + bias
     x_q, x_scale = quantize_rows(x)
     out = (x_q.float() * x_scale) @ (weight.float() * weight_scale).t()
     return (out if bias is None else out + bias.float()).to(x.dtype)

@@ -6,7 +6,6 @@ splits by KV head, each rank taking its KV heads' groups of q heads (shares may 
 are fewer KV heads than ranks, the ranks that share a KV head each hold a copy of it. A checkpoint tensor may
 arrive lazily (a safetensors slice): `narrow` reads only the rows a rank keeps.
 """
-from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -27,26 +26,27 @@ def _num_sms(device: torch.device) -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b), through the faster for this shape (see skinny_is_faster) of wde's skinny matmul and the
-    library's: cuBLAS, or for a float8 weight with its scales, fp8_matmul (scaled matmul, quantized x)."""
-    def library() -> torch.Tensor:
-        if weight_scale is not None:
-            return fp8_matmul(x, weight, weight_scale, bias)
-        return F.linear(x, weight, bias)
-
-    def skinny() -> torch.Tensor:
-        return skinny_matmul(x, weight, bias, _num_sms(x.device), weight_scale)
+    """x W^T (+ b), through the faster of wde's skinny matmul and the library's for this shape (see
+    skinny_is_faster). `weight_scale`: the float8 weight's scales, else None."""
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
-            and x.stride(1) == 1 and weight.is_contiguous() and skinny_is_faster(x, weight, bias, skinny, library)):
-        return skinny()
-    return library()
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_is_faster(x, weight, bias, weight_scale)):
+        return skinny_matmul(x, weight, bias, _num_sms(x.device), weight_scale)
+    return library_matmul(x, weight, bias, weight_scale)
+
+
+def library_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   weight_scale: torch.Tensor | None) -> torch.Tensor:
+    """cuBLAS, or for a float8 weight with its scales, fp8_matmul (scaled matmul of x quantized per token)."""
+    if weight_scale is not None:
+        return fp8_matmul(x, weight, weight_scale, bias)
+    return F.linear(x, weight, bias)
 
 
 _SKINNY_FASTER: dict[tuple, bool] = {}
 
 
 def skinny_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     skinny: Callable[[], torch.Tensor], library: Callable[[], torch.Tensor]) -> bool:
+                     weight_scale: torch.Tensor | None) -> bool:
     """Whether the skinny matmul beats the library's at this (rows, N, K, dtypes), measured the first time the
     shape runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its capture): neither
     wins everywhere (on an H200, cuBLAS takes 12 us for Qwen3-0.6B's o_proj at one row, the skinny matmul 5;
@@ -56,7 +56,8 @@ def skinny_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if key not in _SKINNY_FASTER:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _SKINNY_FASTER[key] = time_in_graph(skinny) < time_in_graph(library)
+        skinny = time_in_graph(lambda: skinny_matmul(x, weight, bias, _num_sms(x.device), weight_scale))
+        _SKINNY_FASTER[key] = skinny < time_in_graph(lambda: library_matmul(x, weight, bias, weight_scale))
     return _SKINNY_FASTER[key]
 
 
