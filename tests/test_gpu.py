@@ -341,6 +341,24 @@ def test_fp8_scaled_matmul_computes_the_reference_paths_numbers(dtype, in_featur
         assert out.dtype == dtype and relative_error(out.cpu(), reference.float()) < BF16_TOLERANCE
 
 
+@pytest.mark.parametrize("out_features,in_features", [(28672, 4096), (4096, 14336), (6144, 1024)])
+def test_float8_weights_through_the_skinny_matmul_at_real_sizes(out_features, in_features):
+    """The engine's tile for each of Llama-3.1-8B's gate_up (the widest tiles: fp16 products) and down_proj and
+    Qwen3-0.6B's gate_up, bf16 x with large and tiny values: the float64 product of the same numbers."""
+    from wde.core.kernels.skinny_matmul import skinny_matmul, tile_for
+    from wde.core.layers.fp8 import quantize_rows
+    torch.manual_seed(0)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    weight, scale = quantize_rows(torch.randn(out_features, in_features, device="cuda"))
+    for rows in (1, 16):
+        x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
+        x[0, :2] = torch.tensor([2e5, 1e-4])
+        out = skinny_matmul(x, weight, None, num_sms, scale)
+        reference = x.double() @ (weight.double() * scale.double()).T
+        worst = max(relative_error(out[row].cpu(), reference[row].cpu()) for row in range(rows))
+        assert worst < BF16_TOLERANCE, (worst, tile_for(out_features, in_features, num_sms, True))
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(32, 8, 128, 16), (16, 16, 64, 256)])
 def test_both_kernels_read_a_float8_cache_at_real_sizes(heads, kv_heads, head_dim, block_size):
     from dataclasses import replace

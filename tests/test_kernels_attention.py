@@ -101,6 +101,18 @@ def test_a_float8_cache_in_both_kernels(dtype):
         TOLERANCE if dtype == torch.float32 else 2e-3)
 
 
+def test_bf16_queries_over_a_float8_cache_in_the_decode_kernel():
+    """bf16 queries beside a float8 cache go to fp16 shifted by 2^-8 (the GPU's cheaper widening): a query past
+    fp16's largest value (1e5) and tiny ones (1e-4) still give the reference's attention, within bf16 output."""
+    p = make_problem([1, 1, 1, 1], [40, 200, 3, 20], 4, 2, 64, 16, torch.bfloat16, DEVICE)
+    p.q[0, 0, :2] = torch.tensor([1e5, -1e-4], dtype=torch.bfloat16)
+    p.q[1] *= 1e-3
+    p = replace(p, kv_cache=p.kv_cache.to(torch.float8_e4m3fn))
+    out = torch.full_like(p.q, float("nan"))
+    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 2, block_n=16)
+    assert relative_error(out, reference_attention(p), list(range(4))) < 1e-2
+
+
 def test_store_kv_into_a_float8_cache_saturates():
     """Values past float8 e4m3's largest (448) are stored as it, not as NaN; the others rounded to float8."""
     kv_cache = torch.zeros(2, 2, 4, 1, 8, dtype=torch.float8_e4m3fn, device=DEVICE)

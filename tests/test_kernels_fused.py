@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from wde.core.kernels.activation import silu_and_mul
 from wde.core.kernels.rms_norm import rms_norm
 from wde.core.kernels.rotary import apply_rope
-from wde.core.kernels.skinny_matmul import skinny_matmul
+from wde.core.kernels.skinny_matmul import SkinnyTile, skinny_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -126,13 +126,18 @@ def test_skinny_matmul(dtype, m, n, k, with_bias):
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("m,n,k", [(1, 48, 64), (5, 100, 200)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_skinny_matmul_of_a_float8_weight(dtype, m, n, k, with_bias):
-    """quantization="fp8": the float8 weight widened exactly and its rows scaled; x as it is."""
+@pytest.mark.parametrize("fp16_products", [False, True])
+def test_skinny_matmul_of_a_float8_weight(dtype, m, n, k, with_bias, fp16_products):
+    """quantization="fp8": the float8 weight widened exactly and its rows scaled; x as it is, or (the widest
+    tiles') in fp16 after a shift by 2^-8, which keeps both large values of x and small ones."""
     from wde.core.layers.fp8 import quantize_rows
-    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    x = torch.randn(m, k, device=DEVICE)
+    x[0, :3] = torch.tensor([3e3, -1e3, 1e-4])
+    x = x.to(dtype)
     weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 3)
     bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
-    out = skinny_matmul(x, weight, bias, num_sms=4, weight_scale=scale)
+    tile = SkinnyTile(32, 64, fp16_products=fp16_products)
+    out = skinny_matmul(x, weight, bias, num_sms=4, weight_scale=scale, tile=tile)
     expected = x.double() @ (weight.double() * scale.double()).T + (bias.double() if with_bias else 0)
     torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
 

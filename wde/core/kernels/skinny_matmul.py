@@ -9,18 +9,32 @@ software-pipelined (num_stages) to keep enough bytes in flight per SM.
 An FP8 weight (quantization="fp8", wde/core/layers/fp8.py) streams at one byte a value: each tile is widened
 to x's dtype (exact: bf16 and fp16 hold every float8 e4m3 value) and the float32 sums are multiplied by the
 weight's per-row scale. x stays unquantized, so at these batch sizes no per-token quantization runs at all.
+Where widening to bf16 is the bottleneck (the widest tiles), the weight widens to fp16 instead (one hardware
+conversion on Hopper) and x is taken to fp16 too, divided by 2^8 so that values up to 1.6e7 fit (below 2^-6
+fp16 keeps an absolute precision of 2^-16, finer than bf16's relative one there); the scale undoes the 2^8.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 MAX_ROWS = 16
+X_SHIFT: tl.constexpr = 2.0 ** -8  # x into fp16's range for FP16_PRODUCTS
+
+
+@dataclass(frozen=True)
+class SkinnyTile:
+    block_n: int  # output columns per program
+    block_k: int  # depth of each step along K
+    num_stages: int = 3  # loads in flight (software pipelining)
+    fp16_products: bool = False  # float8 weights only: widened to fp16, x taken to fp16 (module docstring)
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                           SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, FP16_PRODUCTS: tl.constexpr):
     rows = tl.arange(0, 16)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
@@ -32,9 +46,16 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, s
                     other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if FP16_PRODUCTS:
+            x = tl.clamp(x.to(tl.float32) * X_SHIFT, -65504.0, 65504.0).to(tl.float16)
+            acc = tl.dot(x, tl.trans(w.to(tl.float16)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if SCALED:
-        acc *= tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+        if FP16_PRODUCTS:
+            scale = scale / X_SHIFT
+        acc *= scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -49,18 +70,30 @@ def block_n_for(n: int, num_sms: int) -> int:
     return 16
 
 
+def tile_for(n: int, k: int, num_sms: int, float8_weight: bool) -> SkinnyTile:
+    """The fastest tile measured on an H200 (benchmarks/kernels.py --sweep; benchmarks/results/
+    kernels-nvidia-h200-20261204T175919.json). bf16: narrow tiles over a long K step 512 deep (Llama-3.1-8B's
+    down_proj at one row 36 us, 43 at 128 deep), wide ones 128; three stages beat four. float8: 256 deep; the
+    widest tiles widen to fp16 (Llama-3.1-8B's gate_up 32 us, 50 widened to bf16; narrower ones lose 2-15%)."""
+    block_n = block_n_for(n, num_sms)
+    if float8_weight:
+        return SkinnyTile(128, 128, 4, fp16_products=True) if block_n == 128 else SkinnyTile(block_n, 256)
+    return SkinnyTile(block_n, 512 if block_n <= 32 and k >= 2048 else 128)
+
+
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_sms: int,
-                  weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  weight_scale: torch.Tensor | None = None, tile: SkinnyTile | None = None) -> torch.Tensor:
     """x: [M <= 16, K] with unit stride along K; weight: [N, K] contiguous, of x's dtype or float8 with its
-    float32 scales [N, 1] in `weight_scale`; bias: [N] or None -> [M, N]."""
+    float32 scales [N, 1] in `weight_scale`; bias: [N] or None -> [M, N]. tile: tile_for's unless given."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
+    tile = tile or tile_for(n, k, num_sms, weight_scale is not None)
+    assert weight_scale is not None or not tile.fp16_products
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n = block_n_for(n, num_sms)
-    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
+    _skinny_matmul_kernel[(triton.cdiv(n, tile.block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0), SCALED=weight_scale is not None,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=128 if block_n >= 64 else 256, num_warps=4,
-        num_stages=4)
+        HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, FP16_PRODUCTS=tile.fp16_products,
+        num_warps=4, num_stages=tile.num_stages)
     return out
