@@ -18,7 +18,7 @@ from wde.core.kernels.paged_kv import (dot_precision, head_pad, load_kv_tile, on
                                       soft_capped)
 
 LOG2E = 1.4426950408889634
-Q_SHIFT: tl.constexpr = 2.0 ** -8  # bf16 queries into fp16's range, beside a float8 cache
+Q_SHIFT = tl.constexpr(2.0 ** -8)  # bf16 queries into fp16's range, beside a float8 cache
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 16
-X_SHIFT: tl.constexpr = 2.0 ** -8  # x into fp16's range for FP16_PRODUCTS
+X_SHIFT = tl.constexpr(2.0 ** -8)  # x into fp16's range for FP16_PRODUCTS
 
 
 @dataclass(frozen=True)
