@@ -16,8 +16,8 @@ fraction of the bandwidth.
     python -m benchmarks.kernels                          # Qwen3-0.6B and Llama-3.1-8B shapes
     python -m benchmarks.kernels --sweep                  # also each depth and pipelining of the skinny tiles
 """
-import itertools
 import argparse
+import itertools
 import json
 import logging
 
@@ -154,7 +154,7 @@ def prefill_matmul_rows(shape_name: str, tokens: int) -> list[dict]:
                    "fp8_quantize_alone": time_in_graph(lambda: quantize_rows_fused(x, FP8_MAX, MIN_SCALE))}
         flops = 2 * tokens * n * k
         row = {"shape": shape_name, "weight": name, "n": n, "k": k, "m": tokens,
-               **{f"{key}_us": round(t * 1e6, 1) for key, t in seconds.items()},
+               **{f"{key}_us": microseconds(t) for key, t in seconds.items()},
                **{f"{key}_tflop_s": round(flops / t / 1e12, 1) for key, t in seconds.items()
                   if key != "fp8_quantize_alone"}}
         rows.append(row)
