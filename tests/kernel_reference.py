@@ -42,10 +42,12 @@ def make_problem(query_lens: list[int], context_lens: list[int], heads: int, kv_
 
 
 def reference_attention(p: PagedProblem, dtype: torch.dtype = torch.float64, device: str = "cpu",
-                        window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                        window: int | None = None, softcap: float | None = None,
+                        kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context (or the last `window` positions up
     to each token's own; scores capped to softcap * tanh(score / softcap) when given), in float64 on the CPU (or
-    in float32 on the GPU for contexts too long for that)."""
+    in float32 on the GPU for contexts too long for that); a float8 cache's entries times kv_scales [2, kv_heads]
+    when given."""
     out = torch.zeros(p.q.shape, dtype=dtype, device=device)
     kv_heads = p.kv_cache.shape[3]
     group = p.q.shape[1] // kv_heads
@@ -54,8 +56,10 @@ def reference_attention(p: PagedProblem, dtype: torch.dtype = torch.float64, dev
         seq_len, start = int(p.seq_lens[i]), int(p.query_start_loc[i])
         blocks = p.block_tables[i, :-(-seq_len // block_size)].long().to(device)
         cache = p.kv_cache.to(device)
-        k = cache[0][blocks].flatten(0, 1)[:seq_len].to(dtype).repeat_interleave(group, dim=1)
-        v = cache[1][blocks].flatten(0, 1)[:seq_len].to(dtype).repeat_interleave(group, dim=1)
+        scales = torch.ones(2, kv_heads) if kv_scales is None else kv_scales
+        scales = scales.to(device, dtype)[:, None, :, None]  # [2, 1 (token), kv_heads, 1 (dim)]
+        k = (cache[0][blocks].flatten(0, 1)[:seq_len].to(dtype) * scales[0]).repeat_interleave(group, dim=1)
+        v = (cache[1][blocks].flatten(0, 1)[:seq_len].to(dtype) * scales[1]).repeat_interleave(group, dim=1)
         q = p.q[start:start + query_len].to(device, dtype)
         scores = torch.einsum("qhd,khd->hqk", q, k) * p.scale
         if softcap is not None:

@@ -101,6 +101,37 @@ def test_a_float8_cache_in_both_kernels(dtype):
         TOLERANCE if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_float8_cache_with_per_head_scales_in_both_kernels(dtype):
+    """Each KV head's K and V entries are value / scale: both kernels multiply them back (K's scale into the
+    scores, V's into the weighted sum), across split and unsplit decodes, as the reference does."""
+    p = make_problem([1, 12, 1, 5], [200, 0, 3, 20], 4, 2, 64, 16, dtype, DEVICE)
+    p = replace(p, kv_cache=p.kv_cache.to(torch.float8_e4m3fn))
+    kv_scales = torch.tensor([[0.25, 3.0], [2.0, 0.5]], device=DEVICE)  # [K, V] x kv_heads
+    reference = reference_attention(p, kv_scales=kv_scales.cpu())
+    for splits in (1, 4):
+        out = torch.full_like(p.q, float("nan"))
+        paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, splits,
+                     min_per_split=16, block_n=16, kv_scales=kv_scales)
+        paged_prefill(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, block_m=16,
+                      block_n=16, kv_scales=kv_scales)
+        assert relative_error(out, reference, list(range(p.q.shape[0]))) < (
+            TOLERANCE if dtype == torch.float32 else 2e-3)
+    assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) > 0.1  # the scales matter
+
+
+def test_a_cache_of_the_models_dtype_ignores_scales():
+    """Scales belong to a float8 cache: a float32 one is read as it is whatever kv_scales says."""
+    p = make_problem([1, 12], [40, 3], 4, 2, 64, 16, torch.float32, DEVICE)
+    out = torch.full_like(p.q, float("nan"))
+    kv_scales = torch.full((2, 2), 7.0, device=DEVICE)
+    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 1, block_n=16,
+                 kv_scales=kv_scales)
+    paged_prefill(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, block_m=16,
+                  block_n=16, kv_scales=kv_scales)
+    assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) < TOLERANCE
+
+
 def test_bf16_queries_over_a_float8_cache_in_the_decode_kernel():
     """bf16 queries beside a float8 cache go to fp16 shifted by 2^-8 (the GPU's cheaper widening): a query past
     fp16's largest value (1e5) and tiny ones (1e-4) still give the reference's attention, within bf16 output."""
@@ -121,3 +152,19 @@ def test_store_kv_into_a_float8_cache_saturates():
     store_kv(k, -k, kv_cache, torch.tensor([3], device=DEVICE))
     expected = k.clamp(-448, 448).to(torch.float8_e4m3fn).float()
     assert torch.equal(kv_cache[0, 0, 3].float(), expected[0]) and torch.equal(kv_cache[1, 0, 3].float(), -expected[0])
+
+
+def test_store_kv_into_a_float8_cache_divides_by_each_heads_scale():
+    """A float8 cache holds value / its head's scale (K and V scaled apart), saturating at 448 after the
+    division, so a scale of 4 stores values up to 1792 unclipped."""
+    kv_cache = torch.zeros(2, 2, 4, 2, 8, dtype=torch.float8_e4m3fn, device=DEVICE)
+    k = torch.randn(3, 2, 8, device=DEVICE) * 600
+    v = torch.randn(3, 2, 8, device=DEVICE) * 5
+    kv_scales = torch.tensor([[4.0, 0.5], [0.02, 1.0]], device=DEVICE)
+    store_kv(k, v, kv_cache, torch.tensor([3, -1, 6], device=DEVICE), kv_scales)
+    flat = kv_cache.view(2, 8, 2, 8).float()
+    as_float8 = lambda x, s: (x / s[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float()  # noqa: E731
+    for token, slot in ((0, 3), (2, 6)):
+        assert torch.equal(flat[0, slot], as_float8(k[token], kv_scales[0]))
+        assert torch.equal(flat[1, slot], as_float8(v[token], kv_scales[1]))
+    assert (flat[0, 3, 0] * 4).abs().max() > 448  # head 0's K past 448 kept within its scale's range

@@ -69,8 +69,9 @@ class EngineArgs(BaseModel):
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (for benchmarks), "
                                                                       "nothing read from the model folder")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
-        "auto", description="fp8: K and V stored as float8 e4m3 (saturating at +-448, unscaled), twice the tokens "
-                            "in the same memory; auto: the model's dtype")
+        "auto", description="fp8: K and V stored as float8 e4m3 over a scale per layer and KV head (the "
+                            "checkpoint's k_scale / v_scale, else calibrated at start-up), twice the tokens in the "
+                            "same memory; auto: the model's dtype")
     quantization: Literal["fp8"] | None = Field(
         None, description="fp8: the attention and MLP projections' weights quantized to float8 (e4m3) per output "
                           "channel at load, activations per token at each step")

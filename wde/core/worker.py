@@ -7,11 +7,15 @@ import torch
 
 from wde.core import interfaces
 from wde.core.attention.layer import Attention
+from wde.core.attention.metadata import dummy_paged_batch
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from wde.core.forward_context import set_forward_context
+from wde.core.kv_cache.kv_scales import (CALIBRATION_TOKENS, checkpoint_kv_scales, heads_of_this_rank, log_scales,
+                                         scales_from_amax)
 from wde.core.kv_cache.layer_groups import group_layers
 from wde.core.loader.model_loader import load_model
 from wde.core.parallel.distributed import init_device_all_reduce
-from wde.core.pinned_copy import PinnedCopier
+from wde.core.pinned_copy import PinnedCopier, map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,12 @@ class ModelWorker(interfaces.Worker):
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         self.kv_cache: torch.Tensor | None = None
+        # a float8 cache's scales per layer, K/V and KV head (kv_cache/kv_scales.py), set by init_kv_cache; ones
+        # until then (and for a cache of the model's dtype, whose kernels never read them)
+        num_kv_heads = self.kv_layers[0].num_kv_heads if self.kv_layers else 0
+        self.kv_scales = torch.ones(len(self.kv_layers), 2, num_kv_heads, device=self.device)
+        for layer, scales in zip(self.kv_layers, self.kv_scales):
+            layer.kv_scales = scales
         self.copier = PinnedCopier(self.device)  # each step's input, to the device in one copy
 
     @property
@@ -99,6 +109,8 @@ class ModelWorker(interfaces.Worker):
         if not num_blocks:
             return
         model, args = self.config.model, self.config.args
+        if self.kv_cache_dtype == torch.float8_e4m3fn:
+            self.kv_scales.copy_(self.float8_kv_scales())
         self.kv_cache = self.allocate_kv_cache(num_blocks)
         groups = self.kv_layer_groups
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s, in %d layer group(s) of %d layers "
@@ -106,16 +118,60 @@ class ModelWorker(interfaces.Worker):
                     self.kv_cache.numel() * self.kv_cache.dtype.itemsize / 2**30, self.device, groups.num_groups,
                     groups.layers_per_block, list(groups.windows))
 
-    def allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        """One tensor [layers a block holds, 2, blocks, block_size, kv_heads, head_dim]; each attention layer gets
-        its slot's slice, and reads it through its group's block tables.
+    def float8_kv_scales(self) -> torch.Tensor:
+        """[KV layers, 2, this rank's KV heads]: the checkpoint's scales, else calibrated."""
+        model = self.config.model
+        scales = None if self.config.args.load_format == "dummy" else checkpoint_kv_scales(model)
+        if scales is None:
+            scales = self.calibrated_kv_scales()
+            log_scales(scales, f"calibrated over {CALIBRATION_TOKENS} random tokens")
+            return scales
+        if scales.shape[0] != len(self.kv_layers):
+            raise ValueError(f"the checkpoint has KV cache scales for {scales.shape[0]} layers, the model "
+                             f"{len(self.kv_layers)} attention layers with a KV cache")
+        scales = heads_of_this_rank(scales, model).to(self.device)
+        log_scales(scales, "from the checkpoint")
+        return scales
+
+    @torch.inference_mode()
+    def calibrated_kv_scales(self) -> torch.Tensor:
+        """Scales from each head's amax of K and V over a prefill of random tokens (the same on every rank), its
+        K and V stored in the model's dtype in a scratch cache, each layer's read as soon as it is written
+        (layers of different groups share a slot of the cache)."""
+        args, model = self.config.args, self.config.model
+        num_tokens = min(CALIBRATION_TOKENS, args.max_num_batched_tokens, model.max_model_len)
+        positions, metadata, _, num_blocks = dummy_paged_batch(num_tokens, 1, args.block_size,
+                                                               self.kv_layer_groups.num_groups)
+        generator = torch.Generator().manual_seed(self.config.args.seed)
+        input_ids = torch.randint(model.vocab_size, (num_tokens,), generator=generator)
+        amax = torch.zeros_like(self.kv_scales)
+
+        def record(index: int):
+            def hook(layer, inputs, output):
+                written = layer.kv_cache.flatten(1, 2)[:, :num_tokens]  # [2, tokens, kv_heads, head_dim]
+                amax[index] = written.abs().amax(dim=(1, 3)).float()
+            return hook
+        hooks = [layer.register_forward_hook(record(i)) for i, layer in enumerate(self.kv_layers)]
+        self.allocate_kv_cache(num_blocks, model.dtype)
+        try:
+            with set_forward_context(map_tensors(metadata, lambda t: t.to(self.device))):
+                self.model(input_ids.to(self.device), torch.tensor(positions, device=self.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.release_kv_cache()
+        return scales_from_amax(amax)
+
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor [layers a block holds, 2, blocks, block_size, kv_heads, head_dim] of `dtype` (default: the
+        cache's); each attention layer gets its slot's slice, and reads it through its group's block tables.
 
         Zeroed: padding rows that a backend reads but masks out must hold finite numbers.
         """
         layer, args, groups = self.kv_layers[0], self.config.args, self.kv_layer_groups
         # this rank's KV heads (all of them without tensor parallelism)
         cache = torch.zeros(groups.layers_per_block, 2, num_blocks, args.block_size, layer.num_kv_heads,
-                            layer.head_dim, dtype=self.kv_cache_dtype, device=self.device)
+                            layer.head_dim, dtype=dtype or self.kv_cache_dtype, device=self.device)
         for layer, group, slot in zip(self.kv_layers, groups.group_of_layer, groups.slot_of_layer):
             layer.kv_cache, layer.kv_group = cache[slot], group
         return cache

@@ -11,8 +11,10 @@ class Attention(nn.Module):
     """q, k, v come in as [num_tokens, heads * head_dim]; the bound AttentionBackend does the work.
 
     The Worker binds `backend`, this layer's slice of the KV cache (`kv_cache`, shaped
-    [2, num_blocks, block_size, num_kv_heads, head_dim]) and its KV layer group (`kv_group`: which of the
-    step's block tables and slot mappings it reads, wde/core/kv_cache/layer_groups.py) before the first step.
+    [2, num_blocks, block_size, num_kv_heads, head_dim]), the scales of a float8 cache (`kv_scales`, [2 (K, V),
+    num_kv_heads] float32: an entry holds value / scale, wde/core/kv_cache/kv_scales.py) and its KV layer group
+    (`kv_group`: which of the step's block tables and slot mappings it reads, wde/core/kv_cache/layer_groups.py)
+    before the first step.
     """
 
     uses_kv_cache = True  # decoders keep K/V in the paged cache; EncoderAttention does not
@@ -29,6 +31,7 @@ class Attention(nn.Module):
         self.logit_softcap = logit_softcap  # scores capped to softcap * tanh(score / softcap) (Gemma 2)
         self.backend: AttentionBackend | None = None
         self.kv_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None
         self.kv_group = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotation: Rotation | None = None

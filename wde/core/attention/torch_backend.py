@@ -11,31 +11,37 @@ from wde.core.interfaces import AttentionBackend
 from wde.core.layers.fp8 import FP8_MAX
 
 
-def as_cache_values(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """x in the cache's dtype: a float8 cache saturates at +-448 (a plain cast would make NaN of larger values)."""
+def as_cache_values(x: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [tokens, kv_heads, head_dim] in the cache's dtype: a float8 cache holds x / its head's scale, saturated
+    at +-448 (a plain cast would make NaN of larger values)."""
     if cache.dtype == torch.float8_e4m3fn:
-        return x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
+        return (x.float() / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
     return x
 
 
-def store_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write each new token's K and V into its cache slot (the torch reference of kernels/store_kv.py)."""
+def store_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_scales: torch.Tensor) -> None:
+    """Write each new token's K and V into its cache slot (the torch reference of kernels/store_kv.py);
+    kv_scales: [2, kv_heads], read for a float8 cache only."""
     num_kv_heads, head_dim = k.shape[1:]
-    k, v = as_cache_values(k, kv_cache), as_cache_values(v, kv_cache)
+    k, v = as_cache_values(k, kv_cache, kv_scales[0]), as_cache_values(v, kv_cache, kv_scales[1])
     if kv_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel on the CPU: copy the bytes
         kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int, dtype: torch.dtype
-                   ) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int, dtype: torch.dtype,
+                   scales: torch.Tensor) -> torch.Tensor:
     """[num_seqs, num_blocks] block ids -> [num_seqs, kv_heads, num_tokens, head_dim] of cached K or V, as
-    `dtype` (the queries')."""
+    `dtype` (the queries'); a float8 cache's entries times their head's scale ([kv_heads])."""
     block_size = cache.shape[1]
     num_blocks = -(-num_tokens // block_size)
     gathered = cache[block_tables[:, :num_blocks]]  # [seqs, blocks, block_size, kv_heads, head_dim]
-    return gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2).to(dtype)
+    gathered = gathered.flatten(1, 2)[:, :num_tokens].transpose(1, 2)
+    if cache.dtype == torch.float8_e4m3fn:
+        return (gathered.float() * scales[:, None, None]).to(dtype)
+    return gathered.to(dtype)
 
 
 def attend(layer, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -55,7 +61,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
-        store_kv_torch(k, v, layer.kv_cache, attn_metadata.slot_mapping)
+        store_kv_torch(k, v, layer.kv_cache, attn_metadata.slot_mapping, layer.kv_scales)
         out = torch.empty_like(q)
         starts = attn_metadata.query_start_loc.tolist()
         decoding = [i for i, n in enumerate(attn_metadata.query_lens_host) if n == 1]
@@ -71,8 +77,9 @@ class TorchAttentionBackend(AttentionBackend):
     def _prefill(self, layer, q: torch.Tensor, meta: PagedAttentionMetadata, seq: int) -> torch.Tensor:
         """One sequence's new tokens attend causally to its whole context (cached prefix + themselves)."""
         seq_len, query_len = meta.seq_lens_host[seq], q.shape[0]
-        keys = gather_context(layer.kv_cache[0], meta.block_tables[seq:seq + 1], seq_len, q.dtype)
-        values = gather_context(layer.kv_cache[1], meta.block_tables[seq:seq + 1], seq_len, q.dtype)
+        table = meta.block_tables[seq:seq + 1]
+        keys = gather_context(layer.kv_cache[0], table, seq_len, q.dtype, layer.kv_scales[0])
+        values = gather_context(layer.kv_cache[1], table, seq_len, q.dtype, layer.kv_scales[1])
         query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
         key_pos = torch.arange(seq_len, device=q.device)[None, :]
         mask = key_pos <= query_pos
@@ -85,8 +92,8 @@ class TorchAttentionBackend(AttentionBackend):
         seq_lens = meta.seq_lens[seqs]
         longest = max(meta.seq_lens_host[i] for i in seqs)
         block_tables = meta.block_tables[seqs]
-        keys = gather_context(layer.kv_cache[0], block_tables, longest, q.dtype)
-        values = gather_context(layer.kv_cache[1], block_tables, longest, q.dtype)
+        keys = gather_context(layer.kv_cache[0], block_tables, longest, q.dtype, layer.kv_scales[0])
+        values = gather_context(layer.kv_cache[1], block_tables, longest, q.dtype, layer.kv_scales[1])
         key_pos = torch.arange(longest, device=q.device)[None, :]
         mask = key_pos < seq_lens[:, None]
         if layer.sliding_window is not None:

@@ -29,19 +29,22 @@ class TritonAttentionBackend(AttentionBackend):
                 attn_metadata: PagedAttentionMetadata, rotation: Rotation | None = None) -> torch.Tensor:
         meta = attn_metadata
         if rotation is None:
-            store_kv(k, v, layer.kv_cache, meta.slot_mapping)
+            store_kv(k, v, layer.kv_cache, meta.slot_mapping, layer.kv_scales)
         else:  # one kernel: q rotated in place, k rotated into its cache slot beside v
             apply_rope(q, k, rotation.positions, rotation.rotary_emb.cos_sin,
-                       *head_norm_arguments(rotation.q_norm, rotation.k_norm), v, layer.kv_cache, meta.slot_mapping)
+                       *head_norm_arguments(rotation.q_norm, rotation.k_norm), v, layer.kv_cache, meta.slot_mapping,
+                       layer.kv_scales)
         out = torch.empty_like(q)
         if meta.min_query_len == 1:
             context = min(meta.max_seq_len, layer.sliding_window or meta.max_seq_len)
             paged_decode(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, layer.scale,
                          self.num_splits(meta.num_seqs, layer.num_kv_heads, context), self.split_counters,
-                         MIN_TOKENS_PER_SPLIT, window=layer.sliding_window, softcap=layer.logit_softcap)
+                         MIN_TOKENS_PER_SPLIT, window=layer.sliding_window, softcap=layer.logit_softcap,
+                         kv_scales=layer.kv_scales)
         if meta.max_query_len > 1:
             paged_prefill(q, layer.kv_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                          layer.scale, window=layer.sliding_window, softcap=layer.logit_softcap)
+                          layer.scale, window=layer.sliding_window, softcap=layer.logit_softcap,
+                          kv_scales=layer.kv_scales)
         return out
 
     def num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:

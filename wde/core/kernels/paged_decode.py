@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wde.core.kernels.paged_kv import (dot_precision, head_pad, load_kv_tile, online_softmax_step, over_dims,
-                                      soft_capped)
+from wde.core.kernels.paged_kv import (cache_scale, dot_precision, head_pad, load_kv_tile, online_softmax_step,
+                                      over_dims, soft_capped, unit_kv_scales)
 
 LOG2E = 1.4426950408889634
 Q_SHIFT = tl.constexpr(2.0 ** -8)  # bf16 queries into fp16's range, beside a float8 cache
@@ -48,7 +48,7 @@ def _combine_splits(out_ptr, part_out_ptr, part_lse_ptr, part, heads, row_mask, 
 # the block-table width and the split count change from step to step: not specialized on (one compile serves)
 @triton.jit(do_not_specialize=["stride_bt", "max_splits"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
-                   block_tables_ptr, seq_lens_ptr, query_start_ptr,
+                   block_tables_ptr, seq_lens_ptr, query_start_ptr, scales_ptr, scales_kv_stride,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_bt,
                    scale_log2, max_splits, window, softcap_log2,
@@ -82,6 +82,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         # W1's shape, benchmarks/kernels.py); q joins it, shifted by 2^-8 into fp16's range, undone in the scale
         q = tl.clamp(q.to(tl.float32) * Q_SHIFT, -65504.0, 65504.0).to(tl.float16)
         scale_log2 = scale_log2 / Q_SHIFT
+    scale_log2 *= cache_scale(scales_ptr, kv_head, k_ptr)  # a float8 cache's K / scale: the scale joins the score's
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
@@ -95,6 +96,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         scores = soft_capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2, softcap_log2, SOFTCAP)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)
+    acc *= cache_scale(scales_ptr + scales_kv_stride, kv_head, k_ptr)  # and V's scale the weighted sum's
     safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
     if splits == 1:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -120,10 +122,11 @@ def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> to
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_splits: int,
                  counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 128,
-                 window: int | None = None, softcap: float | None = None) -> None:
+                 window: int | None = None, softcap: float | None = None, kv_scales: torch.Tensor | None = None
+                 ) -> None:
     """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]; window: attend
     to the last `window` positions only (sliding-window layers); softcap: scores capped to
-    softcap * tanh(score / softcap) (Gemma 2).
+    softcap * tanh(score / softcap) (Gemma 2); kv_scales: [2, kv_heads] float32, a float8 cache's (default ones).
 
     max_splits: the most programs one sequence's context is split over (each sequence takes one per
     `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
@@ -139,8 +142,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         part_lse = torch.empty(num_seqs, q.shape[1], max_splits, dtype=torch.float32, device=q.device)
     if counters is None:
         counters = split_counters(num_seqs, num_kv_heads, q.device)
+    kv_scales = unit_kv_scales(kv_cache) if kv_scales is None else kv_scales
     _decode_kernel[(num_seqs, num_kv_heads, max_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens, query_start_loc,
+        kv_scales, kv_scales.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,

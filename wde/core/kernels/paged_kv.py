@@ -61,6 +61,30 @@ def cast_for(x, ptr):
 
 
 @triton.jit
+def to_cache(x, cache_ptr, scale):
+    """x as an entry of the cache at `cache_ptr`: a float8 cache holds x / scale (its head's; a cache of the
+    model's dtype has no scale: `scale` is not read)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = x.to(tl.float32) / scale
+    return cast_for(x, cache_ptr)
+
+
+@triton.jit
+def cache_scale(scales_ptr, index, cache_ptr):
+    """The scale at scales_ptr + index when the cache at `cache_ptr` is float8, else 1.0 (nothing read)."""
+    scale = 1.0
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        scale = tl.load(scales_ptr + index)
+    return scale
+
+
+def unit_kv_scales(kv_cache: torch.Tensor) -> torch.Tensor:
+    """Scales of one for each KV head of `kv_cache` [2, blocks, block_size, kv_heads, head_dim]: the kernels'
+    default (a layer passes its own, wde/core/kv_cache/kv_scales.py)."""
+    return torch.ones(2, kv_cache.shape[-2], dtype=torch.float32, device=kv_cache.device)
+
+
+@triton.jit
 def online_softmax_step(scores, v, m, l, acc, PRECISION: tl.constexpr):
     """Fold one tile of masked base-2 scores [rows, tile] and its values into the running row maximum m, sum l
     and unnormalized output acc. A row may have seen no key yet (a sliding window that starts past this tile):

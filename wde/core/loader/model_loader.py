@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from wde.core.config import ModelConfig
+from wde.core.kv_cache.kv_scales import is_kv_scale
 from wde.core.layers.fp8 import quantize_linears
 from wde.core.layers.linear import default_weight_loader
 from wde.core.layers.norm import RMSNorm
@@ -23,7 +24,8 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, object]]:
     if model_config.gguf_file:
         return iterate_gguf(model_config.weights_path, model_config.hf_config)
     fp8 = fp8_format(model_config.hf_config)
-    weights = iterate_safetensors(model_config.path)
+    # a float8 KV cache's scales are the worker's to read (kv_cache/kv_scales.py), not parameters
+    weights = ((name, tensor) for name, tensor in iterate_safetensors(model_config.path) if not is_kv_scale(name))
     return dequantized_weights(weights, fp8) if fp8 else weights
 
 
