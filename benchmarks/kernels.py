@@ -14,7 +14,7 @@ context tiles, over a bf16 and a float8 cache: bytes of K/V read per second (the
 fraction of the bandwidth.
 
     python -m benchmarks.kernels                          # Qwen3-0.6B and Llama-3.1-8B shapes
-    python -m benchmarks.kernels --sweep                  # also each depth and pipelining of the skinny tiles
+    python -m benchmarks.kernels --sweep --rows 1         # also each width, depth and split of the skinny tiles
 """
 import argparse
 import itertools
@@ -95,14 +95,17 @@ def fraction(bytes_read: int, seconds: float | None, bandwidth: float) -> float 
 
 
 def skinny_tiles(n: int, k: int, num_sms: int, float8_weight: bool, sweep: bool) -> dict[str, SkinnyTile]:
-    """The tile the engine takes (tile_for), and with --sweep every depth and pipelining choice at its width."""
-    chosen = tile_for(n, k, num_sms, float8_weight)
-    tiles = {"": chosen}
+    """The tile the engine takes (tile_for), and with --sweep each width, depth and split of K (three stages:
+    they beat four at every shape of the 2026-12-04 sweep)."""
+    tiles = {"": tile_for(n, k, num_sms, float8_weight)}
     if sweep:
         widenings = (False, True) if float8_weight else (False,)
-        for block_k, stages, fp16 in itertools.product((128, 256, 512), (3, 4), widenings):
-            tiles[f"-k{block_k}-stages{stages}{'-fp16' if fp16 else ''}"] = SkinnyTile(chosen.block_n, block_k,
-                                                                                      stages, fp16)
+        depths = (256, 512) if float8_weight else (128, 512)
+        for block_n, block_k, split_k, fp16 in itertools.product((32, 64, 128), depths, (1, 2, 4, 8), widenings):
+            if split_k > 1 and (k // split_k < block_k or triton.cdiv(n, block_n) >= 2 * num_sms):
+                continue  # splits of less than one step, or of a weight that already fills the GPU twice
+            label = f"-n{block_n}-k{block_k}-split{split_k}{'-fp16' if fp16 else ''}"
+            tiles[label] = SkinnyTile(block_n, block_k, 3, fp16, split_k)
     return tiles
 
 
@@ -114,8 +117,6 @@ def matmul_rows(shape_name: str, m: int, bandwidth: float, num_sms: int, sweep: 
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         weight_q, scale = quantize_rows(weight)
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        torch.testing.assert_close(skinny_matmul(x, weight, None, num_sms), F.linear(x, weight), rtol=2e-2,
-                                   atol=2e-2 * k ** 0.5)
         # the scaled matmul also rounds x to float8: the two agree only roughly (tests check exact numbers)
         torch.testing.assert_close(skinny_matmul(x, weight_q, None, num_sms, scale), fp8_matmul(x, weight_q, scale,
                                    None), rtol=1.0, atol=0.5 * k ** 0.5)
@@ -125,12 +126,20 @@ def matmul_rows(shape_name: str, m: int, bandwidth: float, num_sms: int, sweep: 
                "cublas_fraction_of_bandwidth": fraction(n * k * 2, cublas, bandwidth),
                "fp8_scaled_mm_us": microseconds(scaled),
                "fp8_scaled_mm_fraction_of_bandwidth": fraction(n * k, scaled, bandwidth)}
+        reference = F.linear(x, weight)
         for label, tile in skinny_tiles(n, k, num_sms, False, sweep).items():
             seconds = time_if_it_fits(lambda: skinny_matmul(x, weight, None, num_sms, tile=tile))
+            if seconds is not None:  # every tile timed computes the product
+                torch.testing.assert_close(skinny_matmul(x, weight, None, num_sms, tile=tile), reference,
+                                           rtol=2e-2, atol=2e-2 * k ** 0.5)
             row |= {f"skinny{label}_us": microseconds(seconds),
                     f"skinny{label}_fraction_of_bandwidth": fraction(n * k * 2, seconds, bandwidth)}
+        reference = skinny_matmul(x, weight_q, None, num_sms, scale)
         for label, tile in skinny_tiles(n, k, num_sms, True, sweep).items():
             seconds = time_if_it_fits(lambda: skinny_matmul(x, weight_q, None, num_sms, scale, tile=tile))
+            if seconds is not None:
+                torch.testing.assert_close(skinny_matmul(x, weight_q, None, num_sms, scale, tile=tile), reference,
+                                           rtol=2e-2, atol=2e-2 * k ** 0.5)
             row |= {f"fp8_skinny{label}_us": microseconds(seconds),
                     f"fp8_skinny{label}_fraction_of_bandwidth": fraction(n * k, seconds, bandwidth)}
         rows.append(row)
@@ -166,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
-    parser.add_argument("--sweep", action="store_true", help="time each depth and pipelining of the skinny tiles")
+    parser.add_argument("--sweep", action="store_true", help="time each width, depth and split of K of the skinny tiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bandwidth = measure_device().bandwidth_bytes_per_s

@@ -123,6 +123,26 @@ def test_skinny_matmul(dtype, m, n, k, with_bias):
     torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 8])  # 8 splits of K=200 by 64: splits 4 to 7 have no K at all
+@pytest.mark.parametrize("m,n,k", [(1, 48, 200), (16, 100, 200)])
+def test_skinny_matmul_split_over_k(m, n, k, split_k):
+    """Each column tile's K over split_k programs: the last to finish adds the partials, scales and biases;
+    twice, since each launch must leave the counters zeroed for the next."""
+    from wde.core.kernels import skinny_matmul as module
+    from wde.core.layers.fp8 import quantize_rows
+    x = torch.randn(m, k, device=DEVICE).to(torch.float16)
+    weight, scale = quantize_rows(torch.randn(n, k, device=DEVICE) * 3)
+    bias = torch.randn(n, device=DEVICE).to(torch.float16)
+    expected = x.double() @ (weight.double() * scale.double()).T + bias.double()
+    for _ in range(2):
+        out = skinny_matmul(x, weight, bias, num_sms=4, weight_scale=scale, tile=SkinnyTile(32, 64, split_k=split_k))
+        torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2 * k ** 0.5)
+        assert not module.split_counters(1, x.device).any()
+    plain = x.double() @ weight.double().T  # a float16 weight, split too
+    out = skinny_matmul(x, weight.to(torch.float16), None, num_sms=4, tile=SkinnyTile(32, 64, split_k=split_k))
+    torch.testing.assert_close(out.double(), plain, rtol=1e-2, atol=1e-2 * k ** 0.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("m,n,k", [(1, 48, 64), (5, 100, 200)])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -142,8 +162,10 @@ def test_skinny_matmul_of_a_float8_weight(dtype, m, n, k, with_bias, fp16_produc
     torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
 
 
-def test_rope_stores_k_and_v_into_a_float8_cache():
-    """kv_cache_dtype="fp8": the rotated k and v rounded to float8 as torch rounds them (saturating at 448)."""
+@pytest.mark.parametrize("kv_scales", [None, [[0.01, 2.0], [1.5, 0.25]]])  # none given: ones
+def test_rope_stores_k_and_v_into_a_float8_cache(kv_scales):
+    """kv_cache_dtype="fp8": the rotated k and v over their head's scale, rounded to float8 as torch rounds them
+    (saturating at 448)."""
     tokens, heads, kv_heads, head_dim, block_size = 3, 4, 2, 64, 4
     q = torch.randn(tokens, heads, head_dim, device=DEVICE)
     k = torch.randn(tokens, kv_heads, head_dim, device=DEVICE)
@@ -153,13 +175,15 @@ def test_rope_stores_k_and_v_into_a_float8_cache():
     cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
     expected_k = torch_rope(k, positions, cos_sin)
     kv_cache = torch.zeros(2, 2, block_size, kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE)
-    apply_rope(q, k, positions, cos_sin, None, None, 0.0, v, kv_cache, slots)
+    scales = torch.tensor(kv_scales or [[1.0, 1.0], [1.0, 1.0]], device=DEVICE)
+    apply_rope(q, k, positions, cos_sin, None, None, 0.0, v, kv_cache, slots,
+               None if kv_scales is None else scales)
     flat = kv_cache.view(2, -1, kv_heads, head_dim).float()
-    as_float8 = lambda x: x.clamp(-448, 448).to(torch.float8_e4m3fn).float()  # noqa: E731
+    as_float8 = lambda x, s: (x / s[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float()  # noqa: E731
     for token, slot in enumerate(slots.tolist()):  # (below 2^-6, float8's subnormals, one step of 2^-9 apart)
-        assert torch.allclose(flat[1, slot], as_float8(v[token]), rtol=0, atol=2 ** -9)
+        assert torch.allclose(flat[1, slot], as_float8(v[token], scales[1]), rtol=0, atol=2 ** -9)
         # the rotation's own float32 rounding may move a value across a float8 rounding edge: one step at most
-        assert torch.allclose(flat[0, slot], as_float8(expected_k[token]), rtol=0.13, atol=1e-2)
+        assert torch.allclose(flat[0, slot], as_float8(expected_k[token], scales[0]), rtol=0.13, atol=1e-2)
 
 
 @pytest.mark.parametrize("k", [64, 100, 3000])  # one tile, a ragged tile, several tiles

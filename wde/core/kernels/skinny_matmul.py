@@ -12,6 +12,13 @@ weight's per-row scale. x stays unquantized, so at these batch sizes no per-toke
 Where widening to bf16 is the bottleneck (the widest tiles), the weight widens to fp16 instead (one hardware
 conversion on Hopper) and x is taken to fp16 too, divided by 2^8 so that values up to 1.6e7 fit (below 2^-6
 fp16 keeps an absolute precision of 2^-16, finer than bf16's relative one there); the scale undoes the 2^8.
+
+A weight too narrow to give every SM a wide tile (a float8 weight streams its tile in half the time, so it
+needs twice the programs in flight) splits K over SPLIT_K programs per column tile: each writes its float32
+partial sums to a workspace and counts itself done on the tile's counter; the last to finish adds the partials
+in split order (the same sums on every run), scales, adds the bias and writes the output, and zeroes the counter
+for the next launch. One counter buffer per device serves every launch: launches on a stream run in order, and
+each leaves it zeroed (a CUDA graph replays with it too).
 """
 from dataclasses import dataclass
 
@@ -29,28 +36,13 @@ class SkinnyTile:
     block_k: int  # depth of each step along K
     num_stages: int = 3  # loads in flight (software pipelining)
     fp16_products: bool = False  # float8 weights only: widened to fp16, x taken to fp16 (module docstring)
+    split_k: int = 1  # programs per column tile, each over its part of K (module docstring)
 
 
-@triton.jit(do_not_specialize=["M"])  # one compile for every row count
-def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, FP16_PRODUCTS: tl.constexpr):
-    rows = tl.arange(0, 16)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < M, cols < N
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if FP16_PRODUCTS:
-            x = tl.clamp(x.to(tl.float32) * X_SHIFT, -65504.0, 65504.0).to(tl.float16)
-            acc = tl.dot(x, tl.trans(w.to(tl.float16)), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+@triton.jit
+def _finish(acc, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, stride_om, SCALED: tl.constexpr,
+            HAS_BIAS: tl.constexpr, FP16_PRODUCTS: tl.constexpr):
+    """The float32 sums of a [16, BLOCK_N] tile scaled (a float8 weight), biased and written as the output."""
     if SCALED:
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
         if FP16_PRODUCTS:
@@ -60,6 +52,47 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, s
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count
+def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, M, N, K,
+                          stride_xm, stride_wn, stride_om, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP16_PRODUCTS: tl.constexpr,
+                          SPLIT_K: tl.constexpr):
+    tile, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, 16)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_end = tl.minimum(K, (split + 1) * per_split)
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k_start in range(split * per_split, k_end, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_mask = ks < k_end
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if FP16_PRODUCTS:
+            x = tl.clamp(x.to(tl.float32) * X_SHIFT, -65504.0, 65504.0).to(tl.float16)
+            acc = tl.dot(x, tl.trans(w.to(tl.float16)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if SPLIT_K == 1:
+        _finish(acc, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, stride_om, SCALED, HAS_BIAS,
+                FP16_PRODUCTS)
+    else:
+        local = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [16, BLOCK_N] within one partial
+        partials = partial_ptr + tile * SPLIT_K * 16 * BLOCK_N
+        tl.store(partials + split * 16 * BLOCK_N + local, acc)
+        # acq_rel: this split's partial is visible to whoever counts last, and that one sees all the others'
+        if tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.store(counters_ptr + tile, 0)  # ready for the next launch
+            total = tl.zeros([16, BLOCK_N], tl.float32)
+            for other in range(0, SPLIT_K):  # .cg: past this SM's L1, which may not hold the others' writes
+                total += tl.load(partials + other * 16 * BLOCK_N + local, cache_modifier=".cg")
+            _finish(total, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, stride_om, SCALED,
+                    HAS_BIAS, FP16_PRODUCTS)
 
 
 def block_n_for(n: int, num_sms: int) -> int:
@@ -91,9 +124,28 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tile = tile or tile_for(n, k, num_sms, weight_scale is not None)
     assert weight_scale is not None or not tile.fp16_products
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _skinny_matmul_kernel[(triton.cdiv(n, tile.block_n),)](
+    num_tiles = triton.cdiv(n, tile.block_n)
+    partials = counters = out  # unused placeholders when K is not split
+    if tile.split_k > 1:
+        partials = torch.empty(num_tiles, tile.split_k, MAX_ROWS, tile.block_n, dtype=torch.float32,
+                               device=x.device)
+        counters = split_counters(num_tiles, x.device)
+    _skinny_matmul_kernel[(num_tiles, tile.split_k)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
-        m, n, k, x.stride(0), weight.stride(0), out.stride(0), SCALED=weight_scale is not None,
+        partials, counters, m, n, k, x.stride(0), weight.stride(0), out.stride(0), SCALED=weight_scale is not None,
         HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, FP16_PRODUCTS=tile.fp16_products,
-        num_warps=4, num_stages=tile.num_stages)
+        SPLIT_K=tile.split_k, num_warps=4, num_stages=tile.num_stages)
     return out
+
+
+# each device's counter buffers, the largest last; none is ever freed: a CUDA graph replays with the one it
+# captured
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def split_counters(num_tiles: int, device: torch.device) -> torch.Tensor:
+    """Counters of finished splits for num_tiles column tiles: zeros, and zeros again after every launch."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < num_tiles:
+        buffers.append(torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device))
+    return buffers[-1]
