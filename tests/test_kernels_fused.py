@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from wde.core.kernels.activation import silu_and_mul
 from wde.core.kernels.rms_norm import rms_norm
 from wde.core.kernels.rotary import apply_rope
-from wde.core.kernels.skinny_matmul import SkinnyTile, skinny_matmul
+from wde.core.kernels.skinny_matmul import SkinnyTile, skinny_matmul, tile_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -197,3 +197,14 @@ def test_quantize_rows_fused_gives_torchs_float8_rows_and_scales(k):
         theirs, their_scale = quantize_rows(x.to(dtype))
         assert torch.equal(our_scale, their_scale)
         assert torch.equal(ours.float(), theirs.float())  # the same values (a -0 may come out as 0)
+
+
+def test_narrow_weights_split_k_and_wide_ones_do_not():
+    """tile_for's splits (132 SMs, an H100's or H200's): float8 Llama-3.1-8B's down_proj 4 ways in 128-column
+    tiles, its gate_up (224 tiles) unsplit; bf16 Qwen3-0.6B's o_proj 4 ways, Llama-3.1-8B's down_proj (K 14,336)
+    and Qwen3-0.6B's qkv_proj (K 1,024) unsplit."""
+    assert tile_for(4096, 14336, 132, True) == SkinnyTile(128, 256, 3, True, 4)
+    assert tile_for(28672, 4096, 132, True).split_k == 1
+    assert tile_for(1024, 2048, 132, True) == SkinnyTile(32, 256, 3, True, 4)
+    assert tile_for(1024, 2048, 132, False) == SkinnyTile(32, 128, 3, False, 4)
+    assert tile_for(4096, 14336, 132, False).split_k == 1 and tile_for(4096, 1024, 132, False).split_k == 1

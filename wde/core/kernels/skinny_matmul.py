@@ -104,14 +104,45 @@ def block_n_for(n: int, num_sms: int) -> int:
 
 
 def tile_for(n: int, k: int, num_sms: int, float8_weight: bool) -> SkinnyTile:
-    """The fastest tile measured on an H200 (benchmarks/kernels.py --sweep; benchmarks/results/
-    kernels-nvidia-h200-20261204T175919.json). bf16: narrow tiles over a long K step 512 deep (Llama-3.1-8B's
-    down_proj at one row 36 us, 43 at 128 deep), wide ones 128; three stages beat four. float8: 256 deep; the
-    widest tiles widen to fp16 (Llama-3.1-8B's gate_up 32 us, 50 widened to bf16; narrower ones lose 2-15%)."""
+    """The fastest tile measured at one row (benchmarks/kernels.py --sweep): a weight wide enough to give every
+    SM a tile of 128 columns takes it unsplit (bf16 128 deep; float8 widened to fp16, 128 deep, 4 stages: H200,
+    kernels-nvidia-h200-20261204T175919.json); a narrower one splits K (split_tile). Without a split, bf16 takes
+    narrow tiles over a long K 512 deep (Llama-3.1-8B's down_proj at one row 36 us on an H200, 43 at 128 deep)
+    and float8 256."""
     block_n = block_n_for(n, num_sms)
+    if block_n == 128:
+        return SkinnyTile(128, 128, 4, fp16_products=True) if float8_weight else SkinnyTile(128, 128)
+    split = split_tile(n, k, num_sms, float8_weight)
+    if split is not None:
+        return split
     if float8_weight:
-        return SkinnyTile(128, 128, 4, fp16_products=True) if block_n == 128 else SkinnyTile(block_n, 256)
+        return SkinnyTile(block_n, 256)
     return SkinnyTile(block_n, 512 if block_n <= 32 and k >= 2048 else 128)
+
+
+def split_tile(n: int, k: int, num_sms: int, float8_weight: bool) -> SkinnyTile | None:
+    """The fewest splits of K that give about every SM a program, or None where no split pays. Measured on an
+    H100 at one row (kernels-nvidia-h100-80gb-hbm3-20261206T083230.json): float8 Llama-3.1-8B's down_proj 25 us
+    in 128-column tiles over 4 splits against 47 unsplit, its o_proj 8.2 against 14.9, Qwen3-0.6B's o_proj in
+    32-column tiles 4.2 against 6.5; bf16 Qwen3-0.6B's o_proj 3.8 against 5.5. A float8 tile of 128 columns
+    needs 1,024 of K per split to pay, one of 32 columns 256. bf16 splits only narrow weights of a K between
+    2,048 and 8,192: over a longer one (Llama-3.1-8B's down_proj, 14,336) each program already keeps enough loads
+    in flight, and a shorter one (Qwen3-0.6B's qkv_proj, 1,024) loses more to adding the partials than it gains.
+    """
+    if float8_weight:
+        for block_n, min_depth in ((128, 1024), (32, 256)):
+            for split in (1, 2, 4, 8):
+                if k // split < min_depth:
+                    break
+                if triton.cdiv(n, block_n) * split >= 0.9 * num_sms:
+                    return SkinnyTile(block_n, 256, 3, fp16_products=block_n == 128 or split > 1, split_k=split)
+        return None
+    if triton.cdiv(n, 32) >= num_sms or not 2048 <= k < 8192:
+        return None
+    for split in (2, 4, 8):
+        if triton.cdiv(n, 32) * split >= 0.9 * num_sms and k // split >= 128:
+            return SkinnyTile(32, 128, 3, split_k=split)
+    return None
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_sms: int,
