@@ -46,7 +46,8 @@ def weight_shapes(shape_name: str) -> dict[str, tuple[int, int]]:
             "gate_up": (2 * inter, hidden), "down": (hidden, inter), "lm_head": (config["vocab_size"], hidden)}
 
 
-def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype) -> list[dict]:
+def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype, sweep: bool) -> list[dict]:
+    """The decode kernel at W1's shape for each context tile (with --sweep: also warps and pipelining)."""
     from benchmarks.workloads import w1
     from wde.core.kernels.paged_decode import paged_decode, split_counters
     config = shape("qwen3-0.6b")
@@ -68,11 +69,14 @@ def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype) -> list[dict]
     out, counters = torch.empty_like(q), split_counters(len(lengths), kv_heads, torch.device("cuda"))
     kv_bytes = sum(lengths) * 2 * kv_heads * head_dim * kv_cache.element_size()
     rows = []
-    for block_n in (32, 64, 128):
-        seconds = time_in_graph(lambda: paged_decode(q, kv_cache, out, table, seq_lens, query_start,
-                                                     head_dim ** -0.5, 1, counters, block_n=block_n))
+    choices = itertools.product((32, 64, 128, 256), (2, 4, 8), (2, 3, 4)) if sweep else (
+        (block_n, 4, 3) for block_n in (32, 64, 128))
+    for block_n, warps, stages in choices:
+        seconds = time_if_it_fits(lambda: paged_decode(q, kv_cache, out, table, seq_lens, query_start,
+                                                       head_dim ** -0.5, 1, counters, block_n=block_n,
+                                                       num_warps=warps, num_stages=stages))
         rows.append({"kernel": "paged_decode", "cache": str(cache_dtype), "sequences": len(lengths),
-                     "block_n": block_n, "us": microseconds(seconds),
+                     "block_n": block_n, "num_warps": warps, "num_stages": stages, "us": microseconds(seconds),
                      "fraction_of_bandwidth": fraction(kv_bytes, seconds, bandwidth)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -175,18 +179,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--decode-only", action="store_true", help="only the decode kernel's rows")
     parser.add_argument("--sweep", action="store_true", help="time each width, depth and split of K of the skinny tiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bandwidth = measure_device().bandwidth_bytes_per_s
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for shape_name in args.shapes:
-        for m in args.rows:
-            rows += matmul_rows(shape_name, m, bandwidth, num_sms, args.sweep)
-    rows += prefill_matmul_rows("qwen2.5-7b", 8192)
+    if not args.decode_only:
+        for shape_name in args.shapes:
+            for m in args.rows:
+                rows += matmul_rows(shape_name, m, bandwidth, num_sms, args.sweep)
+        rows += prefill_matmul_rows("qwen2.5-7b", 8192)
     for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        rows += decode_kernel_rows(bandwidth, cache_dtype)
+        rows += decode_kernel_rows(bandwidth, cache_dtype, args.sweep)
     path = write_result("kernels", "cuda", {"rows": rows}, None, "no peer: cuBLAS is the matmuls' reference",
                         device_bandwidth_tb_s=round(bandwidth / 1e12, 2))
     print(f"\nwritten to {path}")

@@ -122,8 +122,8 @@ def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> to
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_splits: int,
                  counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 128,
-                 window: int | None = None, softcap: float | None = None, kv_scales: torch.Tensor | None = None
-                 ) -> None:
+                 window: int | None = None, softcap: float | None = None, kv_scales: torch.Tensor | None = None,
+                 num_warps: int = 4, num_stages: int = 3) -> None:
     """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]; window: attend
     to the last `window` positions only (sliding-window layers); softcap: scores capped to
     softcap * tanh(score / softcap) (Gemma 2); kv_scales: [2, kv_heads] float32, a float8 cache's (default ones).
@@ -131,7 +131,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
     max_splits: the most programs one sequence's context is split over (each sequence takes one per
     `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
     by the caller so a CUDA graph holds one buffer; made here when None); block_n: context tokens per tile (on
-    an H200 at W1's shape, 128 reads K/V at 92% of the copy bandwidth, 64 at 87%: benchmarks/kernels.py)."""
+    an H200 at W1's shape, 128 reads K/V at 92% of the copy bandwidth, 64 at 87%: benchmarks/kernels.py);
+    num_warps, num_stages: Triton's, per program (benchmarks/kernels.py --sweep times others)."""
     num_seqs = seq_lens.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     group = q.shape[1] // num_kv_heads
@@ -151,4 +152,4 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
-        PRECISION=dot_precision(q.dtype), num_warps=4)
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
