@@ -9,14 +9,17 @@ x quantized per token (wde/core/layers/fp8.py), as bytes of the float8 weight pe
 (8192 tokens of Qwen2.5-7B) the matmuls are compute-bound: cuBLAS in bf16 against the FP8 path, and its two
 parts (quantizing x, the scaled matmul), as TFLOP/s.
 
-The paged decode kernel at W1's shape (Qwen3-0.6B's heads, 256 sequences of W1's prompt lengths), for a few
-context tiles, over a bf16 and a float8 cache: bytes of K/V read per second (the kernel's whole job) and the
-fraction of the bandwidth.
+The paged decode kernel at W1's shape (Qwen3-0.6B's KV heads, 256 sequences of W1's prompt lengths) with GQA
+groups of 2, 4 and 8 query heads, over a bf16 and a float8 cache: bytes of K/V read per second (the kernel's
+whole job) and the fraction of the bandwidth, for the engine's tile (with --sweep: tensor-core and CUDA-core
+tiles of several widths, warps and stages, each with its largest difference from the engine tile's output).
 
     python -m benchmarks.kernels                          # Qwen3-0.6B and Llama-3.1-8B shapes
     python -m benchmarks.kernels --sweep --rows 1         # also each width, depth and split of the skinny tiles
+    python -m benchmarks.kernels --decode-only --sweep    # only the decode kernel, each of its tiles
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -28,6 +31,7 @@ import triton
 from benchmarks.model_folder import shape
 from benchmarks.results_io import write_result
 from benchmarks.roofline import measure_device
+from wde.core.kernels.paged_decode import DecodeTile, decode_tile, paged_decode, split_counters
 from wde.core.kernels.skinny_matmul import SkinnyTile, skinny_matmul, tile_for
 from wde.core.layers.fp8 import FP8_MAX, MIN_SCALE, fp8_matmul, quantize_rows
 from wde.core.layers.linear import time_in_graph
@@ -46,13 +50,23 @@ def weight_shapes(shape_name: str) -> dict[str, tuple[int, int]]:
             "gate_up": (2 * inter, hidden), "down": (hidden, inter), "lm_head": (config["vocab_size"], hidden)}
 
 
-def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype, sweep: bool) -> list[dict]:
-    """The decode kernel at W1's shape for each context tile (with --sweep: also warps and pipelining)."""
+def decode_tiles(sweep: bool, cache_dtype: torch.dtype, group: int) -> list[DecodeTile]:
+    """The engine's tile (decode_tile), and with --sweep the tensor-core tiles and the CUDA-core ones."""
+    tiles = [decode_tile(cache_dtype, group)]
+    if sweep:
+        tiles += [DecodeTile(n, warps, stages)
+                  for n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3))]
+        tiles += [DecodeTile(n, warps, stages, tensor_cores=False)
+                  for n, warps, stages in itertools.product((16, 32, 64), (2, 4, 8), (1, 2))]
+    return tiles
+
+
+def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype, sweep: bool, group: int) -> list[dict]:
+    """The decode kernel over W1's prompts (Qwen3-0.6B's 8 KV heads of 128) with `group` query heads to a KV
+    head (Qwen3-0.6B's 2; 4 and 8 for larger models) for each tile."""
     from benchmarks.workloads import w1
-    from wde.core.kernels.paged_decode import paged_decode, split_counters
     config = shape("qwen3-0.6b")
-    heads, kv_heads, head_dim, block_size = (config["num_attention_heads"], config["num_key_value_heads"],
-                                             config["head_dim"], 16)
+    kv_heads, head_dim, block_size = config["num_key_value_heads"], config["head_dim"], 16
     prompts, _ = w1()
     lengths = [len(p) for p in prompts]
     blocks_per_seq = [-(-n // block_size) for n in lengths]
@@ -65,19 +79,20 @@ def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype, sweep: bool) 
         first += count
     table, seq_lens = table.cuda(), torch.tensor(lengths, dtype=torch.int32, device="cuda")
     query_start = torch.arange(len(lengths) + 1, dtype=torch.int32, device="cuda")
-    q = torch.randn(len(lengths), heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(len(lengths), group * kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     out, counters = torch.empty_like(q), split_counters(len(lengths), kv_heads, torch.device("cuda"))
     kv_bytes = sum(lengths) * 2 * kv_heads * head_dim * kv_cache.element_size()
+    reference = None
     rows = []
-    choices = itertools.product((32, 64, 128, 256), (2, 4, 8), (2, 3, 4)) if sweep else (
-        (block_n, 4, 3) for block_n in (32, 64, 128))
-    for block_n, warps, stages in choices:
+    for index, tile in enumerate(decode_tiles(sweep, cache_dtype, group)):
         seconds = time_if_it_fits(lambda: paged_decode(q, kv_cache, out, table, seq_lens, query_start,
-                                                       head_dim ** -0.5, 1, counters, block_n=block_n,
-                                                       num_warps=warps, num_stages=stages))
+                                                       head_dim ** -0.5, 1, counters, tile=tile))
+        reference = out.clone() if index == 0 else reference
         rows.append({"kernel": "paged_decode", "cache": str(cache_dtype), "sequences": len(lengths),
-                     "block_n": block_n, "num_warps": warps, "num_stages": stages, "us": microseconds(seconds),
-                     "fraction_of_bandwidth": fraction(kv_bytes, seconds, bandwidth)})
+                     "group": group, "engine_tile": index == 0, **dataclasses.asdict(tile),
+                     "us": microseconds(seconds), "fraction_of_bandwidth": fraction(kv_bytes, seconds, bandwidth),
+                     "max_difference_from_engine_tile": None if seconds is None else
+                     round(float((out.float() - reference.float()).abs().max()), 5)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -180,7 +195,10 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["qwen3-0.6b", "llama-3.1-8b"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--decode-only", action="store_true", help="only the decode kernel's rows")
-    parser.add_argument("--sweep", action="store_true", help="time each width, depth and split of K of the skinny tiles")
+    parser.add_argument("--decode-groups", nargs="+", type=int, default=[2, 4, 8],
+                        help="query heads per KV head of the decode kernel's rows")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the skinny matmul's widths, depths and splits of K, and the decode kernel's tiles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bandwidth = measure_device().bandwidth_bytes_per_s
@@ -191,8 +209,8 @@ def main() -> None:
             for m in args.rows:
                 rows += matmul_rows(shape_name, m, bandwidth, num_sms, args.sweep)
         rows += prefill_matmul_rows("qwen2.5-7b", 8192)
-    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        rows += decode_kernel_rows(bandwidth, cache_dtype, args.sweep)
+    for cache_dtype, group in itertools.product((torch.bfloat16, torch.float8_e4m3fn), args.decode_groups):
+        rows += decode_kernel_rows(bandwidth, cache_dtype, args.sweep, group)
     path = write_result("kernels", "cuda", {"rows": rows}, None, "no peer: cuBLAS is the matmuls' reference",
                         device_bandwidth_tb_s=round(bandwidth / 1e12, 2))
     print(f"\nwritten to {path}")

@@ -8,14 +8,16 @@ costs the short ones nothing but programs that return at once. With one split a 
 with several, each writes a partial result and its log-sum-exp, and the last of them to finish (an atomic
 count per sequence and KV head) combines them: no second kernel. Splitting keeps the GPU busy when few
 sequences have long contexts. Sequences whose step is not a single-token decode are skipped (the prefill
-kernel takes them).
+kernel takes them). How a program walks its context (tile, warps, tensor or CUDA cores) is a DecodeTile.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from wde.core.kernels.paged_kv import (cache_scale, dot_precision, head_pad, load_kv_tile, online_softmax_step,
-                                      over_dims, soft_capped, unit_kv_scales)
+                                      over_dims, rows_times_tile, soft_capped, unit_kv_scales)
 
 LOG2E = 1.4426950408889634
 Q_SHIFT = tl.constexpr(2.0 ** -8)  # bf16 queries into fp16's range, beside a float8 cache
@@ -54,7 +56,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                    scale_log2, max_splits, window, softcap_log2,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TENSOR_CORES: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -77,7 +79,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
     rows_over_dims = over_dims(row_mask, dims, HEAD_DIM, HEAD_PAD)
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=rows_over_dims,
                 other=0.0)
-    if k_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:
+    if not TENSOR_CORES:
+        q = q.to(tl.float32)
+    elif k_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:
         # a float8 cache widens to fp16 in one conversion on Hopper (to bf16 in several: 184 us against 148 at
         # W1's shape, benchmarks/kernels.py); q joins it, shifted by 2^-8 into fp16's range, undone in the scale
         q = tl.clamp(q.to(tl.float32) * Q_SHIFT, -65504.0, 65504.0).to(tl.float16)
@@ -92,10 +96,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
         # base 2: exp2 is fast
-        k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened, exactly (else: as they are)
-        scores = soft_capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2, softcap_log2, SOFTCAP)
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)
+        if TENSOR_CORES:
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened, exactly (else: as they are)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            scores = rows_times_tile(q, k)
+        scores = tl.where(valid[None, :], soft_capped(scores * scale_log2, softcap_log2, SOFTCAP), float("-inf"))
+        m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION, TENSOR_CORES)
     acc *= cache_scale(scales_ptr + scales_kv_stride, kv_head, k_ptr)  # and V's scale the weighted sum's
     safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
     if splits == 1:
@@ -114,6 +121,23 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                             stride_oh, splits, GROUP_PAD, HEAD_DIM, HEAD_PAD)
 
 
+@dataclass(frozen=True)
+class DecodeTile:
+    """How each program walks its share of a context: block_n tokens a tile; tensor_cores: the scores and the
+    weighted sum as tl.dot, whose tiles pad the GQA group's query rows to 16, or as float32 sums on the CUDA
+    cores over the rows as they are; Triton's warps and pipeline stages."""
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    tensor_cores: bool = True
+
+
+def decode_tile(cache_dtype: torch.dtype, group: int) -> DecodeTile:
+    """The tile for a cache of this dtype read by GQA groups of `group` query heads (benchmarks/kernels.py
+    --sweep times the others)."""
+    return DecodeTile()
+
+
 def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
     """The count of finished splits per (sequence, KV head): zeros, and zeros again after every launch."""
     return torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=device)
@@ -121,21 +145,21 @@ def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> to
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_splits: int,
-                 counters: torch.Tensor | None = None, min_per_split: int = 128, block_n: int = 128,
-                 window: int | None = None, softcap: float | None = None, kv_scales: torch.Tensor | None = None,
-                 num_warps: int = 4, num_stages: int = 3) -> None:
+                 counters: torch.Tensor | None = None, min_per_split: int = 128, window: int | None = None,
+                 softcap: float | None = None, kv_scales: torch.Tensor | None = None,
+                 tile: DecodeTile | None = None) -> None:
     """q, out: [tokens, heads, head_dim]; kv_cache: [2, blocks, block_size, kv_heads, head_dim]; window: attend
     to the last `window` positions only (sliding-window layers); softcap: scores capped to
     softcap * tanh(score / softcap) (Gemma 2); kv_scales: [2, kv_heads] float32, a float8 cache's (default ones).
 
     max_splits: the most programs one sequence's context is split over (each sequence takes one per
     `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
-    by the caller so a CUDA graph holds one buffer; made here when None); block_n: context tokens per tile (on
-    an H200 at W1's shape, 128 reads K/V at 92% of the copy bandwidth, 64 at 87%: benchmarks/kernels.py);
-    num_warps, num_stages: Triton's, per program (benchmarks/kernels.py --sweep times others)."""
+    by the caller so a CUDA graph holds one buffer; made here when None); tile: decode_tile()'s when None."""
     num_seqs = seq_lens.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     group = q.shape[1] // num_kv_heads
+    tile = tile or decode_tile(kv_cache.dtype, group)
+    group_pad = max(16, triton.next_power_of_2(group)) if tile.tensor_cores else triton.next_power_of_2(group)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     part_out = part_lse = out  # unused placeholders when no sequence splits
     if max_splits > 1:
@@ -150,6 +174,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), BLOCK_SIZE=block_size,
+        BLOCK_N=tile.block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(q.dtype), TENSOR_CORES=tile.tensor_cores, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
