@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from wde.core.kernels.paged_kv import (cache_scale, dot_precision, head_pad, load_kv_tile, online_softmax_step,
-                                      over_dims, rows_times_tile, soft_capped, unit_kv_scales)
+                                      cast_for, over_dims, soft_capped, unit_kv_scales)
 
 LOG2E = 1.4426950408889634
 Q_SHIFT = tl.constexpr(2.0 ** -8)  # bf16 queries into fp16's range, beside a float8 cache
@@ -56,7 +56,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                    scale_log2, max_splits, window, softcap_log2,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TENSOR_CORES: tl.constexpr):
+                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, FLOAT8_SCORES: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -79,14 +79,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
     rows_over_dims = over_dims(row_mask, dims, HEAD_DIM, HEAD_PAD)
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=rows_over_dims,
                 other=0.0)
-    if not TENSOR_CORES:
+    scale_log2 *= cache_scale(scales_ptr, kv_head, k_ptr)  # a float8 cache's K / scale: the scale joins the score's
+    if FLOAT8_SCORES:
+        # q as two float8 parts, q_high + q_low, over a scale per row: K's float8 tiles then go to the tensor
+        # cores as they are stored, not widened (the products of both parts keep about bf16's 8 bits)
         q = q.to(tl.float32)
+        row_scales = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
+        q = q / row_scales[:, None]
+        q_high = cast_for(q, k_ptr)
+        q_low = cast_for(q - q_high.to(tl.float32), k_ptr)
+        row_scales *= scale_log2
     elif k_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:
         # a float8 cache widens to fp16 in one conversion on Hopper (to bf16 in several: 184 us against 148 at
         # W1's shape, benchmarks/kernels.py); q joins it, shifted by 2^-8 into fp16's range, undone in the scale
         q = tl.clamp(q.to(tl.float32) * Q_SHIFT, -65504.0, 65504.0).to(tl.float16)
         scale_log2 = scale_log2 / Q_SHIFT
-    scale_log2 *= cache_scale(scales_ptr, kv_head, k_ptr)  # a float8 cache's K / scale: the scale joins the score's
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
@@ -96,13 +103,15 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
         # base 2: exp2 is fast
-        if TENSOR_CORES:
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened, exactly (else: as they are)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if FLOAT8_SCORES:
+            k_rows = tl.trans(k)
+            scores = (tl.dot(q_high, k_rows) + tl.dot(q_low, k_rows)) * row_scales[:, None]
+            v = v.to(tl.float16)  # exactly; the weights of the sum (in [0, 1]) go to fp16 beside them
         else:
-            scores = rows_times_tile(q, k)
-        scores = tl.where(valid[None, :], soft_capped(scores * scale_log2, softcap_log2, SOFTCAP), float("-inf"))
-        m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION, TENSOR_CORES)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened, exactly (else: as they are)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        scores = tl.where(valid[None, :], soft_capped(scores, softcap_log2, SOFTCAP), float("-inf"))
+        m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)
     acc *= cache_scale(scales_ptr + scales_kv_stride, kv_head, k_ptr)  # and V's scale the weighted sum's
     safe_l = tl.where(l > 0, l, 1.0)  # an empty context (graph padding) gives zeros
     if splits == 1:
@@ -123,13 +132,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
 
 @dataclass(frozen=True)
 class DecodeTile:
-    """How each program walks its share of a context: block_n tokens a tile; tensor_cores: the scores and the
-    weighted sum as tl.dot, whose tiles pad the GQA group's query rows to 16, or as float32 sums on the CUDA
-    cores over the rows as they are; Triton's warps and pipeline stages."""
+    """How each program walks its share of a context: block_n tokens a tile; Triton's warps and pipeline stages;
+    float8_scores: over a float8 cache, the scores as float8 products of K as stored and the query in two
+    float8 parts (else K is widened to the query's type first; ignored for other caches)."""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    tensor_cores: bool = True
+    float8_scores: bool = False
 
 
 def decode_tile(cache_dtype: torch.dtype, group: int) -> DecodeTile:
@@ -159,7 +168,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     group = q.shape[1] // num_kv_heads
     tile = tile or decode_tile(kv_cache.dtype, group)
-    group_pad = max(16, triton.next_power_of_2(group)) if tile.tensor_cores else triton.next_power_of_2(group)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     part_out = part_lse = out  # unused placeholders when no sequence splits
     if max_splits > 1:
@@ -174,7 +182,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
-        GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim), BLOCK_SIZE=block_size,
-        BLOCK_N=tile.block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
-        PRECISION=dot_precision(q.dtype), TENSOR_CORES=tile.tensor_cores, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(q.dtype), FLOAT8_SCORES=tile.float8_scores and kv_cache.dtype == torch.float8_e4m3fn,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)

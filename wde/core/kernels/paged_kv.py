@@ -85,27 +85,15 @@ def unit_kv_scales(kv_cache: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def online_softmax_step(scores, v, m, l, acc, PRECISION: tl.constexpr, TENSOR_CORES: tl.constexpr = True):
+def online_softmax_step(scores, v, m, l, acc, PRECISION: tl.constexpr):
     """Fold one tile of masked base-2 scores [rows, tile] and its values into the running row maximum m, sum l
     and unnormalized output acc. A row may have seen no key yet (a sliding window that starts past this tile):
-    its maximum stays -inf, and it takes nothing from the tile (not NaN). The weighted sum of the values is a
-    tl.dot on the tensor cores, or (not TENSOR_CORES) a float32 sum on the CUDA cores: rows_times_tile."""
+    its maximum stays -inf, and it takes nothing from the tile (not NaN)."""
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     p = tl.exp2(scores - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
-    if TENSOR_CORES:
-        weighted = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    else:
-        weighted = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + weighted
-
-
-@triton.jit
-def rows_times_tile(q, k):
-    """q [rows, dims] float32 times the tile k [tile, dims] transposed, as float32 sums on the CUDA cores: for a
-    few rows (a small GQA group) cheaper than tl.dot, whose tensor-core tiles pad the rows to 16."""
-    return tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
 
 @triton.jit
