@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoConfig, PretrainedConfig
 
 from wde.core.loader import gguf_cache
@@ -53,6 +53,12 @@ class EngineArgs(BaseModel):
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV-cache size in bytes; default: from "
                                                                       "gpu_memory_utilization, or 1 GiB on CPU")
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
+    kv_offload_gib: float = Field(0, ge=0, description="host memory (GiB, pinned on a GPU) for a second tier of "
+                                                       "the prefix cache: full blocks leaving the device's cache are "
+                                                       "copied there and copied back on a later hit instead of "
+                                                       "recomputed; needs enable_prefix_caching")
+    num_kv_offload_blocks: int | None = Field(None, gt=0, description="blocks of the host tier; overrides "
+                                                                       "kv_offload_gib")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
     enable_expert_parallel: bool = Field(False, description="mixture-of-experts models over 2+ ranks: whole "
                                                             "experts per rank instead of a slice of each")
@@ -75,6 +81,14 @@ class EngineArgs(BaseModel):
     quantization: Literal["fp8"] | None = Field(
         None, description="fp8: the attention and MLP projections' weights quantized to float8 (e4m3) per output "
                           "channel at load, activations per token at each step")
+
+    @model_validator(mode="after")
+    def host_tier_needs_prefix_caching(self) -> "EngineArgs":
+        """The host tier holds prefix-cache blocks, known by their hashes: without prefix caching it has none."""
+        if (self.kv_offload_gib or self.num_kv_offload_blocks) and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_gib / num_kv_offload_blocks (the KV cache's host tier) need "
+                             "enable_prefix_caching=True")
+        return self
 
 
 @dataclass

@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+from wde.core.kv_cache.host_tier import BlockCopies
+
 if TYPE_CHECKING:
     from wde.core.config import EngineConfig
     from wde.core.engine.failures import Failure
@@ -161,6 +163,15 @@ class KVCacheManager(Component):
     @abstractmethod
     def count_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None: ...
 
+    def take_copies(self) -> BlockCopies:
+        """The copies between the KV cache's tiers that the step just scheduled runs before its forward pass
+        (wde/core/kv_cache/host_tier.py); by default, with no host tier, none."""
+        return BlockCopies()
+
+    def drop_copies(self, copies: BlockCopies) -> None:
+        """A step's copies that may not have run (it failed, or never launched): forget what they were to fill;
+        by default there are none."""
+
 
 class Scheduler(Component, Generic[SchedulerOutputT]):
     """Decides what runs at each step within the token, sequence and KV-block budgets.
@@ -225,10 +236,12 @@ class FinishedStep(LaunchedStep[ModelOutputT]):
 
 class Executor(Component, Generic[ModelInputT, ModelOutputT]):
     """Runs model steps on one or more Workers. `num_kv_blocks`: the KV-cache blocks every worker holds;
-    `kv_layer_groups`: which layers share them (wde/core/kv_cache/layer_groups.py), the same on every worker."""
+    `kv_layer_groups`: which layers share them (wde/core/kv_cache/layer_groups.py), the same on every worker;
+    `num_host_kv_blocks`: the blocks of each worker's host tier (kv_offload_gib; none by default)."""
 
     supports_tensor_parallel: ClassVar[bool] = False  # may run with tensor_parallel_size > 1
     num_kv_blocks: int
+    num_host_kv_blocks: int = 0
     kv_layer_groups: "KVLayerGroups"
 
     @classmethod

@@ -10,6 +10,8 @@ from wde.core.attention.layer import Attention
 from wde.core.attention.metadata import dummy_paged_batch
 from wde.core.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from wde.core.forward_context import set_forward_context
+from wde.core.kv_cache.host_pool import HostKVPool
+from wde.core.kv_cache.host_tier import BlockCopies
 from wde.core.kv_cache.kv_scales import (CALIBRATION_TOKENS, checkpoint_kv_scales, heads_of_this_rank, log_scales,
                                          scales_from_amax)
 from wde.core.kv_cache.layer_groups import group_layers
@@ -45,6 +47,7 @@ class ModelWorker(interfaces.Worker):
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         self.kv_cache: torch.Tensor | None = None
+        self.host_pool: HostKVPool | None = None  # the KV cache's host tier (kv_offload_gib), by init_kv_cache
         # a float8 cache's scales per layer, K/V and KV head (kv_cache/kv_scales.py), set by init_kv_cache; ones
         # until then (and for a cache of the model's dtype, whose kernels never read them)
         num_kv_heads = self.kv_layers[0].num_kv_heads if self.kv_layers else 0
@@ -61,6 +64,13 @@ class ModelWorker(interfaces.Worker):
         layer, args = self.kv_layers[0], self.config.args
         elements = 2 * self.kv_layer_groups.layers_per_block * args.block_size * layer.num_kv_heads * layer.head_dim
         return elements * self.kv_cache_dtype.itemsize
+
+    def num_host_kv_blocks(self) -> int:
+        """The blocks of the host tier: num_kv_offload_blocks, else as many as kv_offload_gib holds."""
+        args = self.config.args
+        if args.num_kv_offload_blocks is not None or not self.kv_layers:
+            return args.num_kv_offload_blocks or 0
+        return int(args.kv_offload_gib * 2**30) // self.kv_block_bytes()
 
     def determine_num_kv_blocks(self) -> int:
         """The explicit num_kv_blocks, else as many blocks as the memory budget holds (and the engine can use)."""
@@ -117,6 +127,15 @@ class ModelWorker(interfaces.Worker):
                     "each (windows %s)", num_blocks, args.block_size, num_blocks * args.block_size,
                     self.kv_cache.numel() * self.kv_cache.dtype.itemsize / 2**30, self.device, groups.num_groups,
                     groups.layers_per_block, list(groups.windows))
+        if num_host_blocks := self.num_host_kv_blocks():
+            self.host_pool = HostKVPool(self.kv_cache, num_host_blocks)
+            logger.info("KV cache host tier: %d blocks (%.2f GiB%s)", num_host_blocks, self.host_pool.num_bytes / 2**30,
+                        ", pinned" if self.device.type == "cuda" else "")
+
+    def run_block_copies(self, copies: BlockCopies) -> None:
+        """The copies between the tiers a step needs before its forward pass (wde/core/kv_cache/host_pool.py)."""
+        if copies:
+            self.host_pool.run(copies)
 
     def float8_kv_scales(self) -> torch.Tensor:
         """[KV layers, 2, this rank's KV heads]: the checkpoint's scales, else calibrated."""

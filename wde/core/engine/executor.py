@@ -12,6 +12,7 @@ class LocalExecutor(interfaces.Executor):
         self.worker = components["Worker"](config, components)
         self.num_kv_blocks = self.worker.determine_num_kv_blocks()
         self.kv_layer_groups = self.worker.kv_layer_groups
+        self.num_host_kv_blocks = self.worker.num_host_kv_blocks()
         self.worker.init_kv_cache(self.num_kv_blocks)
 
     def execute_model(self, model_input: Any) -> Any:

@@ -5,6 +5,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Generic, Protocol, TypeVar
 
+from wde.core.kv_cache.host_tier import BlockCopies
 from wde.core.request import Request
 
 
@@ -37,6 +38,8 @@ Item = TypeVar("Item", bound=Scheduled)
 @dataclass
 class SchedulerOutput(Generic[Item]):
     scheduled: list[Item] = field(default_factory=list)
+    # copies between the KV cache's tiers the step runs before its forward pass (whichever of its requests run)
+    block_copies: BlockCopies = field(default_factory=BlockCopies)
 
     def requests(self) -> list[Request]:
         """The requests of the scheduled entries, each once, in order."""

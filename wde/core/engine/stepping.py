@@ -126,9 +126,12 @@ class SyncStepper(interfaces.Stepper):
             {r.request_id for r in scheduler_output.requests()}, self.kv_cache_manager.block_size))
 
     def finish_step(self, scheduler_output: SchedulerOutput, model_output: Any) -> list[Any]:
-        """The step's outputs (none if it failed), then what it finished is freed."""
+        """The step's outputs (none if it failed, or never ran: then its copies between the KV cache's tiers
+        may not have run either, and what they were to fill is forgotten), then what it finished is freed."""
         outputs = []
-        if model_output is not None:
+        if model_output is None:
+            self.kv_cache_manager.drop_copies(scheduler_output.block_copies)
+        else:
             try:
                 outputs = self.output_processor(scheduler_output, model_output)
             except Exception as e:  # noqa: BLE001 - a component that let a request's failure out: the step's fail

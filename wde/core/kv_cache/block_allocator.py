@@ -2,14 +2,16 @@
 
 A block whose last user lets go is free. If it holds a full, hashed block of some prefix it stays findable by
 that hash (`lookup`) until a new allocation needs it: plain free blocks go first, then the cached ones, least
-recently used first.
+recently used first. A cached block reused so is handed to `spill` first (the host tier keeps a copy).
 """
 from collections import OrderedDict, deque
+from typing import Callable
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, spill: Callable[[bytes, int], None] | None = None):
         self.num_blocks = num_blocks
+        self.spill = spill  # (block hash, block): called as a cached block is taken for new contents
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))  # free and holding nothing worth keeping
@@ -32,6 +34,8 @@ class BlockAllocator:
             block = self._free.popleft()
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)
+            if self.spill is not None:
+                self.spill(self.block_hashes[block], block)
             del self._cached[self.block_hashes[block]]
             self.block_hashes[block] = None
         else:

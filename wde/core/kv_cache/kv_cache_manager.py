@@ -12,6 +12,7 @@ from typing import Protocol
 from wde.core import interfaces
 from wde.core.config import EngineConfig
 from wde.core.kv_cache.block_allocator import BlockAllocator
+from wde.core.kv_cache.host_tier import BlockCopies, HostTier
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +38,22 @@ class KVCacheManager(interfaces.KVCacheManager):
 
     @classmethod
     def from_engine(cls, engine) -> "KVCacheManager":
-        return cls(engine.config, engine.executor.num_kv_blocks, engine.executor.kv_layer_groups.windows)
+        return cls(engine.config, engine.executor.num_kv_blocks, engine.executor.kv_layer_groups.windows,
+                   engine.executor.num_host_kv_blocks)
 
-    def __init__(self, config: EngineConfig, num_blocks: int, group_windows: tuple[int | None, ...] = (None,)):
+    def __init__(self, config: EngineConfig, num_blocks: int, group_windows: tuple[int | None, ...] = (None,),
+                 num_host_blocks: int = 0):
         super().__init__(config)
         self.block_size = config.args.block_size
         self.group_windows = group_windows  # per KV layer group: the window its layers read within, or None
         self.enable_prefix_caching = config.args.enable_prefix_caching
-        self.allocator = BlockAllocator(num_blocks)
+        self.host_tier = HostTier(num_host_blocks) if num_host_blocks else None
+        if self.host_tier is not None and group_windows != (None,):
+            raise ValueError("the KV cache's host tier (kv_offload_gib) serves models whose attention layers all "
+                             f"read the whole context; this one has sliding windows {list(group_windows)}")
+        self.allocator = BlockAllocator(num_blocks, self.host_tier.spill if self.host_tier else None)
         self.num_queried_tokens = 0  # tokens looked up in the prefix cache
-        self.num_hit_tokens = 0  # of which found
+        self.num_hit_tokens = 0  # of which found (on the GPU or in the host tier)
 
     @property
     def window(self) -> int | None:
@@ -92,17 +99,44 @@ class KVCacheManager(interfaces.KVCacheManager):
             return 0
         hashes = self._full_block_hashes(seq)[:(len(seq.token_ids) - 1) // self.block_size]
         num_hit_blocks = self._longest_cached_prefix(hashes)
-        if not num_hit_blocks:
-            return 0
         tables = self._tables(seq)
-        for group, window in enumerate(self.group_windows):
+        for group, window in enumerate(self.group_windows if num_hit_blocks else ()):
             first = self._first_block_kept(num_hit_blocks * self.block_size, window)
             hits = [self.allocator.lookup(self._key(block_hash, group)) for block_hash in hashes[first:num_hit_blocks]]
             for block in hits:
                 self.allocator.incref(block)
             tables[group][:] = [hits[0]] * first + hits  # entries before its window: never read, not held
             self._set_freed(seq, group, first)
+        num_hit_blocks += self._load_from_host(seq, hashes[num_hit_blocks:])
         return num_hit_blocks * self.block_size  # the scheduler's to record: it owns num_computed_tokens
+
+    def _load_from_host(self, seq: CachedSequence, hashes: list[bytes]) -> int:
+        """Past the GPU's hits, the blocks of `hashes` the host tier holds, in order, each copied into a fresh
+        GPU block (cached at once: a sequence admitted later in the step shares it); how many."""
+        loaded = 0
+        for block_hash in hashes if self.host_tier is not None else ():
+            if not self.host_tier.holds(block_hash) or not self.allocator.num_free:
+                break
+            block = self.allocator.allocate()
+            if not self.host_tier.holds(block_hash):  # the spill that freed a GPU block took its host block
+                self.allocator.decref(block)
+                break
+            self.allocator.cache(block, block_hash)
+            self.host_tier.load(block_hash, block)
+            seq.block_table.append(block)
+            loaded += 1
+        return loaded
+
+    def take_copies(self) -> BlockCopies:
+        """The copies between the tiers the step just scheduled needs before its forward pass."""
+        return self.host_tier.take_copies() if self.host_tier is not None else BlockCopies()
+
+    def drop_copies(self, copies: BlockCopies) -> None:
+        """A step's copies that never ran: the host tier forgets what they were to fill, the GPU's cache the
+        blocks they were to load."""
+        if self.host_tier is not None and copies:
+            self.host_tier.drop(copies)
+            self.forget({gpu_block for _, gpu_block in copies.loads})
 
     def _longest_cached_prefix(self, hashes: list[bytes]) -> int:
         """The most leading blocks of which every group finds the ones its layers read in the cache."""

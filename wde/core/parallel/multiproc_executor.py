@@ -185,6 +185,7 @@ class MultiprocExecutor(interfaces.Executor):
             self.worker = build_rank_worker(rank_config, components)
             self.num_kv_blocks = agree_on_kv_blocks(self.worker)
             self.kv_layer_groups = self.worker.kv_layer_groups
+            self.num_host_kv_blocks = self.worker.num_host_kv_blocks()  # the same on every rank: same shards
         except BaseException as e:  # a rank 0 that cannot build its worker leaves no group or processes behind
             # a rank that failed first (its share of the weights would not load) broke rank 0's collective:
             # its error is the one to report

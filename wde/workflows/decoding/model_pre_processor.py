@@ -5,6 +5,7 @@ import torch
 
 from wde.core import interfaces
 from wde.core.attention.metadata import PagedAttentionMetadata, build_attn_metadata, slots_of
+from wde.core.kv_cache.host_tier import BlockCopies
 from wde.core.sampling.sampler import Penalties, SamplingMetadata
 from wde.workflows.decoding.scheduler import ScheduledSequence, SchedulerOutput
 from wde.workflows.decoding.sequence import Sequence
@@ -33,6 +34,7 @@ class ModelInput:
     in_flight_rows: torch.Tensor | None = None
     # every row takes the argmax and nothing else reads the logits: each rank reduces its vocabulary slice
     greedy: bool = False
+    block_copies: BlockCopies = field(default_factory=BlockCopies)  # between the KV cache's tiers, run first
 
     def for_workers(self) -> "ModelInput":
         """Everything but the sampling settings: rank 0 samples."""
@@ -169,7 +171,8 @@ class DecodingModelPreProcessor(interfaces.ModelPreProcessor[SchedulerOutput, Mo
         return ModelInput(torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                           build_attn_metadata(slots, query_lens, seq_lens, block_tables, group_slots, group_tables),
                           torch.tensor(logits_indices, dtype=torch.int64), sampling, prompt_logprobs,
-                          in_flight_source(in_flight_rows, len(token_ids)), sampling.only_argmax)
+                          in_flight_source(in_flight_rows, len(token_ids)), sampling.only_argmax,
+                          scheduler_output.block_copies)
 
     def needs_known_tokens(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether some row's sampling settings read its sequence's output so far (penalties, min_tokens) while

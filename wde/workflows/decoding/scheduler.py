@@ -107,6 +107,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
             self.num_generation_tokens += item.samples
             seq.num_computed_tokens += item.num_tokens
             seq.num_pending_tokens += item.samples  # until the OutputProcessor appends the token
+        output.block_copies = self.kv_cache_manager.take_copies()
         return output
 
     def get_stats(self) -> SchedulerStats:

@@ -51,6 +51,7 @@ class DecodingWorker(ModelWorker):
         if self.held is not None:  # this step's input tokens may be those samples: they are queued first
             self.held.queue()
             self.held = None
+        self.run_block_copies(model_input.block_copies)
         model_input = self.copier.to_device(model_input)
         meta = model_input.attn_metadata
         if model_input.in_flight_rows is not None:

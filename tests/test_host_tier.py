@@ -1,0 +1,38 @@
+"""The KV cache's host tier (kv_offload_gib): prefix blocks evicted from the device's cache are copied to host
+memory and copied back on a later hit; on the CPU the device's cache and the host tier are two CPU tensors."""
+import pytest
+
+from tests.conftest import run_to_completion
+from tests.test_parity_random import random_prompts
+from wde import LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def engine_for(folder: str, **args) -> LLMEngine:
+    return LLMEngine.from_engine_args(model=folder, max_model_len=1024, enable_prefix_caching=True,
+                                      **{"num_kv_blocks": 24, **args})
+
+
+def generate(engine: LLMEngine, request_id: str, prompt: list[int]):
+    engine.add_request(request_id, prompt, GREEDY)
+    return run_to_completion(engine)[request_id]
+
+
+def test_an_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir):
+    folder = tiny_model_dir("qwen3")
+    # 10 full blocks; then a prompt of 23 blocks evicts 9 of them (of 24), the tail first
+    first, filler = random_prompts([160, 360], seed=21)
+    engine = engine_for(folder, num_kv_offload_blocks=64)
+    out_first = generate(engine, "first", first)
+    generate(engine, "filler", filler)
+    tier = engine.kv_cache_manager.host_tier
+    assert tier.num_spilled_blocks == 9 and tier.num_held == 9
+    again = generate(engine, "again", first)
+    assert again.num_cached_tokens == 144  # 9 blocks (the last token is always computed): 1 on the device
+    assert tier.num_hit_blocks == 8
+    assert again.outputs[0].token_ids == out_first.outputs[0].token_ids
+    plain = engine_for(folder)
+    generate(plain, "first", first)
+    generate(plain, "filler", filler)
+    assert generate(plain, "again", first).num_cached_tokens == 16  # without the tier: 1 block, the rest recomputed
