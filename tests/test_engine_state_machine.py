@@ -17,12 +17,13 @@ class EngineMachine(RuleBasedStateMachine):
     folder: str = ""  # set by the test
 
     @initialize(prefix_caching=st.booleans(), num_blocks=st.integers(6, 24), max_num_seqs=st.integers(1, 6),
-                budget=st.sampled_from([8, 24, 64]), async_scheduling=st.booleans())
-    def start(self, prefix_caching, num_blocks, max_num_seqs, budget, async_scheduling):
+                budget=st.sampled_from([8, 24, 64]), async_scheduling=st.booleans(),
+                host_blocks=st.sampled_from([None, 2, 8, 64]))
+    def start(self, prefix_caching, num_blocks, max_num_seqs, budget, async_scheduling, host_blocks):
         self.engine = LLMEngine.from_engine_args(
             model=self.folder, num_kv_blocks=num_blocks, block_size=16, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, max_model_len=256,
-            async_scheduling=async_scheduling)
+            async_scheduling=async_scheduling, num_kv_offload_blocks=host_blocks if prefix_caching else None)
         self.submitted, self.aborted, self.finished = set(), set(), {}
         self.counter = 0
 
@@ -69,6 +70,16 @@ class EngineMachine(RuleBasedStateMachine):
         assert not free & used, "a block is both free and used"
         assert len(free) + len(used) == allocator.num_blocks, "a block is neither free nor used"
         assert users == allocator.ref_counts, "reference counts differ from the number of users"
+
+    @invariant()
+    def host_blocks_are_either_free_or_held_once(self):
+        tier = self.engine.kv_cache_manager.host_tier
+        if tier is None:
+            return
+        held = list(tier.held_blocks().values())
+        assert len(set(held)) == len(held), "a host block holds two keys"
+        assert not set(held) & tier.free_blocks(), "a host block is both free and held"
+        assert len(held) + len(tier.free_blocks()) == tier.num_blocks, "a host block is neither free nor held"
 
     @invariant()
     def no_request_is_lost(self):

@@ -7,6 +7,7 @@ from tests.test_parity_random import random_prompts
 from wde import LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+LONGER = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # sequences that grow into preemptions
 
 
 def engine_for(folder: str, **args) -> LLMEngine:
@@ -36,3 +37,34 @@ def test_an_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir):
     generate(plain, "first", first)
     generate(plain, "filler", filler)
     assert generate(plain, "again", first).num_cached_tokens == 16  # without the tier: 1 block, the rest recomputed
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_tokens_are_the_same_with_and_without_the_tier_under_pressure(tiny_model_dir, async_scheduling):
+    """Conversations that come back to their prefixes over a device cache that holds about two of them at a
+    time: blocks spill, come back, are preempted and aborted; every greedy token as without the tier, and each
+    tier's block accounting exact at the end."""
+    folder = tiny_model_dir("qwen3")
+    system = random_prompts([64], seed=30)[0]
+    histories = [system + turn for turn in random_prompts([40, 56, 72, 88], seed=31)]
+    turns = [histories[i % 4] + random_prompts([8 + i], seed=40 + i)[0] for i in range(12)]
+    results = {}
+    for host_blocks in (None, 48):
+        engine = engine_for(folder, num_kv_blocks=20, max_num_seqs=3, async_scheduling=async_scheduling,
+                            num_kv_offload_blocks=host_blocks)
+        for index, prompt in enumerate(turns):
+            engine.add_request(f"turn-{index}", prompt, LONGER)
+            if index % 3 == 2:
+                engine.add_request(f"aborted-{index}", prompt[:50], GREEDY)
+                engine.step()
+                engine.abort_request(f"aborted-{index}")
+        outputs = run_to_completion(engine)
+        results[host_blocks] = {k: v.outputs[0].token_ids for k, v in outputs.items() if k.startswith("turn")}
+        manager = engine.kv_cache_manager
+        assert manager.num_free_blocks == manager.num_blocks
+        if host_blocks:
+            tier = manager.host_tier
+            assert tier.num_hit_blocks > 0 and tier.num_spilled_blocks > 0
+            assert engine.get_stats().num_preemptions
+            assert tier.num_held + len(tier.free_blocks()) == host_blocks
+    assert results[None] == results[48]
