@@ -32,6 +32,9 @@ def test_an_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir):
     again = generate(engine, "again", first)
     assert again.num_cached_tokens == 144  # 9 blocks (the last token is always computed): 1 on the device
     assert tier.num_hit_blocks == 8
+    stats = engine.get_stats()
+    assert (stats.num_host_hit_blocks, stats.num_host_spilled_blocks, stats.host_kv_blocks_total) == (
+        8, tier.num_spilled_blocks, 64)
     assert again.outputs[0].token_ids == out_first.outputs[0].token_ids
     plain = engine_for(folder)
     generate(plain, "first", first)
@@ -68,3 +71,14 @@ def test_greedy_tokens_are_the_same_with_and_without_the_tier_under_pressure(tin
             assert engine.get_stats().num_preemptions
             assert tier.num_held + len(tier.free_blocks()) == host_blocks
     assert results[None] == results[48]
+
+
+def test_metrics_carry_the_host_tier():
+    from wde.core.engine.stats import EngineStats
+    from wde.entrypoints.openai.metrics import render
+    text = render({}, {"m": EngineStats(host_kv_blocks_used=9, host_kv_blocks_total=64, num_host_hit_blocks=8,
+                                        num_host_spilled_blocks=9)})
+    assert 'wde_host_kv_cache_usage_ratio{model="m"} 0.140625' in text
+    assert 'wde_host_kv_blocks_hit_total{model="m"} 8' in text
+    assert 'wde_host_kv_blocks_spilled_total{model="m"} 9' in text
+    assert "wde_host_kv_blocks_hit_total{" not in render({}, {"m": EngineStats()})  # no tier: no samples

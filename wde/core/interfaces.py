@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from wde.core.kv_cache.host_tier import BlockCopies
+from wde.core.kv_cache.host_tier import BlockCopies, HostTier
 
 if TYPE_CHECKING:
     from wde.core.config import EngineConfig
@@ -121,6 +121,7 @@ class KVCacheManager(Component):
     block_size: int
     enable_prefix_caching: bool
     window: int | None = None  # every attention layer reads within this window: older blocks go back
+    host_tier: HostTier | None = None  # the prefix cache's second tier in host memory (kv_offload_gib)
 
     @property
     @abstractmethod

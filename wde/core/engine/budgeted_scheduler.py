@@ -29,5 +29,10 @@ class BudgetedScheduler(interfaces.Scheduler[interfaces.SchedulerOutputT]):
     def stats(self, **scheduler_counts: Any) -> SchedulerStats:
         """SchedulerStats of the scheduler's own counts, with the KV cache's use and prefix hit rate."""
         kv = self.kv_cache_manager
+        host = {}
+        if kv.host_tier is not None:
+            tier = kv.host_tier
+            host = dict(host_kv_blocks_used=tier.num_held, host_kv_blocks_total=tier.num_blocks,
+                        num_host_hit_blocks=tier.num_hit_blocks, num_host_spilled_blocks=tier.num_spilled_blocks)
         return SchedulerStats(kv_blocks_used=kv.num_blocks - kv.num_free_blocks, kv_blocks_total=kv.num_blocks,
-                              prefix_cache_hit_rate=kv.prefix_cache_hit_rate, **scheduler_counts)
+                              prefix_cache_hit_rate=kv.prefix_cache_hit_rate, **host, **scheduler_counts)

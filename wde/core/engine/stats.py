@@ -19,6 +19,12 @@ class SchedulerStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / tokens looked up
+    # the KV cache's host tier (kv_offload_gib): its blocks, those found there (so copied back to the device),
+    # and those copied there from the device
+    host_kv_blocks_used: int = 0
+    host_kv_blocks_total: int = 0
+    num_host_hit_blocks: int = 0
+    num_host_spilled_blocks: int = 0
     num_prompt_tokens: int = 0  # tokens prefilled (prompts, and sequences recomputed after preemption)
     num_generation_tokens: int = 0
 
@@ -72,9 +78,12 @@ class StatsTracker:
         if self.log:
             s = self.stats(scheduler_stats)
             logger.info("prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d (%d preempted), "
-                        "KV cache %.1f%% used, prefix cache hit rate %.1f%%", s.prompt_tokens_per_s,
+                        "KV cache %.1f%% used, prefix cache hit rate %.1f%%%s", s.prompt_tokens_per_s,
                         s.generation_tokens_per_s, s.num_running, s.num_waiting, s.num_preempted,
-                        100 * s.kv_blocks_used / max(s.kv_blocks_total, 1), 100 * s.prefix_cache_hit_rate)
+                        100 * s.kv_blocks_used / max(s.kv_blocks_total, 1), 100 * s.prefix_cache_hit_rate,
+                        f", host tier {s.host_kv_blocks_used}/{s.host_kv_blocks_total} blocks ("
+                        f"{s.num_host_hit_blocks} hit, {s.num_host_spilled_blocks} spilled)"
+                        if s.host_kv_blocks_total else "")
 
     def _rates_since_mark(self, stats: SchedulerStats, elapsed: float) -> tuple[float, float]:
         return ((stats.num_prompt_tokens - self._mark_prompt) / elapsed,

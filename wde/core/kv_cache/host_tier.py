@@ -29,9 +29,8 @@ class HostTier:
         self._copies = BlockCopies()
         self._loading_host: set[int] = set()  # host blocks read by this step's loads: not reused before
         self._loading_gpu: set[int] = set()  # GPU blocks written by this step's loads: nothing to spill yet
-        self.num_hit_blocks = 0
-        self.num_spilled_blocks = 0
-        self.num_loaded_blocks = 0
+        self.num_hit_blocks = 0  # found here by a prefix lookup, so copied back to the device
+        self.num_spilled_blocks = 0  # copied here from the device
 
     @property
     def num_held(self) -> int:
@@ -63,7 +62,6 @@ class HostTier:
         self._loading_host.add(host_block)
         self._loading_gpu.add(gpu_block)
         self.num_hit_blocks += 1
-        self.num_loaded_blocks += 1
 
     def take_copies(self) -> BlockCopies:
         """The copies this step's scheduling asked for (the next step's start afresh)."""

@@ -41,6 +41,14 @@ def render(engines: dict[str, "ServedEngine"], stats: dict[str, "EngineStats"]) 
            [(labels, s.num_waiting) for labels, s in running])
     metric("wde_kv_cache_usage_ratio", "gauge", "Share of KV-cache blocks in use.",
            [(labels, s.kv_blocks_used / max(s.kv_blocks_total, 1)) for labels, s in running])
+    metric("wde_host_kv_cache_usage_ratio", "gauge", "Share of the KV cache's host-tier blocks holding a prefix.",
+           [(labels, s.host_kv_blocks_used / s.host_kv_blocks_total) for labels, s in running
+            if s.host_kv_blocks_total])
+    for counter, help_text in (("hit", "found in the KV cache's host tier, so copied back to the device"),
+                               ("spilled", "copied from the device's KV cache to its host tier")):
+        metric(f"wde_host_kv_blocks_{counter}_total", "counter", f"KV blocks {help_text}.",
+               [(labels, getattr(s, f"num_host_{counter}_blocks")) for labels, s in running
+                if s.host_kv_blocks_total])
     metric("wde_prompt_tokens_per_second", "gauge", "Prompt tokens computed per second, last interval.",
            [(labels, round(s.prompt_tokens_per_s, 3)) for labels, s in running])
     metric("wde_generation_tokens_per_second", "gauge", "Tokens generated per second, last interval.",
