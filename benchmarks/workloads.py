@@ -29,3 +29,13 @@ def w3(num_inputs: int = 8192, seed: int = 1) -> list[list[int]]:
     lengths = [rng.randint(16, 512) for _ in range(num_inputs)]
     ids = random.Random(seed + 1)
     return [[ids.randrange(1000, 30000) for _ in range(length)] for length in lengths]
+
+
+def w4(num_conversations: int = 64, num_turns: int = 8, system_len: int = 2048, user_len: int = 256,
+       seed: int = 0) -> tuple[list[int], list[list[list[int]]]]:
+    """A system prompt every conversation starts from, and each conversation's user turns of random ids."""
+    rng = random.Random(seed)
+    system = [rng.randint(0, 10000) for _ in range(system_len)]
+    turns = [[[rng.randint(0, 10000) for _ in range(user_len)] for _ in range(num_turns)]
+             for _ in range(num_conversations)]
+    return system, turns
