@@ -12,7 +12,7 @@ parts (quantizing x, the scaled matmul), as TFLOP/s.
 The paged decode kernel at W1's shape (Qwen3-0.6B's KV heads, 256 sequences of W1's prompt lengths) with GQA
 groups of 2, 4 and 8 query heads, over a bf16 and a float8 cache: bytes of K/V read per second (the kernel's
 whole job) and the fraction of the bandwidth, for the engine's tile (with --sweep: tiles of several widths, warps
-and stages, and float8 scores, each with its largest difference from the engine tile's output).
+and stages, each with its largest difference from the engine tile's output).
 
     python -m benchmarks.kernels                          # Qwen3-0.6B and Llama-3.1-8B shapes
     python -m benchmarks.kernels --sweep --rows 1         # also each width, depth and split of the skinny tiles
@@ -51,12 +51,10 @@ def weight_shapes(shape_name: str) -> dict[str, tuple[int, int]]:
 
 
 def decode_tiles(sweep: bool, cache_dtype: torch.dtype, group: int) -> list[DecodeTile]:
-    """The engine's tile (decode_tile), and with --sweep others of several widths, warps and stages (over a float8
-    cache: each with its scores widened and as float8 products)."""
+    """The engine's tile (decode_tile), and with --sweep others of several widths, warps and stages."""
     tiles = [decode_tile(cache_dtype, group)]
     if sweep:
-        scores = (False, True) if cache_dtype == torch.float8_e4m3fn else (False,)
-        tiles += [DecodeTile(*choice) for choice in itertools.product((64, 128, 256), (4, 8), (2, 3), scores)]
+        tiles += [DecodeTile(*choice) for choice in itertools.product((64, 128, 256), (4, 8), (2, 3))]
     return tiles
 
 

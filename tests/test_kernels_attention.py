@@ -12,8 +12,6 @@ from wde.core.kernels.store_kv import store_kv
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 problems: exact in the interpreter and on a GPU (tl.dot multiplies float32 inputs exactly there)
 TOLERANCE = 1e-5
-# a float8 cache's scores through K widened to the query's type, and as float8 products (the query in two parts)
-FLOAT8_SCORES = pytest.mark.parametrize("float8_scores", [False, True], ids=["widened", "float8-scores"])
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor, rows: list[int]) -> float:
@@ -89,32 +87,22 @@ def test_store_kv_writes_slots_and_skips_padding():
     assert written == [[0, 5], [0, 17], [1, 5], [1, 17]]  # the padding row (-1) wrote nothing
 
 
-def float8_tolerance(dtype: torch.dtype, float8_scores: bool) -> float:
-    """Exact for float32 queries times widened float8 values; fp16 products, or a query in two float8 parts (about
-    8 bits) and fp16 weights of the values, within fp16's."""
-    return TOLERANCE if dtype == torch.float32 and not float8_scores else 2e-3
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (the interpreter's bfloat16 is not exact)
-@FLOAT8_SCORES
-def test_a_float8_cache_in_both_kernels(dtype, float8_scores):
+def test_a_float8_cache_in_both_kernels(dtype):
     """kv_cache_dtype="fp8": the kernels widen the cache's float8 K/V to the queries' type before their
-    products (or the decode kernel multiplies K as stored by the query in two float8 parts), so they compute
-    what the reference computes from the same float8 values."""
+    products, so they compute what the reference computes from the same float8 values."""
     p = make_problem([1, 12, 1, 5], [40, 0, 3, 20], 4, 2, 64, 16, dtype, DEVICE)
     p = replace(p, kv_cache=p.kv_cache.to(torch.float8_e4m3fn))
     out = torch.full_like(p.q, float("nan"))
-    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 2,
-                 tile=DecodeTile(16, float8_scores=float8_scores))
+    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 2, tile=DecodeTile(16))
     paged_prefill(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, block_m=16,
                   block_n=16)
-    assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) < float8_tolerance(dtype,
-                                                                                                   float8_scores)
+    assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) < (
+        TOLERANCE if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@FLOAT8_SCORES
-def test_a_float8_cache_with_per_head_scales_in_both_kernels(dtype, float8_scores):
+def test_a_float8_cache_with_per_head_scales_in_both_kernels(dtype):
     """Each KV head's K and V entries are value / scale: both kernels multiply them back (K's scale into the
     scores, V's into the weighted sum), across split and unsplit decodes, as the reference does."""
     p = make_problem([1, 12, 1, 5], [200, 0, 3, 20], 4, 2, 64, 16, dtype, DEVICE)
@@ -124,10 +112,11 @@ def test_a_float8_cache_with_per_head_scales_in_both_kernels(dtype, float8_score
     for splits in (1, 4):
         out = torch.full_like(p.q, float("nan"))
         paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, splits,
-                     min_per_split=16, tile=DecodeTile(16, float8_scores=float8_scores), kv_scales=kv_scales)
+                     min_per_split=16, tile=DecodeTile(16), kv_scales=kv_scales)
         paged_prefill(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, block_m=16,
                       block_n=16, kv_scales=kv_scales)
-        assert relative_error(out, reference, list(range(p.q.shape[0]))) < float8_tolerance(dtype, float8_scores)
+        assert relative_error(out, reference, list(range(p.q.shape[0]))) < (
+            TOLERANCE if dtype == torch.float32 else 2e-3)
     assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) > 0.1  # the scales matter
 
 
@@ -143,8 +132,7 @@ def test_a_cache_of_the_models_dtype_ignores_scales():
     assert relative_error(out, reference_attention(p), list(range(p.q.shape[0]))) < TOLERANCE
 
 
-@FLOAT8_SCORES
-def test_bf16_queries_over_a_float8_cache_in_the_decode_kernel(float8_scores):
+def test_bf16_queries_over_a_float8_cache_in_the_decode_kernel():
     """bf16 queries beside a float8 cache go to fp16 shifted by 2^-8 (the GPU's cheaper widening): a query past
     fp16's largest value (1e5) and tiny ones (1e-4) still give the reference's attention, within bf16 output."""
     p = make_problem([1, 1, 1, 1], [40, 200, 3, 20], 4, 2, 64, 16, torch.bfloat16, DEVICE)
@@ -152,8 +140,7 @@ def test_bf16_queries_over_a_float8_cache_in_the_decode_kernel(float8_scores):
     p.q[1] *= 1e-3
     p = replace(p, kv_cache=p.kv_cache.to(torch.float8_e4m3fn))
     out = torch.full_like(p.q, float("nan"))
-    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 2, 
-                 tile=DecodeTile(16, float8_scores=float8_scores))
+    paged_decode(p.q, p.kv_cache, out, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, 2, tile=DecodeTile(16))
     assert relative_error(out, reference_attention(p), list(range(4))) < 1e-2
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from wde.core.kernels.paged_kv import (cache_scale, dot_precision, head_pad, load_kv_tile, online_softmax_step,
-                                      cast_for, over_dims, soft_capped, unit_kv_scales)
+                                      over_dims, soft_capped, unit_kv_scales)
 
 LOG2E = 1.4426950408889634
 Q_SHIFT = tl.constexpr(2.0 ** -8)  # bf16 queries into fp16's range, beside a float8 cache
@@ -56,7 +56,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
                    scale_log2, max_splits, window, softcap_log2,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PER_SPLIT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, FLOAT8_SCORES: tl.constexpr):
+                   SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,16 +80,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :], mask=rows_over_dims,
                 other=0.0)
     scale_log2 *= cache_scale(scales_ptr, kv_head, k_ptr)  # a float8 cache's K / scale: the scale joins the score's
-    if FLOAT8_SCORES:
-        # q as two float8 parts, q_high + q_low, over a scale per row: K's float8 tiles then go to the tensor
-        # cores as they are stored, not widened (the products of both parts keep about bf16's 8 bits)
-        q = q.to(tl.float32)
-        row_scales = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
-        q = q / row_scales[:, None]
-        q_high = cast_for(q, k_ptr)
-        q_low = cast_for(q - q_high.to(tl.float32), k_ptr)
-        row_scales *= scale_log2
-    elif k_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:
+    if k_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:
         # a float8 cache widens to fp16 in one conversion on Hopper (to bf16 in several: 184 us against 148 at
         # W1's shape, benchmarks/kernels.py); q joins it, shifted by 2^-8 into fp16's range, undone in the scale
         q = tl.clamp(q.to(tl.float32) * Q_SHIFT, -65504.0, 65504.0).to(tl.float16)
@@ -103,13 +94,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
         k, v = load_kv_tile(k_ptr, v_ptr, block_tables_ptr, seq, positions, valid, kv_head, dims,
                             stride_bt, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, HEAD_DIM, HEAD_PAD)
         # base 2: exp2 is fast
-        if FLOAT8_SCORES:
-            k_rows = tl.trans(k)
-            scores = (tl.dot(q_high, k_rows) + tl.dot(q_low, k_rows)) * row_scales[:, None]
-            v = v.to(tl.float16)  # exactly; the weights of the sum (in [0, 1]) go to fp16 beside them
-        else:
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened, exactly (else: as they are)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a float8 cache's values widened, exactly (else: as they are)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         scores = tl.where(valid[None, :], soft_capped(scores, softcap_log2, SOFTCAP), float("-inf"))
         m, l, acc = online_softmax_step(scores, v, m, l, acc, PRECISION)
     acc *= cache_scale(scales_ptr + scales_kv_stride, kv_head, k_ptr)  # and V's scale the weighted sum's
@@ -132,18 +118,19 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
 
 @dataclass(frozen=True)
 class DecodeTile:
-    """How each program walks its share of a context: block_n tokens a tile; Triton's warps and pipeline stages;
-    float8_scores: over a float8 cache, the scores as float8 products of K as stored and the query in two
-    float8 parts (else K is widened to the query's type first; ignored for other caches)."""
+    """How each program walks its share of a context: block_n tokens a tile; Triton's warps and pipeline stages.
+    (Measured and dropped, benchmarks/results/kernels-nvidia-h100-*20261206T14*.json: sums on the CUDA cores for
+    small GQA groups, 353-947 us against 151 for tl.dot over a float8 cache at W1's shape; float8 products of K
+    as stored with the query in two float8 parts, 167 us against 153.)"""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    float8_scores: bool = False
 
 
 def decode_tile(cache_dtype: torch.dtype, group: int) -> DecodeTile:
-    """The tile for a cache of this dtype read by GQA groups of `group` query heads (benchmarks/kernels.py
-    --sweep times the others)."""
+    """The tile for a cache of this dtype read by GQA groups of `group` query heads: the same for all on an H100
+    (benchmarks/kernels.py --sweep, groups 2 and 4, bf16 and float8 caches: 128 tokens, 4 warps, 3 stages within
+    1% of the best of 12 tiles)."""
     return DecodeTile()
 
 
@@ -184,5 +171,4 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
         scale * LOG2E, max_splits, window or 0, (softcap or 1.0) * LOG2E, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, MIN_PER_SPLIT=min_per_split, SOFTCAP=softcap is not None,
-        PRECISION=dot_precision(q.dtype), FLOAT8_SCORES=tile.float8_scores and kv_cache.dtype == torch.float8_e4m3fn,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        PRECISION=dot_precision(q.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages)
