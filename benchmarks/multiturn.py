@@ -16,6 +16,7 @@ its time to first token when the history is on the device, in the host tier, and
 workload compares wde's KV tiers.
 """
 import argparse
+import gc
 import logging
 import statistics
 import time
@@ -91,9 +92,17 @@ def run_mode(mode: str, folder: str, system: list[int], turns: list[list[list[in
               "ttft_ms_p50_after_the_first_turn": round(1000 * statistics.median(
                   [s for t in first_token_s[1:] for s in t]), 1)}
     logger.info("W4 %s: %s", mode, result)
-    del engine
-    torch.cuda.empty_cache()
+    release(engine)
     return result
+
+
+def release(engine) -> None:
+    """The engine's weights and caches freed before the next one loads (an engine holds reference cycles: a
+    plain del leaves it to a later collection, and a 7B shape's second copy does not fit)."""
+    engine.close()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def hit_ttft(folder: str, system: list[int], turns: list[list[list[int]]], repeats: int = 5) -> dict:
@@ -129,8 +138,7 @@ def hit_ttft(folder: str, system: list[int], turns: list[list[list[int]]], repea
         figures[f"{where}_ms"] = round(1000 * statistics.median(times), 2)
         if where == "host":  # each measured turn found its whole history there
             figures["host_hit_blocks"] = engine.get_stats().num_host_hit_blocks
-        del engine
-        torch.cuda.empty_cache()
+        release(engine)
     figures["host_over_device"] = round(figures["host_ms"] / figures["device_ms"], 2)
     logger.info("W4 one hit: %s", figures)
     return figures
