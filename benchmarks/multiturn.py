@@ -92,15 +92,15 @@ def run_mode(mode: str, folder: str, system: list[int], turns: list[list[list[in
               "ttft_ms_p50_after_the_first_turn": round(1000 * statistics.median(
                   [s for t in first_token_s[1:] for s in t]), 1)}
     logger.info("W4 %s: %s", mode, result)
-    release(engine)
+    engine.close()
+    del engine
+    free_device_memory()
     return result
 
 
-def release(engine) -> None:
-    """The engine's weights and caches freed before the next one loads (an engine holds reference cycles: a
-    plain del leaves it to a later collection, and a 7B shape's second copy does not fit)."""
-    engine.close()
-    del engine
+def free_device_memory() -> None:
+    """What engines no longer referenced held, freed before the next one loads (an engine holds reference cycles:
+    without a collection a 7B shape's second copy does not fit)."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -138,7 +138,9 @@ def hit_ttft(folder: str, system: list[int], turns: list[list[list[int]]], repea
         figures[f"{where}_ms"] = round(1000 * statistics.median(times), 2)
         if where == "host":  # each measured turn found its whole history there
             figures["host_hit_blocks"] = engine.get_stats().num_host_hit_blocks
-        release(engine)
+        engine.close()
+        del engine
+        free_device_memory()
     figures["host_over_device"] = round(figures["host_ms"] / figures["device_ms"], 2)
     logger.info("W4 one hit: %s", figures)
     return figures
