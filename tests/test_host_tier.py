@@ -82,3 +82,21 @@ def test_metrics_carry_the_host_tier():
     assert 'wde_host_kv_blocks_hit_total{model="m"} 8' in text
     assert 'wde_host_kv_blocks_spilled_total{model="m"} 9' in text
     assert "wde_host_kv_blocks_hit_total{" not in render({}, {"m": EngineStats()})  # no tier: no samples
+
+
+def test_a_decoder_embedder_reads_its_evicted_instruction_back_from_the_host_tier(tiny_model_dir):
+    """Prefill-only workflows share the tier: an instruction pushed out of a small device cache by other inputs
+    comes back from the host, and the embeddings are those computed without any cache."""
+    from wde import LLM
+    folder = tiny_model_dir("qwen2")
+    instruction, other = random_prompts([96, 200], seed=50)
+    texts = [instruction + t for t in random_prompts([5, 9], seed=51)]
+    llm = LLM(model=folder, task="embed", num_kv_blocks=16, enable_prefix_caching=True, num_kv_offload_blocks=32)
+    llm.embed(texts[:1])
+    llm.embed([other])  # 13 blocks of 16: the instruction's last blocks leave the device's cache (the tail first)
+    again = llm.embed(texts)
+    assert llm.engine.kv_cache_manager.host_tier.num_hit_blocks == 3
+    assert [o.num_cached_tokens for o in again][0] == 96
+    plain = LLM(model=folder, task="embed", num_kv_blocks=64).embed(texts)
+    for a, b in zip(again, plain):
+        assert (a.outputs.data - b.outputs.data).abs().max() < 1e-5

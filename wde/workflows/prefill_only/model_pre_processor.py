@@ -1,6 +1,6 @@
 """Scheduler output -> one flat, unpadded batch of the new tokens of every input, with what pooling needs."""
 from array import array
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -8,6 +8,7 @@ import torch
 from wde.core import interfaces
 from wde.core.attention.metadata import (EncoderAttentionMetadata, PagedAttentionMetadata, build_attn_metadata,
                                          slots_of)
+from wde.core.kv_cache.host_tier import BlockCopies
 from wde.core.pooling_params import PoolingParams
 from wde.workflows.prefill_only.scheduler import PrefillOnlySchedulerOutput
 
@@ -28,6 +29,7 @@ class PrefillOnlyModelInput:
     token_type_ids: torch.Tensor | None
     attn_metadata: EncoderAttentionMetadata | PagedAttentionMetadata
     pooling: PoolingMetadata
+    block_copies: BlockCopies = field(default_factory=BlockCopies)  # between the KV cache's tiers, run first
 
     def for_workers(self) -> "PrefillOnlyModelInput":
         """Everything but the pooling parameters: rank 0 pools."""
@@ -53,7 +55,7 @@ class PrefillOnlyModelPreProcessor(interfaces.ModelPreProcessor[PrefillOnlySched
                                   [item.seq.request.params for item in inputs])
         return PrefillOnlyModelInput(torch.frombuffer(token_ids, dtype=torch.int64), torch.from_numpy(positions),
                                      self._token_types(inputs), self._attn_metadata(scheduler_output, num_rows),
-                                     pooling)
+                                     pooling, scheduler_output.block_copies)
 
     @staticmethod
     def _token_types(inputs: list) -> torch.Tensor | None:

@@ -94,6 +94,7 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
             self.in_step[seq.request_id] = seq
             budget -= new_tokens
             self.num_prompt_tokens += new_tokens
+        output.block_copies = self.kv_cache_manager.take_copies()
         return output
 
     def _tokenized_head(self) -> PrefillOnlySequence | None:

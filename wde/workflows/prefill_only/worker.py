@@ -28,6 +28,7 @@ class PrefillOnlyWorker(ModelWorker):
 
     @torch.inference_mode()
     def launch(self, model_input: PrefillOnlyModelInput) -> "PendingPooledOutput":
+        self.run_block_copies(model_input.block_copies)
         model_input = self.copier.to_device(model_input)
         extra = () if model_input.token_type_ids is None else (model_input.token_type_ids,)
         with set_forward_context(model_input.attn_metadata):
