@@ -100,3 +100,30 @@ def test_a_decoder_embedder_reads_its_evicted_instruction_back_from_the_host_tie
     plain = LLM(model=folder, task="embed", num_kv_blocks=64).embed(texts)
     for a, b in zip(again, plain):
         assert (a.outputs.data - b.outputs.data).abs().max() < 1e-5
+
+
+def test_a_float8_cache_comes_back_from_the_host_tier(tiny_model_dir):
+    folder = tiny_model_dir("qwen3")
+    first, filler = random_prompts([160, 360], seed=21)
+    outputs = {}
+    for host_blocks in (None, 64):
+        engine = engine_for(folder, kv_cache_dtype="fp8", num_kv_offload_blocks=host_blocks)
+        generate(engine, "first", first)
+        generate(engine, "filler", filler)
+        outputs[host_blocks] = generate(engine, "again", first)
+    assert outputs[64].outputs[0].finish_reason == "length" and outputs[64].num_cached_tokens == 144
+    assert outputs[64].outputs[0].token_ids == outputs[None].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("gib", [float("inf"), 1e300, float("nan"), -1])
+def test_host_tier_sizes_that_cannot_be_are_refused_by_name(gib):
+    from pydantic import ValidationError
+
+    from wde.core.config import EngineArgs
+    with pytest.raises(ValidationError, match="kv_offload_gib"):
+        EngineArgs(kv_offload_gib=gib, enable_prefix_caching=True)
+
+
+def test_a_host_tier_smaller_than_one_block_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="kv_offload_gib=1e-06 holds no KV block"):
+        engine_for(tiny_model_dir("qwen3"), kv_offload_gib=1e-6)

@@ -53,7 +53,7 @@ class EngineArgs(BaseModel):
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV-cache size in bytes; default: from "
                                                                       "gpu_memory_utilization, or 1 GiB on CPU")
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
-    kv_offload_gib: float = Field(0, ge=0, description="host memory (GiB, pinned on a GPU) for a second tier of "
+    kv_offload_gib: float = Field(0, ge=0, le=2**20, allow_inf_nan=False, description="host memory (GiB, pinned on a GPU) for a second tier of "
                                                        "the prefix cache: full blocks leaving the device's cache are "
                                                        "copied there and copied back on a later hit instead of "
                                                        "recomputed; needs enable_prefix_caching")

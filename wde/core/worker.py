@@ -70,7 +70,11 @@ class ModelWorker(interfaces.Worker):
         args = self.config.args
         if args.num_kv_offload_blocks is not None or not self.kv_layers:
             return args.num_kv_offload_blocks or 0
-        return int(args.kv_offload_gib * 2**30) // self.kv_block_bytes()
+        num_blocks = int(args.kv_offload_gib * 2**30) // self.kv_block_bytes()
+        if args.kv_offload_gib and not num_blocks:
+            raise ValueError(f"kv_offload_gib={args.kv_offload_gib} holds no KV block (one takes "
+                             f"{self.kv_block_bytes()} bytes)")
+        return num_blocks
 
     def determine_num_kv_blocks(self) -> int:
         """The explicit num_kv_blocks, else as many blocks as the memory budget holds (and the engine can use)."""

@@ -28,7 +28,9 @@ def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 class HostKVPool:
     def __init__(self, kv_cache: torch.Tensor, num_blocks: int):
         """kv_cache: the device's [layers a block holds, 2, blocks, block_size, kv_heads, head_dim]."""
-        self.kv_cache = kv_cache
+        # a float8 cache is moved as its bytes: index_copy_ has no float8 kernel on the CPU
+        self.kv_cache = kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
+        kv_cache = self.kv_cache
         on_gpu = kv_cache.is_cuda
         block_shape = (*kv_cache.shape[:2], *kv_cache.shape[3:])
         # block-major: each host block is one contiguous stretch, so a run of them crosses in one copy
