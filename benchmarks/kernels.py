@@ -31,7 +31,7 @@ import triton
 from benchmarks.model_folder import shape
 from benchmarks.results_io import write_result
 from benchmarks.roofline import measure_device
-from wde.core.kernels.paged_decode import DecodeTile, decode_tile, paged_decode, split_counters
+from wde.core.kernels.paged_decode import DecodeTile, paged_decode, split_counters
 from wde.core.kernels.skinny_matmul import SkinnyTile, skinny_matmul, tile_for
 from wde.core.layers.fp8 import FP8_MAX, MIN_SCALE, fp8_matmul, quantize_rows
 from wde.core.layers.linear import time_in_graph
@@ -50,9 +50,9 @@ def weight_shapes(shape_name: str) -> dict[str, tuple[int, int]]:
             "gate_up": (2 * inter, hidden), "down": (hidden, inter), "lm_head": (config["vocab_size"], hidden)}
 
 
-def decode_tiles(sweep: bool, cache_dtype: torch.dtype, group: int) -> list[DecodeTile]:
-    """The engine's tile (decode_tile), and with --sweep others of several widths, warps and stages."""
-    tiles = [decode_tile(cache_dtype, group)]
+def decode_tiles(sweep: bool) -> list[DecodeTile]:
+    """The engine's tile (DecodeTile's defaults), and with --sweep others of several widths, warps and stages."""
+    tiles = [DecodeTile()]
     if sweep:
         tiles += [DecodeTile(*choice) for choice in itertools.product((64, 128, 256), (4, 8), (2, 3))]
     return tiles
@@ -81,7 +81,7 @@ def decode_kernel_rows(bandwidth: float, cache_dtype: torch.dtype, sweep: bool, 
     kv_bytes = sum(lengths) * 2 * kv_heads * head_dim * kv_cache.element_size()
     reference = None
     rows = []
-    for index, tile in enumerate(decode_tiles(sweep, cache_dtype, group)):
+    for index, tile in enumerate(decode_tiles(sweep)):
         seconds = time_if_it_fits(lambda: paged_decode(q, kv_cache, out, table, seq_lens, query_start,
                                                        head_dim ** -0.5, 1, counters, tile=tile))
         reference = out.clone() if index == 0 else reference

@@ -53,10 +53,11 @@ class EngineArgs(BaseModel):
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV-cache size in bytes; default: from "
                                                                       "gpu_memory_utilization, or 1 GiB on CPU")
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
-    kv_offload_gib: float = Field(0, ge=0, le=2**20, allow_inf_nan=False, description="host memory (GiB, pinned on a GPU) for a second tier of "
-                                                       "the prefix cache: full blocks leaving the device's cache are "
-                                                       "copied there and copied back on a later hit instead of "
-                                                       "recomputed; needs enable_prefix_caching")
+    kv_offload_gib: float = Field(
+        0, ge=0, le=2**20, allow_inf_nan=False,
+        description="host memory (GiB, pinned on a GPU) for a second tier of the prefix cache: full blocks leaving "
+                    "the device's cache are copied there and copied back on a later hit instead of recomputed; "
+                    "needs enable_prefix_caching")
     num_kv_offload_blocks: int | None = Field(None, gt=0, description="blocks of the host tier; overrides "
                                                                        "kv_offload_gib")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")

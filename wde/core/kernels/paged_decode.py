@@ -8,7 +8,7 @@ costs the short ones nothing but programs that return at once. With one split a 
 with several, each writes a partial result and its log-sum-exp, and the last of them to finish (an atomic
 count per sequence and KV head) combines them: no second kernel. Splitting keeps the GPU busy when few
 sequences have long contexts. Sequences whose step is not a single-token decode are skipped (the prefill
-kernel takes them). How a program walks its context (tile, warps, tensor or CUDA cores) is a DecodeTile.
+kernel takes them). How a program walks its context (tokens a tile, warps, stages) is a DecodeTile.
 """
 from dataclasses import dataclass
 
@@ -119,19 +119,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cou
 @dataclass(frozen=True)
 class DecodeTile:
     """How each program walks its share of a context: block_n tokens a tile; Triton's warps and pipeline stages.
-    (Measured and dropped, benchmarks/results/kernels-nvidia-h100-*20261206T14*.json: sums on the CUDA cores for
-    small GQA groups, 353-947 us against 151 for tl.dot over a float8 cache at W1's shape; float8 products of K
-    as stored with the query in two float8 parts, 167 us against 153.)"""
+    The defaults serve every cache: on an H100 (benchmarks/kernels.py --sweep, GQA groups 2 and 4, bf16 and
+    float8 caches) they are within 1% of the best of 12 tiles. Measured and dropped
+    (benchmarks/results/kernels-nvidia-h100-*20261206T14*.json): sums on the CUDA cores for small GQA groups,
+    353-947 us against 151 for tl.dot over a float8 cache at W1's shape; float8 products of K as stored with the
+    query in two float8 parts, 167 us against 153."""
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-
-
-def decode_tile(cache_dtype: torch.dtype, group: int) -> DecodeTile:
-    """The tile for a cache of this dtype read by GQA groups of `group` query heads: the same for all on an H100
-    (benchmarks/kernels.py --sweep, groups 2 and 4, bf16 and float8 caches: 128 tokens, 4 warps, 3 stages within
-    1% of the best of 12 tiles)."""
-    return DecodeTile()
 
 
 def split_counters(num_seqs: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
@@ -150,11 +145,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, blo
 
     max_splits: the most programs one sequence's context is split over (each sequence takes one per
     `min_per_split` tokens, up to this); counters: from split_counters() for at least as many sequences (kept
-    by the caller so a CUDA graph holds one buffer; made here when None); tile: decode_tile()'s when None."""
+    by the caller so a CUDA graph holds one buffer; made here when None); tile: DecodeTile()'s when None."""
     num_seqs = seq_lens.shape[0]
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     group = q.shape[1] // num_kv_heads
-    tile = tile or decode_tile(kv_cache.dtype, group)
+    tile = tile or DecodeTile()
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     part_out = part_lse = out  # unused placeholders when no sequence splits
     if max_splits > 1:

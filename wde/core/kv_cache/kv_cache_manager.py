@@ -113,8 +113,10 @@ class KVCacheManager(interfaces.KVCacheManager):
     def _load_from_host(self, seq: CachedSequence, hashes: list[bytes]) -> int:
         """Past the GPU's hits, the blocks of `hashes` the host tier holds, in order, each copied into a fresh
         GPU block (cached at once: a sequence admitted later in the step shares it); how many."""
+        if self.host_tier is None:
+            return 0
         loaded = 0
-        for block_hash in hashes if self.host_tier is not None else ():
+        for block_hash in hashes:
             if not self.host_tier.holds(block_hash) or not self.allocator.num_free:
                 break
             block = self.allocator.allocate()
