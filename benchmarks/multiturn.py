@@ -9,8 +9,9 @@ conversation's history (the earlier turns and their answers) and asks for 128 to
 conversation's next turn is sent as soon as its last answer is complete. The device's KV cache holds about a
 quarter of the histories' tokens at their longest (the system prompt once, each conversation's own tokens), the
 host tier all of them. Modes: "off" (no prefix caching), "device" (prefix caching on the device only), "host"
-(with the host tier), and "uncapped" (prefix caching over a cache that holds everything: every hit on the
-device). Metrics: output tokens per second over the whole run, and per turn the time to first token's p50 /
+(with the host tier, preempted conversations swapped out to it), "host-recompute" (the tier for evicted prefixes
+only: preemption_mode="recompute"), and "uncapped" (prefix caching over a cache that holds everything: every
+hit on the device, the ceiling of any tier). Metrics: output tokens per second over the whole run, and per turn the time to first token's p50 /
 p99. Then one hit alone: a history of 4,096 tokens (the system prompt and 8 user turns) and a new turn of 256,
 its time to first token when the history is on the device, in the host tier, and recomputed (medians of 5). No peer: the
 workload compares wde's KV tiers.
@@ -29,7 +30,7 @@ from benchmarks.workloads import W1_SHAPE, w4
 
 logger = logging.getLogger("benchmarks")
 OUTPUT_LEN = 128
-MODES = ("off", "device", "host", "uncapped")
+MODES = ("off", "device", "host", "host-recompute", "uncapped")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,8 +50,9 @@ def run_mode(mode: str, folder: str, system: list[int], turns: list[list[list[in
     engine = LLMEngine.from_engine_args(
         model=folder, load_format="dummy", dtype="bfloat16", max_num_seqs=len(turns),
         num_kv_blocks=everything * 2 if mode == "uncapped" else everything // 4,
-        enable_prefix_caching=mode != "off", num_kv_offload_blocks=everything * 2 if mode == "host" else None,
-        async_scheduling=True, disable_log_stats=True)
+        enable_prefix_caching=mode != "off", num_kv_offload_blocks=everything * 2 if "host" in mode else None,
+        preemption_mode="recompute" if mode == "host-recompute" else None, async_scheduling=True,
+        disable_log_stats=True)
     params = SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True)
     histories = [list(system) for _ in turns]
     next_turn = [0] * len(turns)
@@ -87,6 +89,9 @@ def run_mode(mode: str, folder: str, system: list[int], turns: list[list[list[in
               "prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 3),
               "num_preemptions": stats.num_preemptions, "prompt_tokens_computed": stats.num_prompt_tokens,
               "host_hit_blocks": stats.num_host_hit_blocks, "host_spilled_blocks": stats.num_host_spilled_blocks,
+              "swapped_blocks": stats.num_swapped_blocks, "host_gb_loaded": round(stats.host_kv_bytes_loaded / 1e9, 2),
+              "host_gb_spilled": round(stats.host_kv_bytes_spilled / 1e9, 2),
+              "host_copy_wait_s": round(stats.step_times.host_copy_wait_s, 3),
               "ttft_ms_by_turn": [{"p50": round(1000 * percentile(t, 0.5), 1),
                                    "p99": round(1000 * percentile(t, 0.99), 1)} for t in first_token_s],
               "ttft_ms_p50_after_the_first_turn": round(1000 * statistics.median(

@@ -18,12 +18,17 @@ class EngineMachine(RuleBasedStateMachine):
 
     @initialize(prefix_caching=st.booleans(), num_blocks=st.integers(6, 24), max_num_seqs=st.integers(1, 6),
                 budget=st.sampled_from([8, 24, 64]), async_scheduling=st.booleans(),
-                host_blocks=st.sampled_from([None, 2, 8, 64]))
-    def start(self, prefix_caching, num_blocks, max_num_seqs, budget, async_scheduling, host_blocks):
+                host_blocks=st.sampled_from([None, 2, 8, 64]), preemption_mode=st.sampled_from([None, "recompute"]))
+    def start(self, prefix_caching, num_blocks, max_num_seqs, budget, async_scheduling, host_blocks,
+              preemption_mode):
+        # a host tier swaps preempted sequences out (by default), and with prefix caching holds evicted prefixes
+        # too; without prefix caching a tier that recomputes preemptions has no use, and is refused
+        if not prefix_caching and preemption_mode == "recompute":
+            host_blocks = None
         self.engine = LLMEngine.from_engine_args(
             model=self.folder, num_kv_blocks=num_blocks, block_size=16, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, max_model_len=256,
-            async_scheduling=async_scheduling, num_kv_offload_blocks=host_blocks if prefix_caching else None)
+            async_scheduling=async_scheduling, num_kv_offload_blocks=host_blocks, preemption_mode=preemption_mode)
         self.submitted, self.aborted, self.finished = set(), set(), {}
         self.counter = 0
 

@@ -2,7 +2,7 @@
 memory and copied back on a later hit; on the CPU the device's cache and the host tier are two CPU tensors."""
 import pytest
 
-from tests.conftest import run_to_completion
+from tests.conftest import assert_all_blocks_free, run_to_completion
 from tests.test_parity_random import random_prompts
 from wde import LLMEngine, SamplingParams
 
@@ -11,8 +11,8 @@ LONGER = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # sequen
 
 
 def engine_for(folder: str, **args) -> LLMEngine:
-    return LLMEngine.from_engine_args(model=folder, max_model_len=1024, enable_prefix_caching=True,
-                                      **{"num_kv_blocks": 24, **args})
+    return LLMEngine.from_engine_args(model=folder, max_model_len=1024,
+                                      **{"num_kv_blocks": 24, "enable_prefix_caching": True, **args})
 
 
 def generate(engine: LLMEngine, request_id: str, prompt: list[int]):
@@ -48,9 +48,7 @@ def test_greedy_tokens_are_the_same_with_and_without_the_tier_under_pressure(tin
     time: blocks spill, come back, are preempted and aborted; every greedy token as without the tier, and each
     tier's block accounting exact at the end."""
     folder = tiny_model_dir("qwen3")
-    system = random_prompts([64], seed=30)[0]
-    histories = [system + turn for turn in random_prompts([40, 56, 72, 88], seed=31)]
-    turns = [histories[i % 4] + random_prompts([8 + i], seed=40 + i)[0] for i in range(12)]
+    turns = conversation_turns()
     results = {}
     for host_blocks in (None, 48):
         engine = engine_for(folder, num_kv_blocks=20, max_num_seqs=3, async_scheduling=async_scheduling,
@@ -73,14 +71,103 @@ def test_greedy_tokens_are_the_same_with_and_without_the_tier_under_pressure(tin
     assert results[None] == results[48]
 
 
+def conversation_turns() -> list[list[int]]:
+    """Twelve prompts over four histories of one system prompt."""
+    system = random_prompts([64], seed=30)[0]
+    histories = [system + turn for turn in random_prompts([40, 56, 72, 88], seed=31)]
+    return [histories[i % 4] + random_prompts([8 + i], seed=40 + i)[0] for i in range(12)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preempted_sequences_swap_out_and_back_without_prefix_caching(tiny_model_dir, async_scheduling):
+    """preemption_mode="swap" (the default with a tier): a preempted sequence's full blocks go to the host tier
+    and come back when it resumes, so it computes only its last partial block again; every greedy token as
+    when it recomputes everything."""
+    folder = tiny_model_dir("qwen3")
+    results, stats = {}, {}
+    for mode, host_blocks in (("recompute", None), ("swap", 64)):
+        engine = engine_for(folder, num_kv_blocks=20, max_num_seqs=3, enable_prefix_caching=False,
+                            async_scheduling=async_scheduling, num_kv_offload_blocks=host_blocks,
+                            preemption_mode=mode)
+        for index, prompt in enumerate(conversation_turns()):
+            engine.add_request(f"turn-{index}", prompt, LONGER)
+        outputs = run_to_completion(engine)
+        results[mode] = {k: v.outputs[0].token_ids for k, v in outputs.items()}
+        stats[mode] = engine.get_stats()
+        assert_all_blocks_free(engine)
+    assert results["swap"] == results["recompute"]
+    swap, recompute = stats["swap"], stats["recompute"]
+    assert swap.num_preemptions and recompute.num_preemptions
+    assert swap.num_swapped_blocks == swap.num_host_spilled_blocks > 0 and swap.num_host_hit_blocks > 0
+    # each block back from the host is 16 tokens not computed again (2,432 against 1,711 when measured)
+    assert recompute.num_prompt_tokens - swap.num_prompt_tokens >= 15 * swap.num_host_hit_blocks
+    block_bytes = engine.kv_cache_manager.host_tier.block_bytes
+    assert swap.host_kv_bytes_loaded == swap.num_host_hit_blocks * block_bytes > 0
+    assert swap.step_times.host_copy_wait_s > 0  # a CPU's copies hold its step for their whole time
+
+
+def test_preemption_mode_recompute_keeps_the_tier_for_evicted_prefixes(tiny_model_dir):
+    engine = engine_for(tiny_model_dir("qwen3"), num_kv_blocks=20, max_num_seqs=3, num_kv_offload_blocks=64,
+                        preemption_mode="recompute")
+    for index, prompt in enumerate(conversation_turns()):
+        engine.add_request(f"turn-{index}", prompt, LONGER)
+    run_to_completion(engine)
+    stats = engine.get_stats()
+    assert stats.num_preemptions and stats.num_swapped_blocks == 0 and stats.num_host_spilled_blocks > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"preemption_mode": "swap"}, "preemption_mode='swap' moves .* set kv_offload_gib"),
+    ({"preemption_mode": "recompute", "num_kv_offload_blocks": 8}, "with neither they would hold nothing"),
+    ({"num_kv_offload_blocks": True}, "num_kv_offload_blocks"),
+    ({"preemption_mode": "sometimes"}, "preemption_mode")])
+def test_preemption_settings_that_cannot_work_are_refused(args, message):
+    from pydantic import ValidationError
+
+    from wde.core.config import EngineArgs
+    with pytest.raises(ValidationError, match=message):
+        EngineArgs(**args)
+
+
+def test_a_host_tier_larger_than_host_memory_is_refused_by_name(tiny_model_dir):
+    with pytest.raises(ValueError, match="host memory available: lower kv_offload_gib or num_kv_offload_blocks"):
+        engine_for(tiny_model_dir("qwen3"), num_kv_offload_blocks=10**12)
+
+
+def test_copies_of_a_failed_step_and_of_blocks_it_wrote_are_forgotten():
+    from wde.core.kv_cache.host_tier import HostTier
+    tier = HostTier(4, block_bytes=100)
+    tier.spill(b"a", 7)
+    tier.spill(b"b", 8)
+    tier.load(b"a", 3)
+    dropped = tier.take_copies()
+    tier.drop(dropped)  # its step never ran: nothing was copied either way
+    assert (tier.num_held, tier.num_spilled_blocks, tier.num_hit_blocks) == (0, 0, 0)
+    tier.spill(b"a", 7)
+    tier.take_copies()
+    tier.spill(b"c", 9)
+    tier.forget({7})  # the step in flight when "a" was copied from block 7 failed: the copy holds what it wrote
+    assert not tier.holds(b"a") and tier.holds(b"c")
+    tier.take_copies()
+    tier.take_copies()
+    tier.forget({9})  # two steps on, block 9's copy was taken before anything failed
+    assert tier.holds(b"c") and len(tier.free_blocks()) == 3
+
+
 def test_metrics_carry_the_host_tier():
     from wde.core.engine.stats import EngineStats
     from wde.entrypoints.openai.metrics import render
+    from wde.core.engine.stats import StepTimes
     text = render({}, {"m": EngineStats(host_kv_blocks_used=9, host_kv_blocks_total=64, num_host_hit_blocks=8,
-                                        num_host_spilled_blocks=9)})
+                                        num_host_spilled_blocks=9, num_swapped_blocks=4, host_kv_bytes_loaded=800,
+                                        host_kv_bytes_spilled=900, step_times=StepTimes(host_copy_wait_s=0.25))})
     assert 'wde_host_kv_cache_usage_ratio{model="m"} 0.140625' in text
     assert 'wde_host_kv_blocks_hit_total{model="m"} 8' in text
     assert 'wde_host_kv_blocks_spilled_total{model="m"} 9' in text
+    assert 'wde_host_kv_blocks_swapped_total{model="m"} 4' in text
+    assert 'wde_host_kv_bytes_loaded_total{model="m"} 800' in text
+    assert 'wde_host_kv_bytes_spilled_total{model="m"} 900' in text
+    assert 'wde_host_kv_copy_wait_seconds_total{model="m"} 0.25' in text
     assert "wde_host_kv_blocks_hit_total{" not in render({}, {"m": EngineStats()})  # no tier: no samples
 
 

@@ -55,11 +55,15 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
     kv_offload_gib: float = Field(
         0, ge=0, le=2**20, allow_inf_nan=False,
-        description="host memory (GiB, pinned on a GPU) for a second tier of the prefix cache: full blocks leaving "
-                    "the device's cache are copied there and copied back on a later hit instead of recomputed; "
-                    "needs enable_prefix_caching")
-    num_kv_offload_blocks: int | None = Field(None, gt=0, description="blocks of the host tier; overrides "
-                                                                       "kv_offload_gib")
+        description="host memory (GiB, pinned on a GPU) for a second tier of the KV cache: with prefix caching, "
+                    "full blocks leaving the device's cache are copied there and copied back on a later hit instead "
+                    "of recomputed; and a preempted sequence's blocks are swapped out there (preemption_mode)")
+    num_kv_offload_blocks: int | None = Field(None, gt=0, strict=True, description="blocks of the host tier; "
+                                                                                    "overrides kv_offload_gib")
+    preemption_mode: Literal["swap", "recompute"] | None = Field(
+        None, description="what a sequence preempted for KV blocks keeps: swap copies its full blocks to the host "
+                          "tier and back when it resumes, recompute computes again what the device's cache no longer "
+                          "holds; default: swap with a host tier, else recompute")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
     enable_expert_parallel: bool = Field(False, description="mixture-of-experts models over 2+ ranks: whole "
                                                             "experts per rank instead of a slice of each")
@@ -83,12 +87,26 @@ class EngineArgs(BaseModel):
         None, description="fp8: the attention and MLP projections' weights quantized to float8 (e4m3) per output "
                           "channel at load, activations per token at each step")
 
+    @property
+    def has_host_tier(self) -> bool:
+        return bool(self.kv_offload_gib or self.num_kv_offload_blocks)
+
+    @property
+    def swaps_preempted(self) -> bool:
+        """Whether a preempted sequence's blocks go to the host tier (the one place the default is decided)."""
+        return self.preemption_mode == "swap" or (self.preemption_mode is None and self.has_host_tier)
+
     @model_validator(mode="after")
-    def host_tier_needs_prefix_caching(self) -> "EngineArgs":
-        """The host tier holds prefix-cache blocks, known by their hashes: without prefix caching it has none."""
-        if (self.kv_offload_gib or self.num_kv_offload_blocks) and not self.enable_prefix_caching:
-            raise ValueError("kv_offload_gib / num_kv_offload_blocks (the KV cache's host tier) need "
-                             "enable_prefix_caching=True")
+    def host_tier_has_a_use(self) -> "EngineArgs":
+        """The host tier holds prefix-cache blocks, or preempted sequences' blocks: without prefix caching and
+        with preemptions recomputed it would hold nothing; a swap needs somewhere to go."""
+        if self.preemption_mode == "swap" and not self.has_host_tier:
+            raise ValueError("preemption_mode='swap' moves preempted sequences' KV blocks to the host tier: set "
+                             "kv_offload_gib or num_kv_offload_blocks")
+        if self.has_host_tier and not self.enable_prefix_caching and not self.swaps_preempted:
+            raise ValueError("kv_offload_gib / num_kv_offload_blocks (the KV cache's host tier) hold prefix-cache "
+                             "blocks (enable_prefix_caching=True) or swapped-out sequences (preemption_mode='swap'); "
+                             "with neither they would hold nothing")
         return self
 
 

@@ -121,7 +121,7 @@ class KVCacheManager(Component):
     block_size: int
     enable_prefix_caching: bool
     window: int | None = None  # every attention layer reads within this window: older blocks go back
-    host_tier: HostTier | None = None  # the prefix cache's second tier in host memory (kv_offload_gib)
+    host_tier: HostTier | None = None  # the KV cache's second tier in host memory (kv_offload_gib)
 
     @property
     @abstractmethod
@@ -136,8 +136,9 @@ class KVCacheManager(Component):
     def prefix_cache_hit_rate(self) -> float: ...
 
     @abstractmethod
-    def allocate_cached_prefix(self, seq: Any) -> int:
-        """At admission, share the cached blocks holding the start of `seq`; return how many tokens they hold."""
+    def allocate_cached_prefix(self, seq: Any, max_new_tokens: int) -> int:
+        """At admission, share the cached blocks holding the start of `seq`; return how many tokens they hold
+        (`max_new_tokens`: the most the step computes for it after them)."""
 
     @abstractmethod
     def allocate_slots(self, seq: Any, num_new_tokens: int) -> bool:
@@ -163,6 +164,11 @@ class KVCacheManager(Component):
 
     @abstractmethod
     def count_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None: ...
+
+    def swap_out(self, seq: Any) -> int:
+        """`seq` is about to be preempted: keep what of its KV it can where it finds it on resuming; how many
+        blocks. By default (no host tier) nothing: it computes its tokens again."""
+        return 0
 
     def take_copies(self) -> BlockCopies:
         """The copies between the KV cache's tiers that the step just scheduled runs before its forward pass
@@ -238,11 +244,13 @@ class FinishedStep(LaunchedStep[ModelOutputT]):
 class Executor(Component, Generic[ModelInputT, ModelOutputT]):
     """Runs model steps on one or more Workers. `num_kv_blocks`: the KV-cache blocks every worker holds;
     `kv_layer_groups`: which layers share them (wde/core/kv_cache/layer_groups.py), the same on every worker;
-    `num_host_kv_blocks`: the blocks of each worker's host tier (kv_offload_gib; none by default)."""
+    `num_host_kv_blocks`: the blocks of each worker's host tier (kv_offload_gib; none by default), and
+    `host_kv_block_bytes` what one of them holds over all workers."""
 
     supports_tensor_parallel: ClassVar[bool] = False  # may run with tensor_parallel_size > 1
     num_kv_blocks: int
     num_host_kv_blocks: int = 0
+    host_kv_block_bytes: int = 0
     kv_layer_groups: "KVLayerGroups"
 
     @classmethod
@@ -259,6 +267,10 @@ class Executor(Component, Generic[ModelInputT, ModelOutputT]):
         """Start a step and return what `.result()` waits for (async scheduling); by default, the step ends
         before this returns."""
         return FinishedStep(self.execute_model(model_input))
+
+    def host_copy_wait_s(self) -> float:
+        """Seconds the steps have waited on KV copies from the host tier (the first worker's); by default none."""
+        return 0.0
 
     @abstractmethod
     def shutdown(self) -> None:

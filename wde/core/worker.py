@@ -141,6 +141,9 @@ class ModelWorker(interfaces.Worker):
         if copies:
             self.host_pool.run(copies)
 
+    def host_copy_wait_s(self) -> float:
+        return self.host_pool.wait_s() if self.host_pool is not None else 0.0
+
     def float8_kv_scales(self) -> torch.Tensor:
         """[KV layers, 2, this rank's KV heads]: the checkpoint's scales, else calibrated."""
         model = self.config.model

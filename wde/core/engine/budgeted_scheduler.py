@@ -33,6 +33,8 @@ class BudgetedScheduler(interfaces.Scheduler[interfaces.SchedulerOutputT]):
         if kv.host_tier is not None:
             tier = kv.host_tier
             host = dict(host_kv_blocks_used=tier.num_held, host_kv_blocks_total=tier.num_blocks,
-                        num_host_hit_blocks=tier.num_hit_blocks, num_host_spilled_blocks=tier.num_spilled_blocks)
+                        num_host_hit_blocks=tier.num_hit_blocks, num_host_spilled_blocks=tier.num_spilled_blocks,
+                        host_kv_bytes_loaded=tier.num_hit_blocks * tier.block_bytes,
+                        host_kv_bytes_spilled=tier.num_spilled_blocks * tier.block_bytes)
         return SchedulerStats(kv_blocks_used=kv.num_blocks - kv.num_free_blocks, kv_blocks_total=kv.num_blocks,
                               prefix_cache_hit_rate=kv.prefix_cache_hit_rate, **host, **scheduler_counts)

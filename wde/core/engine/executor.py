@@ -13,6 +13,7 @@ class LocalExecutor(interfaces.Executor):
         self.num_kv_blocks = self.worker.determine_num_kv_blocks()
         self.kv_layer_groups = self.worker.kv_layer_groups
         self.num_host_kv_blocks = self.worker.num_host_kv_blocks()
+        self.host_kv_block_bytes = self.worker.kv_block_bytes() if self.num_host_kv_blocks else 0
         self.worker.init_kv_cache(self.num_kv_blocks)
 
     def execute_model(self, model_input: Any) -> Any:
@@ -20,6 +21,9 @@ class LocalExecutor(interfaces.Executor):
 
     def launch(self, model_input: Any) -> interfaces.LaunchedStep:
         return self.worker.launch(model_input)
+
+    def host_copy_wait_s(self) -> float:
+        return self.worker.host_copy_wait_s()
 
     def shutdown(self) -> None:
         """Nothing to stop: the worker lives in this process."""

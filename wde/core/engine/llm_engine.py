@@ -126,7 +126,8 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         """Running / waiting / preempted counts, KV-cache use, prefix hit rate, token totals and rates, and where
         the steps spent their time."""
-        return self.stats_tracker.stats(self.scheduler.get_stats(), replace(self.stepper.times))
+        times = replace(self.stepper.times, host_copy_wait_s=self.executor.host_copy_wait_s())
+        return self.stats_tracker.stats(self.scheduler.get_stats(), times)
 
 
 def import_workflow(path: str) -> type[Workflow]:

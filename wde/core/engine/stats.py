@@ -16,15 +16,18 @@ class SchedulerStats:
     num_waiting: int = 0
     num_preempted: int = 0  # sequences waiting to be recomputed after a preemption
     num_preemptions: int = 0
+    num_swapped_blocks: int = 0  # of preempted sequences, copied to the host tier (preemption_mode="swap")
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / tokens looked up
     # the KV cache's host tier (kv_offload_gib): its blocks, those found there (so copied back to the device),
-    # and those copied there from the device
+    # and those copied there from the device (evicted from its cache, or swapped out); the bytes they moved
     host_kv_blocks_used: int = 0
     host_kv_blocks_total: int = 0
     num_host_hit_blocks: int = 0
     num_host_spilled_blocks: int = 0
+    host_kv_bytes_loaded: int = 0
+    host_kv_bytes_spilled: int = 0
     num_prompt_tokens: int = 0  # tokens prefilled (prompts, and sequences recomputed after preemption)
     num_generation_tokens: int = 0
 
@@ -37,6 +40,7 @@ class StepTimes:
     schedule_s: float = 0.0  # scheduling and building the model input (host)
     execute_s: float = 0.0  # the model step until its sampled tokens are on the host (device, and launches)
     output_s: float = 0.0  # appending tokens, stop checks, text, outputs, freeing (host)
+    host_copy_wait_s: float = 0.0  # the device waiting on KV copies from the host tier (the executor's count)
 
     @property
     def host_ms_per_step(self) -> float:
@@ -82,7 +86,8 @@ class StatsTracker:
                         s.generation_tokens_per_s, s.num_running, s.num_waiting, s.num_preempted,
                         100 * s.kv_blocks_used / max(s.kv_blocks_total, 1), 100 * s.prefix_cache_hit_rate,
                         f", host tier {s.host_kv_blocks_used}/{s.host_kv_blocks_total} blocks ("
-                        f"{s.num_host_hit_blocks} hit, {s.num_host_spilled_blocks} spilled)"
+                        f"{s.num_host_hit_blocks} hit, {s.num_host_spilled_blocks} spilled, "
+                        f"{s.num_swapped_blocks} of them swapped out)"
                         if s.host_kv_blocks_total else "")
 
     def _rates_since_mark(self, stats: SchedulerStats, elapsed: float) -> tuple[float, float]:

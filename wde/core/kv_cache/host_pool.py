@@ -6,10 +6,27 @@ copy, before the step's forward pass may overwrite them) and crosses to the host
 the step's kernels, which never wait for it. A load crosses on the load stream, after the spills into the
 host blocks it reads (if they are still crossing), and the compute stream waits for it only before writing it
 into the cache that step reads. On a CPU both are plain copies.
+
+How long the step waited on loads is kept (`wait_s`): on a GPU from two timing events per step with loads, when
+the compute stream reached its wait and when the loads ended; on a CPU the loads' own time.
 """
+import time
+
 import torch
 
 from wde.core.kv_cache.host_tier import BlockCopies
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory that can be allocated without swapping (Linux's MemAvailable), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -33,11 +50,19 @@ class HostKVPool:
         kv_cache = self.kv_cache
         on_gpu = kv_cache.is_cuda
         block_shape = (*kv_cache.shape[:2], *kv_cache.shape[3:])
+        num_bytes = num_blocks * kv_cache[:, :, 0].numel() * kv_cache.element_size()
+        available = available_host_memory()
+        if available is not None and num_bytes > available:
+            raise ValueError(f"the KV cache's host tier ({num_blocks} blocks, {num_bytes / 2**30:.2f} GiB) does not fit "
+                             f"the {available / 2**30:.2f} GiB of host memory available: lower kv_offload_gib or "
+                             "num_kv_offload_blocks")
         # block-major: each host block is one contiguous stretch, so a run of them crosses in one copy
         self.blocks = torch.zeros(num_blocks, *block_shape, dtype=kv_cache.dtype, pin_memory=on_gpu)
         self.spill_stream = torch.cuda.Stream(kv_cache.device) if on_gpu else None
         self.load_stream = torch.cuda.Stream(kv_cache.device) if on_gpu else None
         self.spills_crossing: dict[int, torch.cuda.Event] = {}  # host block -> its last spill's end
+        self._waited_s = 0.0  # of the loads whose events have been read
+        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # (compute ready, loads ended), unread
 
     @property
     def num_bytes(self) -> int:
@@ -64,12 +89,25 @@ class HostKVPool:
         self.spills_crossing = {block: event for block, event in self.spills_crossing.items() if not event.query()}
         self.spills_crossing.update((host, crossed) for host, _ in pairs)
 
+    def wait_s(self) -> float:
+        """Seconds the steps have waited on loads, of the loads that have ended."""
+        unread = []
+        for ready, loaded in self._waits:
+            if loaded.query() and ready.query():
+                self._waited_s += max(0.0, ready.elapsed_time(loaded)) / 1000
+            else:
+                unread.append((ready, loaded))
+        self._waits = unread
+        return self._waited_s
+
     def _load(self, pairs: list[tuple[int, int]]) -> None:
+        start = time.perf_counter()
         gpu_blocks = torch.tensor([gpu for _, gpu in pairs], device=self.kv_cache.device)
         if self.load_stream is None:
             staged = torch.empty(len(pairs), *self.blocks.shape[1:], dtype=self.blocks.dtype)
             self._copy_runs(pairs, self.blocks, staged, to_host=False)
         else:
+            self.wait_s()  # reads the events of earlier steps' loads that have ended
             for event in {id(e): e for host, _ in pairs if (e := self.spills_crossing.get(host))}.values():
                 self.load_stream.wait_event(event)
             with torch.cuda.stream(self.load_stream):
@@ -77,9 +115,13 @@ class HostKVPool:
                                      device=self.kv_cache.device)
                 self._copy_runs(pairs, self.blocks, staged, to_host=False)
             compute = torch.cuda.current_stream(self.kv_cache.device)
+            loaded = self.load_stream.record_event(torch.cuda.Event(enable_timing=True))
+            self._waits.append((compute.record_event(torch.cuda.Event(enable_timing=True)), loaded))
             compute.wait_stream(self.load_stream)
             staged.record_stream(compute)
         self.kv_cache.index_copy_(2, gpu_blocks, staged.movedim(0, 2))
+        if self.load_stream is None:
+            self._waited_s += time.perf_counter() - start
 
     @staticmethod
     def _copy_runs(pairs: list[tuple[int, int]], host: torch.Tensor, device_side: torch.Tensor,

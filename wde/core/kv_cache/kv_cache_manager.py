@@ -38,16 +38,18 @@ class KVCacheManager(interfaces.KVCacheManager):
 
     @classmethod
     def from_engine(cls, engine) -> "KVCacheManager":
-        return cls(engine.config, engine.executor.num_kv_blocks, engine.executor.kv_layer_groups.windows,
-                   engine.executor.num_host_kv_blocks)
+        executor = engine.executor
+        return cls(engine.config, executor.num_kv_blocks, executor.kv_layer_groups.windows,
+                   executor.num_host_kv_blocks, executor.host_kv_block_bytes)
 
     def __init__(self, config: EngineConfig, num_blocks: int, group_windows: tuple[int | None, ...] = (None,),
-                 num_host_blocks: int = 0):
+                 num_host_blocks: int = 0, host_block_bytes: int = 0):
         super().__init__(config)
         self.block_size = config.args.block_size
         self.group_windows = group_windows  # per KV layer group: the window its layers read within, or None
         self.enable_prefix_caching = config.args.enable_prefix_caching
-        self.host_tier = HostTier(num_host_blocks) if num_host_blocks else None
+        self.swaps_preempted = config.args.swaps_preempted and bool(num_host_blocks)
+        self.host_tier = HostTier(num_host_blocks, host_block_bytes) if num_host_blocks else None
         if self.host_tier is not None and group_windows != (None,):
             raise ValueError("the KV cache's host tier (kv_offload_gib) serves models whose attention layers all "
                              f"read the whole context; this one has sliding windows {list(group_windows)}")
@@ -90,15 +92,18 @@ class KVCacheManager(interfaces.KVCacheManager):
             low, high = (middle, high) if fits(middle) else (low, middle - 1)
         return low
 
-    def allocate_cached_prefix(self, seq: CachedSequence) -> int:
+    def allocate_cached_prefix(self, seq: CachedSequence, max_new_tokens: int) -> int:
         """At admission, share the cached blocks that hold the start of `seq`; return the tokens reused.
+        `max_new_tokens`: the most the step computes for it after them (blocks are loaded from the host tier
+        only as far as they leave room for those: a load whose sequence is not admitted would be wasted).
 
-        At least one token is always left to compute: its logits give the next token.
+        At least one token is always left to compute: its logits give the next token. Without prefix caching,
+        only a sequence swapped out at preemption finds its own blocks, in the host tier.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if seq.block_table or not (self.enable_prefix_caching or self.swaps_preempted and seq.block_hashes):
             return 0
         hashes = self._full_block_hashes(seq)[:(len(seq.token_ids) - 1) // self.block_size]
-        num_hit_blocks = self._longest_cached_prefix(hashes)
+        num_hit_blocks = self._longest_cached_prefix(hashes) if self.enable_prefix_caching else 0
         tables = self._tables(seq)
         for group, window in enumerate(self.group_windows if num_hit_blocks else ()):
             first = self._first_block_kept(num_hit_blocks * self.block_size, window)
@@ -107,27 +112,44 @@ class KVCacheManager(interfaces.KVCacheManager):
                 self.allocator.incref(block)
             tables[group][:] = [hits[0]] * first + hits  # entries before its window: never read, not held
             self._set_freed(seq, group, first)
-        num_hit_blocks += self._load_from_host(seq, hashes[num_hit_blocks:])
+        num_hit_blocks += self._load_from_host(seq, hashes[num_hit_blocks:], max_new_tokens)
         return num_hit_blocks * self.block_size  # the scheduler's to record: it owns num_computed_tokens
 
-    def _load_from_host(self, seq: CachedSequence, hashes: list[bytes]) -> int:
+    def _load_from_host(self, seq: CachedSequence, hashes: list[bytes], max_new_tokens: int) -> int:
         """Past the GPU's hits, the blocks of `hashes` the host tier holds, in order, each copied into a fresh
-        GPU block (cached at once: a sequence admitted later in the step shares it); how many."""
+        GPU block (cached at once, with prefix caching: a sequence admitted later in the step shares it), as
+        many as leave free blocks for the step's `max_new_tokens` after them; how many."""
         if self.host_tier is None:
             return 0
-        loaded = 0
-        for block_hash in hashes:
-            if not self.host_tier.holds(block_hash) or not self.allocator.num_free:
-                break
+        held = next((i for i, block_hash in enumerate(hashes) if not self.host_tier.holds(block_hash)), len(hashes))
+        start = len(seq.block_table)
+
+        def blocks_taken(num_loaded: int) -> int:  # by the loads and the step's new tokens after them
+            computed = (start + num_loaded) * self.block_size
+            return self.blocks_for(min(len(seq.token_ids), computed + max_new_tokens)) - start
+        while held and blocks_taken(held) > self.allocator.num_free:
+            held -= 1
+        for loaded, block_hash in enumerate(hashes[:held]):
             block = self.allocator.allocate()
             if not self.host_tier.holds(block_hash):  # the spill that freed a GPU block took its host block
                 self.allocator.decref(block)
-                break
-            self.allocator.cache(block, block_hash)
+                return loaded
+            if self.enable_prefix_caching:
+                self.allocator.cache(block, block_hash)
             self.host_tier.load(block_hash, block)
             seq.block_table.append(block)
-            loaded += 1
-        return loaded
+        return held
+
+    def swap_out(self, seq: CachedSequence) -> int:
+        """`seq` is preempted (its blocks are about to be freed): copy its full blocks, of known tokens and
+        computed K/V, to the host tier (those it does not hold yet), where it finds them when it resumes; how
+        many it copies. (Run before the step's forward pass like every spill, the copies read the blocks before
+        anything reuses them, and after the step in flight that may still be writing them.)"""
+        if not self.swaps_preempted:
+            return 0
+        hashes = self._full_block_hashes(seq)
+        num_full = min(len(hashes), seq.num_computed_tokens // self.block_size)
+        return sum(self.host_tier.spill(hashes[i], seq.block_table[i]) for i in range(num_full))
 
     def take_copies(self) -> BlockCopies:
         """The copies between the tiers the step just scheduled needs before its forward pass."""
@@ -238,9 +260,12 @@ class KVCacheManager(interfaces.KVCacheManager):
 
     def forget(self, blocks: set[int]) -> None:
         """Blocks a failed step was to write: their K/V are not what their hashes promise, so the prefix cache
-        must never hand them out (a later request with the same prompt would read garbage)."""
+        must never hand them out (a later request with the same prompt would read garbage); nor may the host
+        tier, of copies it took from them."""
         for block in blocks:
             self.allocator.uncache(block)
+        if self.host_tier is not None:
+            self.host_tier.forget(blocks)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -186,6 +186,7 @@ class MultiprocExecutor(interfaces.Executor):
             self.num_kv_blocks = agree_on_kv_blocks(self.worker)
             self.kv_layer_groups = self.worker.kv_layer_groups
             self.num_host_kv_blocks = self.worker.num_host_kv_blocks()  # the same on every rank: same shards
+            self.host_kv_block_bytes = world_size * self.worker.kv_block_bytes() if self.num_host_kv_blocks else 0
         except BaseException as e:  # a rank 0 that cannot build its worker leaves no group or processes behind
             # a rank that failed first (its share of the weights would not load) broke rank 0's collective:
             # its error is the one to report
@@ -216,6 +217,9 @@ class MultiprocExecutor(interfaces.Executor):
             self.dead = (self.workers.first_error() if self.workers else None) or f"{type(e).__name__}: {e}"
             self.shutdown(graceful=False)
             raise ExecutorDeadError(self.dead) from e
+
+    def host_copy_wait_s(self) -> float:
+        return self.worker.host_copy_wait_s()  # rank 0's: every rank's step waits for its own copies alike
 
     def shutdown(self, graceful: bool = True) -> None:
         if graceful:

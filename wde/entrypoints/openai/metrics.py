@@ -44,11 +44,18 @@ def render(engines: dict[str, "ServedEngine"], stats: dict[str, "EngineStats"]) 
     metric("wde_host_kv_cache_usage_ratio", "gauge", "Share of the KV cache's host-tier blocks holding a prefix.",
            [(labels, s.host_kv_blocks_used / s.host_kv_blocks_total) for labels, s in running
             if s.host_kv_blocks_total])
-    for counter, help_text in (("hit", "found in the KV cache's host tier, so copied back to the device"),
-                               ("spilled", "copied from the device's KV cache to its host tier")):
-        metric(f"wde_host_kv_blocks_{counter}_total", "counter", f"KV blocks {help_text}.",
-               [(labels, getattr(s, f"num_host_{counter}_blocks")) for labels, s in running
-                if s.host_kv_blocks_total])
+    host_tiers = [(labels, s) for labels, s in running if s.host_kv_blocks_total]
+    for name, field, help_text in (
+            ("blocks_hit", "num_host_hit_blocks", "KV blocks found in the host tier, so copied back to the device"),
+            ("blocks_spilled", "num_host_spilled_blocks", "KV blocks copied from the device to the host tier"),
+            ("blocks_swapped", "num_swapped_blocks", "KV blocks of preempted sequences copied to the host tier (of "
+                                                     "those spilled)"),
+            ("bytes_loaded", "host_kv_bytes_loaded", "Bytes of KV blocks copied from the host tier to the device"),
+            ("bytes_spilled", "host_kv_bytes_spilled", "Bytes of KV blocks copied from the device to the host tier")):
+        metric(f"wde_host_kv_{name}_total", "counter", f"{help_text}.",
+               [(labels, getattr(s, field)) for labels, s in host_tiers])
+    metric("wde_host_kv_copy_wait_seconds_total", "counter", "Time the device waited on KV copies from the host "
+           "tier.", [(labels, round(s.step_times.host_copy_wait_s, 6)) for labels, s in host_tiers if s.step_times])
     metric("wde_prompt_tokens_per_second", "gauge", "Prompt tokens computed per second, last interval.",
            [(labels, round(s.prompt_tokens_per_s, 3)) for labels, s in running])
     metric("wde_generation_tokens_per_second", "gauge", "Tokens generated per second, last interval.",

@@ -61,6 +61,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
         self.running: list[Sequence] = []  # in admission order
         self.requests: dict[str, Request | SequenceGroup] = {}  # every unfinished request
         self.num_preemptions = 0
+        self.num_swapped_blocks = 0  # of preempted sequences, to the host tier
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -113,7 +114,8 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
     def get_stats(self) -> SchedulerStats:
         return self.stats(num_running=len(self.running), num_waiting=len(self.waiting) + len(self.new_requests),
                           num_preempted=sum(seq.num_preemptions > 0 for seq in self.waiting),
-                          num_preemptions=self.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
+                          num_preemptions=self.num_preemptions, num_swapped_blocks=self.num_swapped_blocks,
+                          num_prompt_tokens=self.num_prompt_tokens,
                           num_generation_tokens=self.num_generation_tokens)
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> tuple[int, bool]:
@@ -147,14 +149,18 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
         return budget, preempted
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free the sequence's blocks; it waits at the front and recomputes its tokens when readmitted."""
+        """Free the sequence's blocks (swapped out to the host tier first, with preemption_mode="swap"); it
+        waits at the front and, readmitted, computes again the tokens whose K/V no tier holds."""
+        num_swapped = self.kv_cache_manager.swap_out(seq)
+        self.num_swapped_blocks += num_swapped
         self._release_blocks(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-        logger.info("preempted request %s (sequence %d, %d tokens) to free KV blocks; %d free now",
-                    seq.group.request_id, seq.index, seq.num_tokens, self.kv_cache_manager.num_free_blocks)
+        logger.info("preempted request %s (sequence %d, %d tokens, %d blocks swapped out) to free KV blocks; %d "
+                    "free now", seq.group.request_id, seq.index, seq.num_tokens, num_swapped,
+                    self.kv_cache_manager.num_free_blocks)
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.max_num_seqs:
@@ -163,7 +169,7 @@ class DecodingScheduler(BudgetedScheduler[SchedulerOutput]):
                 return
             cached = 0
             if seq.prompt_logprobs is None:  # prompt logprobs need every prompt position computed
-                cached = seq.num_computed_tokens = self.kv_cache_manager.allocate_cached_prefix(seq)
+                cached = seq.num_computed_tokens = self.kv_cache_manager.allocate_cached_prefix(seq, budget)
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             self.kv_cache_manager.free_outside_window(seq)  # of a cached prefix longer than the window
             if not self.kv_cache_manager.allocate_slots(seq, num_tokens):

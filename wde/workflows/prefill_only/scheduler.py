@@ -77,7 +77,7 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
             seq = self._tokenized_head()
             if seq is None:
                 continue
-            cached = seq.num_computed_tokens = (self.kv_cache_manager.allocate_cached_prefix(seq)
+            cached = seq.num_computed_tokens = (self.kv_cache_manager.allocate_cached_prefix(seq, budget)
                                                 if self.uses_kv_cache else 0)
             new_tokens = seq.num_tokens - cached
             fits = new_tokens <= budget and (not self.uses_kv_cache
