@@ -356,6 +356,38 @@ def test_a_request_whose_cached_prefix_a_failed_request_was_to_compute_fails_too
     assert later.num_cached_tokens == 0 and later.outputs[0].token_ids == fresh_tokens(folder, SHARED + [9])
 
 
+@pytest.mark.parametrize("host_blocks", [None, 64])
+def test_a_request_on_the_prefix_of_a_step_that_fails_after_the_next_launched_fails_too(tiny_model_dir, host_blocks,
+                                                                                        monkeypatch):
+    """Async scheduling: A's prefill is launched; B, admitted in the next step, finds A's prefix blocks cached
+    and is launched on them; then A's step fails as its results are read. B read what the failed step left in
+    those blocks: it fails too (found by a helper's attack: it used to finish with wrong tokens). Nothing of
+    either is found later, on the device or in the host tier."""
+    import wde.core.sampling.sampler as sampler
+    folder = tiny_model_dir("qwen3")
+    engine = caching_engine(folder, async_scheduling=True, num_kv_offload_blocks=host_blocks)
+    real, failing = sampler.PendingSamplerOutput.result, {"once": True}
+
+    def result(self):
+        if failing["once"]:
+            failing["once"] = False
+            raise RuntimeError("the device failed")
+        return real(self)
+    monkeypatch.setattr(sampler.PendingSamplerOutput, "result", result)
+    engine.add_request("a", SHARED + [13], GOOD)
+    assert engine.step() == []  # a's prefill launched, its results not read
+    engine.add_request("b", SHARED + [9], GOOD)
+    engine.add_request("other", [7, 8, 9], GOOD)
+    outputs = run_bounded(engine)
+    assert "the device failed" in outputs["a"].error
+    assert "was to be computed by a step that failed" in outputs["b"].error
+    assert outputs["other"].error is None
+    engine.add_request("later", SHARED + [9], GOOD)
+    later = run_bounded(engine)["later"]
+    assert later.num_cached_tokens == 0 and later.outputs[0].token_ids == fresh_tokens(folder, SHARED + [9])
+    assert_all_blocks_free(engine)
+
+
 def test_a_refused_assignment_leaves_the_params_as_they_were():
     params = SamplingParams(max_tokens=10, stop=["x"])
     with pytest.raises(ValidationError, match="min_tokens=100 is more than max_tokens=10"):

@@ -54,7 +54,7 @@ class EngineArgs(BaseModel):
                                                                       "gpu_memory_utilization, or 1 GiB on CPU")
     enable_prefix_caching: bool = Field(False, description="reuse the KV of identical prompt prefixes")
     kv_offload_gib: float = Field(
-        0, ge=0, le=2**20, allow_inf_nan=False,
+        0, ge=0, le=2**20, allow_inf_nan=False, strict=True,
         description="host memory (GiB, pinned on a GPU) for a second tier of the KV cache: with prefix caching, "
                     "full blocks leaving the device's cache are copied there and copied back on a later hit instead "
                     "of recomputed; and a preempted sequence's blocks are swapped out there (preemption_mode)")

@@ -68,8 +68,10 @@ class ModelWorker(interfaces.Worker):
     def num_host_kv_blocks(self) -> int:
         """The blocks of the host tier: num_kv_offload_blocks, else as many as kv_offload_gib holds."""
         args = self.config.args
-        if args.num_kv_offload_blocks is not None or not self.kv_layers:
-            return args.num_kv_offload_blocks or 0
+        if not self.kv_layers:  # an encoder's (its scheduler refuses a tier)
+            return 0
+        if args.num_kv_offload_blocks is not None:
+            return args.num_kv_offload_blocks
         num_blocks = int(args.kv_offload_gib * 2**30) // self.kv_block_bytes()
         if args.kv_offload_gib and not num_blocks:
             raise ValueError(f"kv_offload_gib={args.kv_offload_gib} holds no KV block (one takes "

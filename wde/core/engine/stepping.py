@@ -170,10 +170,11 @@ class OverlappedStepper(SyncStepper):
         previous, self.in_flight = self.in_flight, None
         outputs: list[Any] = []
         if previous is not None and (not scheduler_output.scheduled or self.waits_for_last_step(scheduler_output)):
-            outputs += self._finish_in_flight(previous, self._collect(previous))
+            outputs += self._finish_in_flight(previous, self._collect(previous, scheduler_output))
             previous = None
-            # what that step finished has no blocks any more: it leaves this step
-            scheduler_output.scheduled = [s for s in scheduler_output.scheduled if not s.seq.is_finished]
+            # what that step finished has no blocks any more, and what failed with it will not go on: they leave
+            scheduler_output.scheduled = [s for s in scheduler_output.scheduled if not s.seq.is_finished
+                                          and not self.failures.has_failed(s.seq.request.request_id)]
         if not scheduler_output.scheduled:
             return outputs + self.finish_step(scheduler_output, None)
         model_input, scheduler_output = self.build_model_input(scheduler_output)
@@ -187,7 +188,8 @@ class OverlappedStepper(SyncStepper):
                 self.fail_step(scheduler_output, e)
         if self.in_flight is None:  # nothing was launched: what this step scheduled is done with
             outputs += self.finish_step(scheduler_output, None)
-        model_output = self._collect(previous) if previous is not None else None
+        launched = self.in_flight[0] if self.in_flight is not None else None
+        model_output = self._collect(previous, launched) if previous is not None else None
         collected = time.perf_counter()
         times.schedule_s += scheduled - start
         times.execute_s += collected - scheduled
@@ -215,15 +217,35 @@ class OverlappedStepper(SyncStepper):
             return self.finish_step(scheduler_output, None)
         return []
 
-    def _collect(self, in_flight: tuple[SchedulerOutput, Any]) -> Any:
-        """The launched step's model output, or None with its requests failed."""
+    def _collect(self, in_flight: tuple[SchedulerOutput, Any], later: SchedulerOutput | None) -> Any:
+        """The launched step's model output, or None with its requests failed, and those of `later` (the step
+        scheduled after it) that read what it was to write."""
         try:
             return in_flight[1].result()
         except ExecutorDeadError:
             raise
         except Exception as e:  # noqa: BLE001
             self.fail_step(in_flight[0], e)
+            if later is not None:
+                self._fail_readers(in_flight[0], later)
             return None
+
+    def _fail_readers(self, failed: SchedulerOutput, later: SchedulerOutput) -> None:
+        """Step `failed` failed once `later` was scheduled: a request of `later` that found blocks `failed` was
+        writing as its cached prefix reads what that step left there, and so, in turn, does one that shares
+        blocks such a request writes; they fail too. What `later` writes for any of them is not what its
+        hashes promise: the prefix cache forgets it (as fail_step does for the failed step's own blocks)."""
+        block_size = self.kv_cache_manager.block_size
+        gone = {request.request_id for request in failed.requests()}
+        unwritten = failed.written_blocks(gone, block_size) | later.written_blocks(gone, block_size)
+        while readers := later.without(gone).requests_reading(unwritten):
+            for reader in readers:
+                self.failures.record(reader, "the model step", RuntimeError(
+                    "the KV of its cached prefix was to be computed by a step that failed"))
+            new = {reader.request_id for reader in readers}
+            gone |= new
+            unwritten |= later.written_blocks(new, block_size)
+        self.kv_cache_manager.forget(later.written_blocks(gone, block_size))
 
     def _finish_in_flight(self, in_flight: tuple[SchedulerOutput, Any] | None, model_output: Any) -> list[Any]:
         """Outputs of a launched step whose results arrived (none for a step that failed: its requests did)."""

@@ -38,10 +38,22 @@ class PrefillOnlyScheduler(BudgetedScheduler[PrefillOnlySchedulerOutput]):
                  causal: bool):
         super().__init__(config, kv_cache_manager, process_request)
         self.uses_kv_cache = causal  # a decoder's inputs hold KV blocks (and may share cached prefixes)
+        self._check_host_tier(config.args)
         self.waiting: deque[Request | PrefillOnlySequence] = deque()  # requests are tokenized when they come up
         self.requests: dict[str, Request] = {}  # the live request of each id
         self.in_step: dict[str, PrefillOnlySequence] = {}  # scheduled, holding KV blocks until their step ends
         self.num_prompt_tokens = 0
+
+    def _check_host_tier(self, args) -> None:
+        """Nothing here is preempted, so a host tier can only hold a decoder's prefix-cache blocks."""
+        if not args.has_host_tier:
+            return
+        if not self.uses_kv_cache:
+            raise ValueError("kv_offload_gib / num_kv_offload_blocks: this encoder keeps no KV cache for a host tier "
+                             "to hold")
+        if not args.enable_prefix_caching:
+            raise ValueError("kv_offload_gib / num_kv_offload_blocks: a prefill-only workflow never preempts, so its "
+                             "host tier holds prefix-cache blocks only: set enable_prefix_caching=True")
 
     def add_request(self, request: Request) -> None:
         self.check_new_id(request, self.requests)
