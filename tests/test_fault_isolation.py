@@ -347,13 +347,20 @@ def test_a_request_whose_cached_prefix_a_failed_request_was_to_compute_fails_too
     engine.add_request("a", SHARED + [13], GOOD)
     engine.add_request("b", SHARED + [9], GOOD)
     engine.add_request("other", [7, 8, 9], GOOD)
+    assert_b_fails_with_a(engine, folder, "OverflowError", "was to be computed in this step by a request that failed")
+
+
+def assert_b_fails_with_a(engine: LLMEngine, folder: str, a_error: str, b_error: str) -> None:
+    """Requests a and b (on a's prefix) fail, "other" does not, and a later request on that prefix finds
+    nothing of theirs in the cache."""
     outputs = run_bounded(engine)
-    assert "OverflowError" in outputs["a"].error
-    assert "was to be computed in this step by a request that failed" in outputs["b"].error
+    assert a_error in outputs["a"].error
+    assert b_error in outputs["b"].error
     assert outputs["other"].error is None
     engine.add_request("later", SHARED + [9], GOOD)
     later = run_bounded(engine)["later"]
     assert later.num_cached_tokens == 0 and later.outputs[0].token_ids == fresh_tokens(folder, SHARED + [9])
+    assert_all_blocks_free(engine)
 
 
 @pytest.mark.parametrize("host_blocks", [None, 64])
@@ -378,14 +385,7 @@ def test_a_request_on_the_prefix_of_a_step_that_fails_after_the_next_launched_fa
     assert engine.step() == []  # a's prefill launched, its results not read
     engine.add_request("b", SHARED + [9], GOOD)
     engine.add_request("other", [7, 8, 9], GOOD)
-    outputs = run_bounded(engine)
-    assert "the device failed" in outputs["a"].error
-    assert "was to be computed by a step that failed" in outputs["b"].error
-    assert outputs["other"].error is None
-    engine.add_request("later", SHARED + [9], GOOD)
-    later = run_bounded(engine)["later"]
-    assert later.num_cached_tokens == 0 and later.outputs[0].token_ids == fresh_tokens(folder, SHARED + [9])
-    assert_all_blocks_free(engine)
+    assert_b_fails_with_a(engine, folder, "the device failed", "was to be computed by a step that failed")
 
 
 def test_a_refused_assignment_leaves_the_params_as_they_were():
