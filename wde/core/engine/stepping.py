@@ -102,18 +102,26 @@ class SyncStepper(interfaces.Stepper):
         """The step without the failed requests. The blocks they were to write now stay unwritten: a request
         of the same step that shares one (a prefix it found cached, admitted after them) cannot run either,
         and the prefix cache forgets them all."""
-        block_size = self.kv_cache_manager.block_size
-        while True:
-            unwritten = scheduler_output.written_blocks(failed, block_size)
-            readers = scheduler_output.without(failed).requests_reading(unwritten)
-            if not readers:
-                break
-            for reader in readers:
-                self.failures.record(reader, "building the step", RuntimeError(
-                    "the KV of its cached prefix was to be computed in this step by a request that failed"))
-                failed.add(reader.request_id)
-        self.kv_cache_manager.forget(unwritten)
+        written = self._fail_readers_of(scheduler_output, failed, set(), "building the step",
+                                        "the KV of its cached prefix was to be computed in this step by a request "
+                                        "that failed")
+        self.kv_cache_manager.forget(written)
         return scheduler_output.without(failed)
+
+    def _fail_readers_of(self, step: SchedulerOutput, failed: set[str], unwritten: set[int], stage: str,
+                         why: str) -> set[int]:
+        """Fails each request of `step` that reads a block left unwritten (`unwritten`, or one that a failed
+        request of `step` was to write), in turn, since what it writes is then unwritten too; `failed` gains
+        their ids. Returns the blocks of `step` that its failed requests were to write."""
+        block_size = self.kv_cache_manager.block_size
+        unwritten = unwritten | step.written_blocks(failed, block_size)
+        while readers := step.without(failed).requests_reading(unwritten):
+            for reader in readers:
+                self.failures.record(reader, stage, RuntimeError(why))
+            new = {reader.request_id for reader in readers}
+            failed |= new
+            unwritten |= step.written_blocks(new, block_size)
+        return step.written_blocks(failed, block_size)
 
     def fail_step(self, scheduler_output: SchedulerOutput, error: Exception, stage: str = "the model step") -> None:
         """A stage that works on the whole step failed: each of its requests that still waits for it fails with
@@ -232,20 +240,14 @@ class OverlappedStepper(SyncStepper):
 
     def _fail_readers(self, failed: SchedulerOutput, later: SchedulerOutput) -> None:
         """Step `failed` failed once `later` was scheduled: a request of `later` that found blocks `failed` was
-        writing as its cached prefix reads what that step left there, and so, in turn, does one that shares
-        blocks such a request writes; they fail too. What `later` writes for any of them is not what its
-        hashes promise: the prefix cache forgets it (as fail_step does for the failed step's own blocks)."""
-        block_size = self.kv_cache_manager.block_size
+        writing as its cached prefix reads what that step left there; it fails too. What `later` writes for
+        the failed requests is not what its hashes promise: the prefix cache forgets it (as fail_step does for
+        the failed step's own blocks)."""
         gone = {request.request_id for request in failed.requests()}
-        unwritten = failed.written_blocks(gone, block_size) | later.written_blocks(gone, block_size)
-        while readers := later.without(gone).requests_reading(unwritten):
-            for reader in readers:
-                self.failures.record(reader, "the model step", RuntimeError(
-                    "the KV of its cached prefix was to be computed by a step that failed"))
-            new = {reader.request_id for reader in readers}
-            gone |= new
-            unwritten |= later.written_blocks(new, block_size)
-        self.kv_cache_manager.forget(later.written_blocks(gone, block_size))
+        written = self._fail_readers_of(later, gone, failed.written_blocks(gone, self.kv_cache_manager.block_size),
+                                        "the model step", "the KV of its cached prefix was to be computed by a step "
+                                        "that failed")
+        self.kv_cache_manager.forget(written)
 
     def _finish_in_flight(self, in_flight: tuple[SchedulerOutput, Any] | None, model_output: Any) -> list[Any]:
         """Outputs of a launched step whose results arrived (none for a step that failed: its requests did)."""
