@@ -42,21 +42,34 @@ def warm_up(llm: LLM, prompts: list[list[int]]) -> None:
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
 
 
-def profile_decode_steps(llm: LLM, prompts: list[list[int]], num_steps: int = 5, rows: int = 18) -> str:
-    """A torch profile of `num_steps` engine steps with all `prompts` decoding (after their prefill)."""
+def profile_decode_steps(engine, prompts: list[list[int]], num_steps: int = 5, rows: int = 18) -> dict:
+    """A torch profile of `num_steps` engine steps with all `prompts` decoding (after their prefill): the
+    kernel table, and the GPU's busy time per step against the step's wall time (more wall than GPU time is
+    the host, or gaps between kernels)."""
     from torch.profiler import ProfilerActivity, profile
-    engine = llm.engine
     for i, prompt in enumerate(prompts):
         engine.add_request(f"profile-{i}", prompt, SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
     while engine.scheduler.waiting or engine.scheduler.new_requests or any(
             seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running):
         engine.step()
+    for _ in range(3):  # steps in flight settle into the decode-only pattern
+        engine.step()
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         for _ in range(num_steps):
             engine.step()
+        synchronize()
+        wall_s = time.perf_counter() - start
     for i in range(len(prompts)):
         engine.abort_request(f"profile-{i}")
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+    kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(event.device_time for event in kernels)
+    return {"table": prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows),
+            "kernels_per_step": round(len(kernels) / num_steps, 1),
+            "gpu_busy_ms_per_step": round(gpu_us / 1000 / num_steps, 3),
+            "wall_ms_per_step_profiled": round(1000 * wall_s / num_steps, 3)}
 
 
 def traced_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:

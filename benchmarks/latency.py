@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from benchmarks.engine_runs import add_async_scheduling_flag, add_fp8_flags, fp8_settings, peer_figures
+from benchmarks.engine_runs import (add_async_scheduling_flag, add_fp8_flags, fp8_settings, peer_figures,
+                                    profile_decode_steps)
 from benchmarks.model_folder import model_folder
 from benchmarks.results_io import print_table, write_result
 from benchmarks.roofline import generation_cost, print_roofline, roofline
@@ -45,6 +46,8 @@ def main() -> None:
     add_async_scheduling_flag(parser)
     add_fp8_flags(parser)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record a kernel profile of decode steps: the GPU's busy time against the wall's")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from wde import LLMEngine
@@ -56,13 +59,22 @@ def main() -> None:
     built = time.perf_counter() - start
     startup_first_token = stream_one(engine, "startup", prompt, 1)[0] + built
     stream_one(engine, "warm-up", prompt, 32)
+    before = engine.get_stats().step_times
     runs = [stream_one(engine, f"run-{i}", prompt, NEW_TOKENS) for i in range(args.runs)]
+    after = engine.get_stats().step_times
+    host_s = (after.schedule_s + after.output_s) - (before.schedule_s + before.output_s)
     wde = {"tok_per_s": round(statistics.median(NEW_TOKENS / total for _, total in runs), 1),
            "ttft_ms": round(1000 * statistics.median(first for first, _ in runs), 2),
            "ms_per_output_token": round(1000 * statistics.median((total - first) / (NEW_TOKENS - 1)
                                                                  for first, total in runs), 3),
            "startup_to_first_token_s": round(startup_first_token, 1), "startup_engine_built_s": round(built, 1),
-           "runs_tok_per_s": [round(NEW_TOKENS / total, 1) for _, total in runs]}
+           "runs_tok_per_s": [round(NEW_TOKENS / total, 1) for _, total in runs],
+           "host_ms_per_step": round(1000 * host_s / max(after.num_steps - before.num_steps, 1), 3)}
+    if args.profile:
+        profiled = profile_decode_steps(engine, [prompt], num_steps=20, rows=24)
+        print(profiled.pop("table"))
+        wde["decode_step_profile"] = profiled
+        print("decode step profile:", profiled)
     async_scheduling = engine.config.args.async_scheduling
     del engine
     limit = roofline(generation_cost(args.shape, [len(prompt)], [NEW_TOKENS], 1, **value_bytes), NEW_TOKENS,

@@ -107,7 +107,10 @@ def run_gpu(args) -> None:
     if args.profile:
         wde["steps_by_batch"] = traced_generate(llm, prompts, params)
         print("steps by the number of sequences running:", wde["steps_by_batch"])
-        print(profile_decode_steps(llm, prompts))
+        profiled = profile_decode_steps(llm.engine, prompts)
+        print(profiled.pop("table"))
+        wde["decode_step_profile"] = profiled
+        print("decode step profile:", profiled)
     async_scheduling = llm.engine.config.args.async_scheduling
     del llm
     limit = roofline(generation_cost(args.shape, list(map(len, prompts)), output_lens, args.max_num_seqs,
