@@ -288,3 +288,23 @@ def test_shapes_that_cannot_be_split_are_refused_before_any_process_starts(tiny_
     from wde.core.config import default_embed_model_path
     with pytest.raises(ValueError, match="BertModel does not support tensor parallelism"):
         LLM(model=default_embed_model_path(), tensor_parallel_size=2)
+
+
+def test_host_tiers_that_fit_one_at_a_time_but_not_together_are_refused_on_every_rank(tiny_model_dir,
+                                                                                        monkeypatch):
+    """Each rank pins its own host tier: the check counts every rank on the host before any of them pins. Here
+    LOCAL_WORLD_SIZE (torchrun's count of ranks on a host) says 400, each tier takes 1/200 of the available
+    memory: each fits, together they do not, and both ranks refuse before allocating (the error names it)."""
+    from wde.core.kv_cache.host_pool import available_host_memory
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "400")
+    gib = available_host_memory() / 200 / 2**30
+    with pytest.raises(Exception, match="host tier .* for each of 400 ranks on this host"):
+        LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2, kv_offload_gib=gib,
+            enable_prefix_caching=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two of them fit
+    llm = LLM(model=tiny_model_dir("qwen3"), num_kv_blocks=48, tensor_parallel_size=2, kv_offload_gib=gib / 50,
+              enable_prefix_caching=True)
+    try:
+        assert generate_ok(llm)
+    finally:
+        llm.close()

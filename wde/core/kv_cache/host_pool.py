@@ -29,6 +29,17 @@ def available_host_memory() -> int | None:
     return None
 
 
+def host_tier_shortfall(num_bytes: int, ranks_on_host: int = 1) -> str | None:
+    """Why a host tier of `num_bytes` per rank, for `ranks_on_host` ranks pinning as much each, does not fit this
+    host's available memory; None where it does (or where the memory cannot be read)."""
+    available, total = available_host_memory(), num_bytes * ranks_on_host
+    if available is None or total <= available:
+        return None
+    ranks = f" for each of {ranks_on_host} ranks on this host" if ranks_on_host > 1 else ""
+    return (f"the KV cache's host tier ({num_bytes / 2**30:.2f} GiB{ranks}) does not fit the "
+            f"{available / 2**30:.2f} GiB of host memory available: lower kv_offload_gib or num_kv_offload_blocks")
+
+
 def runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """(index into pairs, first host block, count) for each stretch of pairs whose host blocks follow one
     another: one copy each instead of one per block."""
@@ -50,12 +61,9 @@ class HostKVPool:
         kv_cache = self.kv_cache
         on_gpu = kv_cache.is_cuda
         block_shape = (*kv_cache.shape[:2], *kv_cache.shape[3:])
-        num_bytes = num_blocks * kv_cache[:, :, 0].numel() * kv_cache.element_size()
-        available = available_host_memory()
-        if available is not None and num_bytes > available:
-            raise ValueError(f"the KV cache's host tier ({num_blocks} blocks, {num_bytes / 2**30:.2f} GiB) does not fit "
-                             f"the {available / 2**30:.2f} GiB of host memory available: lower kv_offload_gib or "
-                             "num_kv_offload_blocks")
+        # tensor-parallel ranks have checked that all of theirs fit together (agree_on_kv_blocks)
+        if shortfall := host_tier_shortfall(num_blocks * kv_cache[:, :, 0].numel() * kv_cache.element_size()):
+            raise ValueError(shortfall)
         # block-major: each host block is one contiguous stretch, so a run of them crosses in one copy
         self.blocks = torch.zeros(num_blocks, *block_shape, dtype=kv_cache.dtype, pin_memory=on_gpu)
         self.spill_stream = torch.cuda.Stream(kv_cache.device) if on_gpu else None

@@ -75,11 +75,24 @@ def build_rank_worker(config: EngineConfig, components: dict[str, type]) -> inte
 
 
 def agree_on_kv_blocks(worker: interfaces.Worker) -> int:
-    """Every rank sizes its own cache; all use the smallest count, so block tables mean the same everywhere."""
-    count = torch.tensor([worker.determine_num_kv_blocks()], dtype=torch.int64, device=worker.device)
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
-    worker.init_kv_cache(int(count))
-    return int(count)
+    """Every rank sizes its own cache; all use the smallest count, so block tables mean the same everywhere.
+    Each also checks, before any has pinned its host tier, that the tiers of all ranks on its host fit there
+    together (a check per rank would pass each of N tiers that only fit one at a time); if one does not, every
+    rank raises."""
+    from wde.core.kv_cache.host_pool import host_tier_shortfall
+    world_size = torch.distributed.get_world_size()
+    ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # spawned workers share rank 0's host
+    host_blocks = worker.num_host_kv_blocks()
+    shortfall = host_tier_shortfall(host_blocks * worker.kv_block_bytes(), ranks_on_host) if host_blocks else None
+    agreed = torch.tensor([worker.determine_num_kv_blocks(), shortfall is None], dtype=torch.int64,
+                          device=worker.device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    if not agreed[1]:
+        raise ValueError(shortfall or "the KV cache's host tier does not fit the host memory of another rank: lower "
+                                      "kv_offload_gib or num_kv_offload_blocks")
+    count = int(agreed[0])
+    worker.init_kv_cache(count)
+    return count
 
 
 def serve_steps(config: EngineConfig, components: dict[str, type], rank: int) -> None:
