@@ -207,9 +207,8 @@ def test_skinny_matmul_forms_the_rms_norm_as_it_reads_x(dtype, m, n, k, tile, wi
     weight, scale, exact = float8_weight_or_not(tile, n, k, dtype)
     summed = torch.full_like(x, float("nan")) if with_residual else None
     expected_sum = x + residual if with_residual else x
-    bias = torch.randn(n, device=DEVICE).to(dtype)  # added after the rows are scaled by their 1 / rms
-    expected = reference_rms_norm(expected_sum, norm_weight, 1e-6).double() @ exact.T + bias.double()
-    out = skinny_matmul(x, weight, bias, num_sms=4, weight_scale=scale, tile=tile,
+    expected = reference_rms_norm(expected_sum, norm_weight, 1e-6).double() @ exact.T
+    out = skinny_matmul(x, weight, None, num_sms=4, weight_scale=scale, tile=tile,
                         row_norm=RowNorm(norm_weight, 1e-6, residual, summed))
     torch.testing.assert_close(out.double(), expected, rtol=tolerance(dtype), atol=tolerance(dtype) * k ** 0.5)
     if with_residual:

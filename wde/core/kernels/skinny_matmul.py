@@ -22,11 +22,9 @@ each leaves it zeroed (a CUDA graph replays with it too).
 
 The kernel can form x as it reads it, which saves a kernel launch (a few microseconds, as long as reading a
 small weight) before each matmul of a decode step: `gated`, x is silu(gate) * up of a merged [gate | up]
-projection; `row_norm`, x is RMSNorm(x + residual): the products take (x + residual) times the norm's weight,
-the squares of the rows are summed in the same pass, and each row's 1 / rms scales its sums at the end (with K
-split, the last program adds the splits' squares too); the first column tile writes x + residual, the next
-residual, out of place. The rounding differs from the separate norm's only in that the normalized x is never
-rounded to bf16 (the gated x is rounded as activation.py's kernel rounds it).
+projection; `row_norm`, x is RMSNorm(x + residual) (every program first sums the squares of its rows, a few
+KiB read from L2, and the first program writes x + residual, the next residual, out of place). The rounding is
+that of the kernels they replace (activation.py, rms_norm.py).
 """
 from dataclasses import dataclass
 
@@ -60,14 +58,30 @@ class RowNorm:
 
 
 @triton.jit
-def _load_x(x_ptr, residual_ptr, norm_ptr, summed_ptr, rows, ks, row_mask, k_mask, K, stride_xm, stride_rm,
-            stride_sm, write_sum, PROLOGUE: tl.constexpr):
-    """(a [16, BLOCK_K] tile of x formed as PROLOGUE says, its rows' sums of squares). A normed x is the sum
-    times the norm's weight: the rows' 1 / rms, known once all of K is read, scales the products at the end."""
+def _inverse_rms(x_ptr, residual_ptr, summed_ptr, rows, row_mask, K, stride_xm, stride_rm, stride_sm, eps,
+                 write_sum, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of each row of x (+ residual), over all of K; the sum written to summed where write_sum."""
+    squares = tl.zeros([16], tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (ks < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0)
+        if PROLOGUE == NORMED_RESIDUAL:
+            x = x + tl.load(residual_ptr + rows[:, None] * stride_rm + ks[None, :], mask=mask, other=0.0)
+            if write_sum:
+                tl.store(summed_ptr + rows[:, None] * stride_sm + ks[None, :], x, mask=mask)
+        x32 = x.to(tl.float32)
+        squares += tl.sum(x32 * x32, 1)
+    return 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
+def _load_x(x_ptr, residual_ptr, norm_ptr, rows, ks, row_mask, k_mask, K, stride_xm, stride_rm, inverse_rms,
+            PROLOGUE: tl.constexpr):
+    """A [16, BLOCK_K] tile of x, formed as PROLOGUE says."""
     mask = row_mask[:, None] & k_mask[None, :]
     offsets = rows[:, None] * stride_xm + ks[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    squares = tl.zeros([16], tl.float32)
     if PROLOGUE == GATED:  # x holds [gate | up], each K wide
         up = tl.load(x_ptr + offsets + K, mask=mask, other=0.0)
         gate32 = x.to(tl.float32)
@@ -75,12 +89,9 @@ def _load_x(x_ptr, residual_ptr, norm_ptr, summed_ptr, rows, ks, row_mask, k_mas
     if PROLOGUE >= NORMED:
         if PROLOGUE == NORMED_RESIDUAL:
             x = x + tl.load(residual_ptr + rows[:, None] * stride_rm + ks[None, :], mask=mask, other=0.0)
-            if write_sum:
-                tl.store(summed_ptr + rows[:, None] * stride_sm + ks[None, :], x, mask=mask)
-        x32 = x.to(tl.float32)
-        squares = tl.sum(x32 * x32, 1)
-        x = (x32 * tl.load(norm_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
-    return x, squares
+        norm_weight = tl.load(norm_ptr + ks, mask=k_mask, other=0.0)
+        x = norm_weight[None, :] * (x.to(tl.float32) * inverse_rms[:, None]).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -99,8 +110,8 @@ def _finish(acc, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, s
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count
-def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, squares_ptr, counters_ptr,
-                          residual_ptr, norm_ptr, summed_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm, stride_sm, eps,
+def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, residual_ptr,
+                          norm_ptr, summed_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm, stride_sm, eps,
                           SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, FP16_PRODUCTS: tl.constexpr, SPLIT_K: tl.constexpr,
                           PROLOGUE: tl.constexpr):
@@ -108,16 +119,18 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_pt
     rows = tl.arange(0, 16)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
-    squares = tl.zeros([16], tl.float32)  # of a normed x's rows, over this program's part of K
+    inverse_rms = tl.zeros([16], tl.float32)
+    if PROLOGUE >= NORMED:
+        inverse_rms = _inverse_rms(x_ptr, residual_ptr, summed_ptr, rows, row_mask, K, stride_xm, stride_rm,
+                                   stride_sm, eps, (tile == 0) & (split == 0), PROLOGUE, BLOCK_K)
     per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_end = tl.minimum(K, (split + 1) * per_split)
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     for k_start in range(split * per_split, k_end, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
-        x, tile_squares = _load_x(x_ptr, residual_ptr, norm_ptr, summed_ptr, rows, ks, row_mask, k_mask, K,
-                                  stride_xm, stride_rm, stride_sm, tile == 0, PROLOGUE)
-        squares += tile_squares
+        x = _load_x(x_ptr, residual_ptr, norm_ptr, rows, ks, row_mask, k_mask, K, stride_xm, stride_rm, inverse_rms,
+                    PROLOGUE)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if FP16_PRODUCTS:
@@ -126,27 +139,18 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_pt
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if SPLIT_K == 1:
-        if PROLOGUE >= NORMED:
-            acc *= (1.0 / tl.sqrt(squares / K + eps))[:, None]
         _finish(acc, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, stride_om, SCALED, HAS_BIAS,
                 FP16_PRODUCTS)
     else:
         local = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [16, BLOCK_N] within one partial
         partials = partial_ptr + tile * SPLIT_K * 16 * BLOCK_N
         tl.store(partials + split * 16 * BLOCK_N + local, acc)
-        if PROLOGUE >= NORMED:
-            tl.store(squares_ptr + (tile * SPLIT_K + split) * 16 + rows, squares)
         # acq_rel: this split's partial is visible to whoever counts last, and that one sees all the others'
         if tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
             tl.store(counters_ptr + tile, 0)  # ready for the next launch
             total = tl.zeros([16, BLOCK_N], tl.float32)
             for other in range(0, SPLIT_K):  # .cg: past this SM's L1, which may not hold the others' writes
                 total += tl.load(partials + other * 16 * BLOCK_N + local, cache_modifier=".cg")
-            if PROLOGUE >= NORMED:
-                all_squares = tl.zeros([16], tl.float32)
-                for other in range(0, SPLIT_K):
-                    all_squares += tl.load(squares_ptr + (tile * SPLIT_K + other) * 16 + rows, cache_modifier=".cg")
-                total *= (1.0 / tl.sqrt(all_squares / K + eps))[:, None]
             _finish(total, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, stride_om, SCALED,
                     HAS_BIAS, FP16_PRODUCTS)
 
@@ -215,12 +219,10 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     assert weight_scale is not None or not tile.fp16_products
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     num_tiles = triton.cdiv(n, tile.block_n)
-    partials = squares = counters = out  # unused placeholders when K is not split
+    partials = counters = out  # unused placeholders when K is not split
     if tile.split_k > 1:
         partials = torch.empty(num_tiles, tile.split_k, MAX_ROWS, tile.block_n, dtype=torch.float32,
                                device=x.device)
-        if row_norm is not None:
-            squares = torch.empty(num_tiles, tile.split_k, MAX_ROWS, dtype=torch.float32, device=x.device)
         counters = split_counters(num_tiles, x.device)
     prologue, residual, summed = GATED if gated else PLAIN, x, x  # x: placeholders where unused
     if row_norm is not None:
@@ -228,11 +230,11 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if row_norm.residual is not None:
             residual, summed = row_norm.residual, row_norm.summed
             assert residual.shape == summed.shape == x.shape and residual.stride(1) == summed.stride(1) == 1
-    norm_weight, eps = (row_norm.weight, row_norm.eps) if row_norm is not None else (x, 0.0)
     _skinny_matmul_kernel[(num_tiles, tile.split_k)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
-        partials, squares, counters, residual, norm_weight, summed, m, n, k, x.stride(0), weight.stride(0),
-        out.stride(0), residual.stride(0), summed.stride(0), eps, SCALED=weight_scale is not None, HAS_BIAS=bias is not None,
+        partials, counters, residual, row_norm.weight if row_norm is not None else x, summed, m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), residual.stride(0), summed.stride(0),
+        row_norm.eps if row_norm is not None else 0.0, SCALED=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, FP16_PRODUCTS=tile.fp16_products, SPLIT_K=tile.split_k,
         PROLOGUE=prologue.value, num_warps=4, num_stages=tile.num_stages)
     return out

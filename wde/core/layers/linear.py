@@ -38,9 +38,11 @@ def linear(x: "torch.Tensor | FusedInput", weight: torch.Tensor, bias: torch.Ten
             and source.dtype in (torch.float16, torch.bfloat16) and source.stride(1) == 1
             and weight.is_contiguous() and skinny_is_faster(x, weight, bias, weight_scale)):
         return skinny_matmul(source, weight, bias, _num_sms(source.device), weight_scale, **options)
-    if not isinstance(x, torch.Tensor):  # formed by its own module, then the faster matmul for the tensor
-        return linear(x.tensor(), weight, bias, weight_scale)
-    return library_matmul(x, weight, bias, weight_scale)
+    return library_matmul(_formed(x), weight, bias, weight_scale)
+
+
+def _formed(x: "torch.Tensor | FusedInput") -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x.tensor()
 
 
 def library_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -60,8 +62,8 @@ def skinny_is_faster(x: "torch.Tensor | FusedInput", weight: torch.Tensor, bias:
     first time the shape runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its
     capture): neither wins everywhere (on an H200, cuBLAS takes 12 us for Qwen3-0.6B's o_proj at one row, the
     skinny matmul 5; cuBLAS is ahead on most others; benchmarks/kernels.py). A fused input is timed against
-    its own module forming it before the faster matmul for the tensor. A shape first seen inside a capture takes
-    the library's."""
+    its own module forming it before the library's matmul. A shape first seen inside a capture takes the
+    library's."""
     source = x if isinstance(x, torch.Tensor) else x.source()
     key = (type(x).__name__, source.shape[0], *weight.shape, source.dtype, weight.dtype, bias is not None,
            source.device)
@@ -71,9 +73,7 @@ def skinny_is_faster(x: "torch.Tensor | FusedInput", weight: torch.Tensor, bias:
         options = {} if isinstance(x, torch.Tensor) else x.skinny_options()
         skinny = time_in_graph(lambda: skinny_matmul(source, weight, bias, _num_sms(source.device), weight_scale,
                                                      **options))
-        unfused = (lambda: library_matmul(x, weight, bias, weight_scale)) if isinstance(x, torch.Tensor) else (
-            lambda: linear(x.tensor(), weight, bias, weight_scale))
-        _SKINNY_FASTER[key] = skinny < time_in_graph(unfused)
+        _SKINNY_FASTER[key] = skinny < time_in_graph(lambda: library_matmul(_formed(x), weight, bias, weight_scale))
     return _SKINNY_FASTER[key]
 
 
