@@ -171,16 +171,13 @@ def test_mixture_of_experts_through_graphs_and_async_steps_agrees_with_eager_ste
 
 
 def test_small_batches_through_the_skinny_matmul_agree_with_cublas(monkeypatch):
-    """Decode steps of 1 to 16 rows take wde's skinny matmul, here for every projection, with the norms and the
-    activation formed as it reads x: the tokens of cuBLAS's after the separate kernels, but for near ties."""
+    """Decode steps of 1 to 16 rows take wde's skinny matmul: the tokens of cuBLAS's, but for near ties."""
     import wde.core.layers.linear as linear
     from benchmarks.workloads import w1
     prompts, _ = w1(6)
     lengths = [64] * len(prompts)
-    with monkeypatch.context() as patched:
-        patched.setattr(linear, "skinny_is_faster", lambda *args: True)
-        skinny = generate(w1_engine(max_num_seqs=4), prompts, lengths)
-    monkeypatch.setattr(linear, "MAX_ROWS", 0)  # every matmul through cuBLAS, every norm its own kernel
+    skinny = generate(w1_engine(max_num_seqs=4), prompts, lengths)
+    monkeypatch.setattr(linear, "MAX_ROWS", 0)  # every matmul through cuBLAS
     reference = generate(w1_engine(max_num_seqs=4), prompts, lengths, logprobs=2)
     assert_agree_but_for_near_ties(skinny, reference)
 

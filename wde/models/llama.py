@@ -8,7 +8,6 @@ from transformers import PretrainedConfig
 from wde.core.attention.layer import Attention, EncoderAttention
 from wde.core.config import ModelConfig
 from wde.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from wde.core.layers.fused_input import NormedInput
 from wde.core.layers.linear import QKVParallelLinear, RowParallelLinear
 from wde.core.layers.mlp import GatedMLP
 from wde.core.layers.moe import expert_param
@@ -39,8 +38,7 @@ class LlamaAttention(nn.Module):
         self.attn = attention_class(local_heads, local_kv_heads, head_dim, scale=scale or head_dim ** -0.5,
                                     sliding_window=sliding_window, logit_softcap=logit_softcap)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | NormedInput) -> torch.Tensor:
-        """hidden may be the layer's norm, which qkv_proj then forms as it reads it (fused_input.py)."""
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, Rotation(self.rotary_emb, positions, self.q_norm, self.k_norm)))
 
@@ -53,15 +51,15 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(model_config, rotary_emb, **attention)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
-        self.mlp_forms_its_input = isinstance(mlp, GatedMLP)  # the experts of MoE models take a tensor
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """Each norm goes to the projection after it, which forms it as it reads its input where that is faster
-        (fused_input.py); the norm writes the residual's new sum either way."""
-        attention_input = NormedInput(hidden, residual, self.input_layernorm)
-        hidden = self.self_attn(positions, attention_input)
-        mlp_input = NormedInput(hidden, attention_input.summed, self.post_attention_layernorm)
-        return self.mlp(mlp_input if self.mlp_forms_its_input else mlp_input.tensor()), mlp_input.summed
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):

@@ -19,12 +19,6 @@ partial sums to a workspace and counts itself done on the tile's counter; the la
 in split order (the same sums on every run), scales, adds the bias and writes the output, and zeroes the counter
 for the next launch. One counter buffer per device serves every launch: launches on a stream run in order, and
 each leaves it zeroed (a CUDA graph replays with it too).
-
-The kernel can form x as it reads it, which saves a kernel launch (a few microseconds, as long as reading a
-small weight) before each matmul of a decode step: `gated`, x is silu(gate) * up of a merged [gate | up]
-projection; `row_norm`, x is RMSNorm(x + residual) (every program first sums the squares of its rows, a few
-KiB read from L2, and the first program writes x + residual, the next residual, out of place). The rounding is
-that of the kernels they replace (activation.py, rms_norm.py).
 """
 from dataclasses import dataclass
 
@@ -34,8 +28,6 @@ import triton.language as tl
 
 MAX_ROWS = 16
 X_SHIFT = tl.constexpr(2.0 ** -8)  # x into fp16's range for FP16_PRODUCTS
-# how the kernel forms x (PROLOGUE): as it is, silu(gate) * up, RMSNorm(x), RMSNorm(x + residual)
-PLAIN, GATED, NORMED, NORMED_RESIDUAL = (tl.constexpr(value) for value in range(4))
 
 
 @dataclass(frozen=True)
@@ -45,53 +37,6 @@ class SkinnyTile:
     num_stages: int = 3  # loads in flight (software pipelining)
     fp16_products: bool = False  # float8 weights only: widened to fp16, x taken to fp16 (module docstring)
     split_k: int = 1  # programs per column tile, each over its part of K (module docstring)
-
-
-@dataclass(frozen=True)
-class RowNorm:
-    """x's rows RMS-normalized as the kernel reads them: weight * norm(x + residual), and `summed` (a tensor of
-    x's shape, not x) receives x + residual; without a residual, weight * norm(x)."""
-    weight: torch.Tensor
-    eps: float
-    residual: torch.Tensor | None = None
-    summed: torch.Tensor | None = None
-
-
-@triton.jit
-def _inverse_rms(x_ptr, residual_ptr, summed_ptr, rows, row_mask, K, stride_xm, stride_rm, stride_sm, eps,
-                 write_sum, PROLOGUE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of each row of x (+ residual), over all of K; the sum written to summed where write_sum."""
-    squares = tl.zeros([16], tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (ks < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0)
-        if PROLOGUE == NORMED_RESIDUAL:
-            x = x + tl.load(residual_ptr + rows[:, None] * stride_rm + ks[None, :], mask=mask, other=0.0)
-            if write_sum:
-                tl.store(summed_ptr + rows[:, None] * stride_sm + ks[None, :], x, mask=mask)
-        x32 = x.to(tl.float32)
-        squares += tl.sum(x32 * x32, 1)
-    return 1.0 / tl.sqrt(squares / K + eps)
-
-
-@triton.jit
-def _load_x(x_ptr, residual_ptr, norm_ptr, rows, ks, row_mask, k_mask, K, stride_xm, stride_rm, inverse_rms,
-            PROLOGUE: tl.constexpr):
-    """A [16, BLOCK_K] tile of x, formed as PROLOGUE says."""
-    mask = row_mask[:, None] & k_mask[None, :]
-    offsets = rows[:, None] * stride_xm + ks[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    if PROLOGUE == GATED:  # x holds [gate | up], each K wide
-        up = tl.load(x_ptr + offsets + K, mask=mask, other=0.0)
-        gate32 = x.to(tl.float32)
-        x = (gate32 / (1.0 + tl.exp(-gate32))).to(x.dtype) * up
-    if PROLOGUE >= NORMED:
-        if PROLOGUE == NORMED_RESIDUAL:
-            x = x + tl.load(residual_ptr + rows[:, None] * stride_rm + ks[None, :], mask=mask, other=0.0)
-        norm_weight = tl.load(norm_ptr + ks, mask=k_mask, other=0.0)
-        x = norm_weight[None, :] * (x.to(tl.float32) * inverse_rms[:, None]).to(x.dtype)
-    return x
 
 
 @triton.jit
@@ -110,27 +55,22 @@ def _finish(acc, scale_ptr, bias_ptr, out_ptr, rows, cols, row_mask, col_mask, s
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count
-def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, residual_ptr,
-                          norm_ptr, summed_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm, stride_sm, eps,
-                          SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, FP16_PRODUCTS: tl.constexpr, SPLIT_K: tl.constexpr,
-                          PROLOGUE: tl.constexpr):
+def _skinny_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, M, N, K,
+                          stride_xm, stride_wn, stride_om, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP16_PRODUCTS: tl.constexpr,
+                          SPLIT_K: tl.constexpr):
     tile, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, 16)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
-    inverse_rms = tl.zeros([16], tl.float32)
-    if PROLOGUE >= NORMED:
-        inverse_rms = _inverse_rms(x_ptr, residual_ptr, summed_ptr, rows, row_mask, K, stride_xm, stride_rm,
-                                   stride_sm, eps, (tile == 0) & (split == 0), PROLOGUE, BLOCK_K)
     per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_end = tl.minimum(K, (split + 1) * per_split)
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     for k_start in range(split * per_split, k_end, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
-        x = _load_x(x_ptr, residual_ptr, norm_ptr, rows, ks, row_mask, k_mask, K, stride_xm, stride_rm, inverse_rms,
-                    PROLOGUE)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if FP16_PRODUCTS:
@@ -206,15 +146,12 @@ def split_tile(n: int, k: int, num_sms: int, float8_weight: bool) -> SkinnyTile 
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_sms: int,
-                  weight_scale: torch.Tensor | None = None, tile: SkinnyTile | None = None, gated: bool = False,
-                  row_norm: RowNorm | None = None) -> torch.Tensor:
-    """x: [M <= 16, K] with unit stride along K ([M, 2K] of [gate | up] if `gated`); weight: [N, K] contiguous,
-    of x's dtype or float8 with its float32 scales [N, 1] in `weight_scale`; bias: [N] or None -> [M, N].
-    tile: tile_for's unless given. gated / row_norm: x formed as it is read (module docstring)."""
-    m = x.shape[0]
-    n, k = weight.shape
-    assert m <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous() and x.shape[1] == (2 * k if gated else k)
-    assert not (gated and row_norm)
+                  weight_scale: torch.Tensor | None = None, tile: SkinnyTile | None = None) -> torch.Tensor:
+    """x: [M <= 16, K] with unit stride along K; weight: [N, K] contiguous, of x's dtype or float8 with its
+    float32 scales [N, 1] in `weight_scale`; bias: [N] or None -> [M, N]. tile: tile_for's unless given."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
     tile = tile or tile_for(n, k, num_sms, weight_scale is not None)
     assert weight_scale is not None or not tile.fp16_products
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -224,19 +161,11 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         partials = torch.empty(num_tiles, tile.split_k, MAX_ROWS, tile.block_n, dtype=torch.float32,
                                device=x.device)
         counters = split_counters(num_tiles, x.device)
-    prologue, residual, summed = GATED if gated else PLAIN, x, x  # x: placeholders where unused
-    if row_norm is not None:
-        prologue = NORMED if row_norm.residual is None else NORMED_RESIDUAL
-        if row_norm.residual is not None:
-            residual, summed = row_norm.residual, row_norm.summed
-            assert residual.shape == summed.shape == x.shape and residual.stride(1) == summed.stride(1) == 1
     _skinny_matmul_kernel[(num_tiles, tile.split_k)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, out,
-        partials, counters, residual, row_norm.weight if row_norm is not None else x, summed, m, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), residual.stride(0), summed.stride(0),
-        row_norm.eps if row_norm is not None else 0.0, SCALED=weight_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, FP16_PRODUCTS=tile.fp16_products, SPLIT_K=tile.split_k,
-        PROLOGUE=prologue.value, num_warps=4, num_stages=tile.num_stages)
+        partials, counters, m, n, k, x.stride(0), weight.stride(0), out.stride(0), SCALED=weight_scale is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, FP16_PRODUCTS=tile.fp16_products,
+        SPLIT_K=tile.split_k, num_warps=4, num_stages=tile.num_stages)
     return out
 
 

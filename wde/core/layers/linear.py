@@ -7,7 +7,6 @@ are fewer KV heads than ranks, the ranks that share a KV head each hold a copy o
 arrive lazily (a safetensors slice): `narrow` reads only the rows a rank keeps.
 """
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +17,6 @@ from wde.core.parallel.distributed import all_reduce, get_tp_rank, get_tp_size, 
 
 if torch.cuda.is_available():  # Triton comes with CUDA builds of torch
     from wde.core.kernels.skinny_matmul import MAX_ROWS, skinny_matmul
-if TYPE_CHECKING:  # fused_input imports the norm, which imports this module's weight loaders
-    from wde.core.layers.fused_input import FusedInput
 
 
 @cache
@@ -27,22 +24,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def linear(x: "torch.Tensor | FusedInput", weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b), through the faster of wde's skinny matmul and the library's for this shape (see
-    skinny_is_faster). `weight_scale`: the float8 weight's scales, else None. x may be an input the skinny
-    matmul forms as it reads it (fused_input.py); the library's matmul takes it formed first."""
-    source = x if isinstance(x, torch.Tensor) else x.source()
-    options = {} if isinstance(x, torch.Tensor) else x.skinny_options()
-    if (options is not None and source.is_cuda and source.dim() == 2 and 0 < source.shape[0] <= MAX_ROWS
-            and source.dtype in (torch.float16, torch.bfloat16) and source.stride(1) == 1
-            and weight.is_contiguous() and skinny_is_faster(x, weight, bias, weight_scale)):
-        return skinny_matmul(source, weight, bias, _num_sms(source.device), weight_scale, **options)
-    return library_matmul(_formed(x), weight, bias, weight_scale)
-
-
-def _formed(x: "torch.Tensor | FusedInput") -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x.tensor()
+    skinny_is_faster). `weight_scale`: the float8 weight's scales, else None."""
+    if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+            and x.stride(1) == 1 and weight.is_contiguous() and skinny_is_faster(x, weight, bias, weight_scale)):
+        return skinny_matmul(x, weight, bias, _num_sms(x.device), weight_scale)
+    return library_matmul(x, weight, bias, weight_scale)
 
 
 def library_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -56,24 +45,19 @@ def library_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 _SKINNY_FASTER: dict[tuple, bool] = {}
 
 
-def skinny_is_faster(x: "torch.Tensor | FusedInput", weight: torch.Tensor, bias: torch.Tensor | None,
+def skinny_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      weight_scale: torch.Tensor | None) -> bool:
-    """Whether the skinny matmul beats the library's at this (input kind, rows, N, K, dtypes), measured the
-    first time the shape runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its
-    capture): neither wins everywhere (on an H200, cuBLAS takes 12 us for Qwen3-0.6B's o_proj at one row, the
-    skinny matmul 5; cuBLAS is ahead on most others; benchmarks/kernels.py). A fused input is timed against
-    its own module forming it before the library's matmul. A shape first seen inside a capture takes the
+    """Whether the skinny matmul beats the library's at this (rows, N, K, dtypes), measured the first time the
+    shape runs outside a CUDA graph (a decode graph's warm-up pass runs each shape before its capture): neither
+    wins everywhere (on an H200, cuBLAS takes 12 us for Qwen3-0.6B's o_proj at one row, the skinny matmul 5;
+    cuBLAS is ahead on most others; benchmarks/kernels.py). A shape first seen inside a capture takes the
     library's."""
-    source = x if isinstance(x, torch.Tensor) else x.source()
-    key = (type(x).__name__, source.shape[0], *weight.shape, source.dtype, weight.dtype, bias is not None,
-           source.device)
+    key = (x.shape[0], *weight.shape, x.dtype, weight.dtype, bias is not None, x.device)
     if key not in _SKINNY_FASTER:
         if torch.cuda.is_current_stream_capturing():
             return False
-        options = {} if isinstance(x, torch.Tensor) else x.skinny_options()
-        skinny = time_in_graph(lambda: skinny_matmul(source, weight, bias, _num_sms(source.device), weight_scale,
-                                                     **options))
-        _SKINNY_FASTER[key] = skinny < time_in_graph(lambda: library_matmul(_formed(x), weight, bias, weight_scale))
+        skinny = time_in_graph(lambda: skinny_matmul(x, weight, bias, _num_sms(x.device), weight_scale))
+        _SKINNY_FASTER[key] = skinny < time_in_graph(lambda: library_matmul(x, weight, bias, weight_scale))
     return _SKINNY_FASTER[key]
 
 

@@ -2,7 +2,6 @@ import torch
 from torch import nn
 
 from wde.core.layers.activation import GATED_ACTIVATIONS
-from wde.core.layers.fused_input import GatedInput, NormedInput
 from wde.core.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 
@@ -23,7 +22,5 @@ class GatedMLP(nn.Module):
                                                                      "up": intermediate_size}, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor | NormedInput) -> torch.Tensor:
-        """x may be the norm before the MLP, which gate_up then forms as it reads it (fused_input.py); down forms
-        the activation so."""
-        return self.down_proj(GatedInput(self.gate_up_proj(x), self.act))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))

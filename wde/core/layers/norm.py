@@ -31,15 +31,6 @@ class RMSNorm(nn.Module):
         x = x + residual
         return self._norm(x), x
 
-    def into(self, x: torch.Tensor, residual: torch.Tensor | None, summed: torch.Tensor) -> torch.Tensor:
-        """norm(x + residual), with x + residual written to `summed` (neither input changes); norm(x) without a
-        residual."""
-        if residual is None:
-            return self(x)
-        if x.is_cuda:
-            return rms_norm(x, self.weight, self.eps, residual, summed)
-        return self._norm(torch.add(x, residual, out=summed))
-
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm scales by (1 + weight): checkpoints hold the offset from 1, loaded here as 1 + it, so
