@@ -65,6 +65,9 @@ class EngineArgs(BaseModel):
                           "tier and back when it resumes, recompute computes again what the device's cache no longer "
                           "holds; default: swap with a host tier, else recompute")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs (or CPU processes) the model is split over")
+    data_parallel_size: int = Field(1, gt=0, description="`wde serve`: replicas of the engine behind one name, "
+                                                         "each in its own process on tensor_parallel_size GPUs of its "
+                                                         "own, requests routed by load and prompt start")
     enable_expert_parallel: bool = Field(False, description="mixture-of-experts models over 2+ ranks: whole "
                                                             "experts per rank instead of a slice of each")
     disable_log_stats: bool = Field(False, description="do not log engine statistics every few seconds")

@@ -59,6 +59,9 @@ class LLMEngine:
         load_plugins()
         args = engine_args.model_copy(update=kwargs) if engine_args else EngineArgs(**kwargs)
         args = EngineArgs.model_validate(args.model_dump())
+        if args.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={args.data_parallel_size}: replicas run behind `wde serve "
+                             "--data-parallel-size N`; one LLMEngine (or LLM) is one replica")
         if args.workflow:
             workflow = import_workflow(workflow_path(args.workflow))
             if args.task == "auto":

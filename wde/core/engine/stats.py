@@ -54,6 +54,17 @@ class EngineStats(SchedulerStats):
     step_times: StepTimes | None = None
 
 
+def merged_stats(stats: list[EngineStats]) -> EngineStats:
+    """The stats of several engines (the replicas of a data-parallel model) as one: counts, rates and times
+    added, the prefix cache's hit rate their mean."""
+    fields = {name: sum(getattr(s, name) for s in stats) for name in EngineStats.__dataclass_fields__
+              if name not in ("prefix_cache_hit_rate", "step_times")}
+    times = [s.step_times for s in stats if s.step_times is not None]
+    step_times = StepTimes(**{name: sum(getattr(t, name) for t in times) for name in StepTimes.__dataclass_fields__})
+    return EngineStats(**fields, prefix_cache_hit_rate=sum(s.prefix_cache_hit_rate for s in stats) / len(stats),
+                       step_times=step_times if times else None)
+
+
 class StatsTracker:
     """Turns scheduler counters into rates per interval, and logs a line every interval when enabled."""
 

@@ -219,8 +219,13 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         stopped = {name: engine.failure or "stopped" for name, engine in self.engines.items() if not engine.alive}
+        replicas = {f"{name}/{index}": reason for name, engine in self.engines.items()
+                    for index, reason in engine.stopped_replicas().items()}
         if stopped:  # each stopped engine with the reason (a process killed by a signal, a step that failed)
-            return JSONResponse({"status": "error", "stopped": stopped}, status_code=503)
+            return JSONResponse({"status": "error", "stopped": stopped, "stopped_replicas": replicas},
+                                status_code=503)
+        if replicas:  # a data-parallel model still served by its other replicas
+            return JSONResponse({"status": "degraded", "stopped_replicas": replicas})
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:

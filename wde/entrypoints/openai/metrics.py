@@ -19,6 +19,11 @@ class LatencyHistogram:
     total_s: float = 0.0
     count: int = 0
 
+    @classmethod
+    def merged(cls, histograms: list["LatencyHistogram"]) -> "LatencyHistogram":
+        return cls([sum(counts) for counts in zip(*(h.counts for h in histograms))],
+                   sum(h.total_s for h in histograms), sum(h.count for h in histograms))
+
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.total_s += seconds

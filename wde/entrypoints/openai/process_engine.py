@@ -25,6 +25,7 @@ import zmq
 from wde.core.config import EngineArgs
 from wde.core.engine.stats import EngineStats
 from wde.core.outputs import RequestOutput
+from wde.entrypoints.openai.data_parallel import DataParallelEngine, child_environment, replica_args
 from wde.entrypoints.openai.engine_process import run_engine_process
 from wde.entrypoints.openai.served_engine import EngineInfo, EngineStopped, ServedEngine, settle
 from wde.entrypoints.openai.streaming import Outputs
@@ -34,7 +35,9 @@ READ_POLL_MS = 200  # how often the output reader checks whether it should stop
 
 
 class ProcessEngine(ServedEngine):
-    def __init__(self, args: EngineArgs, name: str, start_timeout_s: float = 1800.0):
+    def __init__(self, args: EngineArgs, name: str, start_timeout_s: float = 1800.0,
+                 environment: dict[str, str] | None = None):
+        """`environment`: variables the engine's process starts with (a data-parallel replica's GPUs)."""
         self._folder = tempfile.mkdtemp(prefix="wde-engine-")  # mode 0700: only this user reaches the sockets
         self._context = zmq.Context()
         self._commands, self._outputs = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
@@ -47,7 +50,8 @@ class ProcessEngine(ServedEngine):
                   logging.getLogger().getEffectiveLevel()))
         self._closing = False
         self._reaping = threading.Lock()
-        self._process.start()
+        with child_environment(environment or {}):
+            self._process.start()
         logger.info("engine %s: process %d started, waiting for it to load the model", name, self._process.pid)
         try:
             info = self._wait_ready(start_timeout_s)
@@ -209,19 +213,25 @@ def set_result(future: asyncio.Future, value: Any) -> None:
         future.set_result(value)
 
 
-def start_engines(served: dict[str, EngineArgs]) -> dict[str, ProcessEngine]:
-    """One engine process per served model, loading side by side; if one cannot start, the others are stopped
-    and its error raised."""
-    with ThreadPoolExecutor(len(served)) as pool:
-        starting = {name: pool.submit(ProcessEngine, args, name) for name, args in served.items()}
-    engines, errors = {}, []
-    for name, future in starting.items():
+def start_engines(served: dict[str, EngineArgs]) -> dict[str, ServedEngine]:
+    """One engine process per served model (per replica of one with data_parallel_size > 1), loading side by
+    side; if one cannot start, the others are stopped and its error raised."""
+    replicas = {name: [replica_args(args, index) for index in range(args.data_parallel_size)]
+                for name, args in served.items()}
+    with ThreadPoolExecutor(sum(map(len, replicas.values()))) as pool:
+        starting = {(name, index): pool.submit(ProcessEngine, args, name if len(ones) == 1 else f"{name}-{index}",
+                                               environment=environment)
+                    for name, ones in replicas.items() for index, (args, environment) in enumerate(ones)}
+    started, errors = {}, []
+    for key, future in starting.items():
         try:
-            engines[name] = future.result()
+            started[key] = future.result()
         except Exception as e:  # noqa: BLE001 - each start's own error, the first raised once all are back
             errors.append(e)
     if errors:
-        for engine in engines.values():
+        for engine in started.values():
             engine.stop()
         raise errors[0]
-    return engines
+    return {name: started[name, 0] if len(ones) == 1 else
+            DataParallelEngine(name, [started[name, index] for index in range(len(ones))])
+            for name, ones in replicas.items()}

@@ -64,6 +64,14 @@ class ServedEngine:
     def alive(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def num_open_requests(self) -> int:
+        return len(self._streams)
+
+    def stopped_replicas(self) -> dict[int, str]:
+        """Of a data-parallel engine (data_parallel.py), each replica that stopped, with why; else none."""
+        return {}
+
     async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
         """Add (request id, prompt, params) requests in one go, all or none: if the engine refuses one, none
         runs and Refused says which it was and why. The box gets the outputs of all of them, in the order the

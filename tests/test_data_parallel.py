@@ -1,0 +1,134 @@
+"""Data parallelism behind `wde serve`: replicas routed by load and prompt start, two replicas giving one's
+tokens, and a replica that dies failing only its own requests (CPU: each replica an engine process)."""
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+import torch
+
+from tests.served import serve
+from tests.test_engine_process import exited, wait_until
+from wde.core.config import EngineArgs
+from wde.entrypoints.openai.data_parallel import replica_args
+from wde.entrypoints.openai.process_engine import start_engines
+from wde.entrypoints.openai.routing import AFFINITY_SLACK, ReplicaRouter, prompt_start
+
+
+def test_the_router_spreads_batches_over_equally_loaded_replicas_and_skips_stopped_ones():
+    router = ReplicaRouter()
+    assert sorted(router.choose([0, 0, 0], None) for _ in range(3)) == [0, 1, 2]
+    assert router.choose([5, 1, 3], None) == 1
+    assert {router.choose([None, 7, None], None) for _ in range(4)} == {1}
+
+
+def test_a_prompt_start_goes_back_to_its_replica_unless_that_one_is_too_busy():
+    router = ReplicaRouter()
+    start = prompt_start(list(range(300)))
+    assert start == prompt_start(list(range(256)) + [9, 9])  # only the first 256 tokens count
+    first = router.choose([0, 0], start)
+    loads = [0, 0]
+    loads[first] = AFFINITY_SLACK  # busier, but within the slack: its prefix cache wins
+    assert router.choose(loads, start) == first
+    loads[first] = AFFINITY_SLACK + 1  # too busy: the least loaded takes it, and is remembered for it
+    assert router.choose(loads, start) == 1 - first
+    assert router.choose([0, 0], start) == 1 - first
+    assert router.choose([0, 0], start) == 1 - first
+    stopped = [None, None]
+    stopped[first] = 0
+    assert router.choose(stopped, start) == first  # its replica stopped: another takes it
+
+
+def test_replicas_get_gpus_of_their_own_and_too_few_gpus_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    args = EngineArgs(model="m", data_parallel_size=2, tensor_parallel_size=2)
+    one, environment = replica_args(args, 1)
+    assert environment == {"CUDA_VISIBLE_DEVICES": "6,7"} and one.data_parallel_size == 1
+    assert replica_args(args.model_copy(update={"device": "cpu"}), 1)[1] == {}  # CPU replicas share the CPU
+    with pytest.raises(ValueError, match="needs 6 GPUs; 4 are visible"):
+        replica_args(args.model_copy(update={"data_parallel_size": 3}), 0)
+
+
+def test_an_engine_in_process_is_one_replica(tiny_model_dir):
+    from wde import LLMEngine
+    with pytest.raises(ValueError, match="data_parallel_size=2: replicas run behind `wde serve"):
+        LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), data_parallel_size=2)
+
+
+def engine_args(model: str, replicas: int) -> EngineArgs:
+    return EngineArgs(model=model, num_kv_blocks=64, max_model_len=1024, disable_log_stats=True,
+                      data_parallel_size=replicas)
+
+
+def completions(url: str, prompts: list[list[int]], max_tokens: int = 8) -> list:
+    with httpx.Client(timeout=120) as client:
+        return [client.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                                           "temperature": 0, "ignore_eos": True})
+                for prompt in prompts]
+
+
+def test_two_replicas_give_the_tokens_of_one_and_both_serve(tiny_model_dir):
+    model = tiny_model_dir("qwen3")
+    prompts = [[5 + i, 6, 7 + 2 * i] for i in range(6)]
+    for url in serve(start_engines({"tiny": engine_args(model, 1)})):
+        one = [answer.json()["choices"][0]["text"] for answer in completions(url, prompts)]
+    engines = start_engines({"tiny": engine_args(model, 2)})
+    replicas = engines["tiny"].replicas
+    for url in serve(engines):
+        answers = completions(url, prompts)
+        assert [answer.json()["choices"][0]["text"] for answer in answers] == one
+        assert all(replica.latency.count > 0 for replica in replicas), "a replica took no request"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'wde_request_latency_seconds_count{{model="tiny"}} {len(prompts)}' in metrics
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_a_replica_that_dies_fails_only_its_requests_and_is_reported(tiny_model_dir):
+    engines = start_engines({"tiny": engine_args(tiny_model_dir("qwen3"), 2)})
+    replicas = engines["tiny"].replicas
+    for url in serve(engines):
+        long_answers = []
+
+        def long_request(first_token: int):
+            long_answers.append(completions(url, [[first_token, 6, 7]], max_tokens=1000)[0])
+        threads = [threading.Thread(target=long_request, args=(token,)) for token in (5, 9)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: all(replica.num_open_requests == 1 for replica in replicas), 60)
+        victim = replicas[1].pid
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: not replicas[1].alive, 30)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert "killed by SIGKILL" in health.json()["stopped_replicas"]["tiny/1"]
+        later = completions(url, [[11, 12], [13, 14], [15, 16]], max_tokens=4)  # all on the live replica
+        assert [answer.status_code for answer in later] == [200, 200, 200]
+        for thread in threads:
+            thread.join(timeout=120)
+        codes = sorted(answer.status_code for answer in long_answers)
+        assert codes == [200, 503]  # the dead replica's request failed, with why; the other finished
+        failed = next(answer for answer in long_answers if answer.status_code == 503)
+        assert "killed by SIGKILL" in failed.json()["error"]["message"]
+    assert exited(victim)
+
+
+def test_an_encoder_over_two_replicas_gives_the_embeddings_of_one(tmp_path):
+    from tests.encoder_models import write_encoder
+    folder = str(write_encoder(tmp_path / "bert", "bert"))
+    texts = [f"text number {i} about replicas" for i in range(6)]
+    embeddings = []
+    for replicas in (1, 2):
+        engines = start_engines({"enc": EngineArgs(model=folder, task="embed", disable_log_stats=True,
+                                                   data_parallel_size=replicas)})
+        for url in serve(engines):
+            answer = httpx.post(f"{url}/v1/embeddings", json={"model": "enc", "input": texts}, timeout=60)
+            single = [httpx.post(f"{url}/v1/embeddings", json={"model": "enc", "input": text}, timeout=60)
+                      for text in texts]  # one batch a request: spread over the replicas
+            embeddings.append([item["embedding"] for item in answer.json()["data"]])
+            embeddings.append([s.json()["data"][0]["embedding"] for s in single])
+            if replicas == 2:
+                assert all(replica.latency.count > 0 for replica in engines["enc"].replicas)
+    for other in embeddings[1:]:
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(embeddings[0]), rtol=1e-4, atol=1e-5)
