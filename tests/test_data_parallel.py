@@ -1,6 +1,7 @@
 """Data parallelism behind `wde serve`: replicas routed by load and prompt start, two replicas giving one's
 tokens, and a replica that dies failing only its own requests (CPU: each replica an engine process)."""
 import os
+import re
 import signal
 import threading
 
@@ -46,9 +47,24 @@ def test_replicas_get_gpus_of_their_own_and_too_few_gpus_are_refused(monkeypatch
     args = EngineArgs(model="m", data_parallel_size=2, tensor_parallel_size=2)
     one, environment = replica_args(args, 1)
     assert environment == {"CUDA_VISIBLE_DEVICES": "6,7"} and one.data_parallel_size == 1
-    assert replica_args(args.model_copy(update={"device": "cpu"}), 1)[1] == {}  # CPU replicas share the CPU
+    on_cpu = args.model_copy(update={"device": "cpu", "tensor_parallel_size": 1})
+    assert replica_args(on_cpu, 1)[1] == {}  # CPU replicas share the CPU
     with pytest.raises(ValueError, match="needs 6 GPUs; 4 are visible"):
         replica_args(args.model_copy(update={"data_parallel_size": 3}), 0)
+    cpu = on_cpu.model_copy(update={"data_parallel_size": 100_000})
+    with pytest.raises(ValueError, match="makes 100000 engine processes on the CPU, more than its"):
+        replica_args(cpu, 0)  # refused before any process starts
+
+
+def test_stopped_replicas_keep_their_counters_in_the_sum_but_not_their_gauges():
+    from wde.core.engine.stats import EngineStats, StepTimes, merged_stats
+    live = EngineStats(num_running=3, num_prompt_tokens=100, num_generation_tokens=40, prefix_cache_hit_rate=0.5,
+                       step_times=StepTimes(num_steps=10))
+    stopped = EngineStats(num_running=2, num_prompt_tokens=900, num_generation_tokens=60, prefix_cache_hit_rate=0.1,
+                          step_times=StepTimes(num_steps=5))
+    merged = merged_stats([live, live], [stopped])
+    assert (merged.num_running, merged.num_prompt_tokens, merged.num_generation_tokens) == (6, 1100, 140)
+    assert merged.prefix_cache_hit_rate == 0.5 and merged.step_times.num_steps == 25
 
 
 def test_an_engine_in_process_is_one_replica(tiny_model_dir):
@@ -97,6 +113,9 @@ def test_a_replica_that_dies_fails_only_its_requests_and_is_reported(tiny_model_
         for thread in threads:
             thread.start()
         assert wait_until(lambda: all(replica.num_open_requests == 1 for replica in replicas), 60)
+        prompt_tokens = lambda: int(re.search(r"wde_prompt_tokens_total\{[^}]*\} (\d+)",  # noqa: E731
+                                              httpx.get(f"{url}/metrics").text).group(1))
+        before = prompt_tokens()
         victim = replicas[1].pid
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: not replicas[1].alive, 30)
@@ -105,6 +124,7 @@ def test_a_replica_that_dies_fails_only_its_requests_and_is_reported(tiny_model_
         assert "killed by SIGKILL" in health.json()["stopped_replicas"]["tiny/1"]
         later = completions(url, [[11, 12], [13, 14], [15, 16]], max_tokens=4)  # all on the live replica
         assert [answer.status_code for answer in later] == [200, 200, 200]
+        assert prompt_tokens() >= before + 6, "a counter of /metrics went down with the replica"
         for thread in threads:
             thread.join(timeout=120)
         codes = sorted(answer.status_code for answer in long_answers)

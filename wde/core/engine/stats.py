@@ -54,14 +54,20 @@ class EngineStats(SchedulerStats):
     step_times: StepTimes | None = None
 
 
-def merged_stats(stats: list[EngineStats]) -> EngineStats:
-    """The stats of several engines (the replicas of a data-parallel model) as one: counts, rates and times
-    added, the prefix cache's hit rate their mean."""
-    fields = {name: sum(getattr(s, name) for s in stats) for name in EngineStats.__dataclass_fields__
-              if name not in ("prefix_cache_hit_rate", "step_times")}
-    times = [s.step_times for s in stats if s.step_times is not None]
+# the fields that only grow (totals since start); the others say how things stand now
+COUNTERS = ("num_preemptions", "num_swapped_blocks", "num_host_hit_blocks", "num_host_spilled_blocks",
+            "host_kv_bytes_loaded", "host_kv_bytes_spilled", "num_prompt_tokens", "num_generation_tokens")
+
+
+def merged_stats(live: list[EngineStats], stopped: list[EngineStats] = ()) -> EngineStats:
+    """The stats of several engines (the replicas of a data-parallel model) as one: the running ones' counts,
+    rates and times added, the prefix cache's hit rate their mean; the last stats of stopped ones add only
+    their counters and step times (a total that went down would read as a restart)."""
+    fields = {name: sum(getattr(s, name) for s in [*live, *(stopped if name in COUNTERS else ())])
+              for name in EngineStats.__dataclass_fields__ if name not in ("prefix_cache_hit_rate", "step_times")}
+    times = [s.step_times for s in [*live, *stopped] if s.step_times is not None]
     step_times = StepTimes(**{name: sum(getattr(t, name) for t in times) for name in StepTimes.__dataclass_fields__})
-    return EngineStats(**fields, prefix_cache_hit_rate=sum(s.prefix_cache_hit_rate for s in stats) / len(stats),
+    return EngineStats(**fields, prefix_cache_hit_rate=sum(s.prefix_cache_hit_rate for s in live) / max(len(live), 1),
                        step_times=step_times if times else None)
 
 

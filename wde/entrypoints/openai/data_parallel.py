@@ -26,6 +26,7 @@ class DataParallelEngine(ServedEngine):
         self.replicas = replicas
         self.router = ReplicaRouter()
         self._routing = [0] * len(replicas)  # requests sent to each replica that it has not taken yet
+        self._last_stats: list[EngineStats | None] = [None] * len(replicas)  # each one's, as last read
 
     # the replicas keep the streams, latencies and failures: these read theirs (the setters take
     # ServedEngine's own defaults, which stay unused)
@@ -79,10 +80,14 @@ class DataParallelEngine(ServedEngine):
                 replica.abort(request_ids)
 
     async def stats(self) -> EngineStats:
-        live = [replica for replica in self.replicas if replica.alive]
+        """The replicas' stats added up; a stopped one's counters as it last reported them."""
+        live = [index for index, replica in enumerate(self.replicas) if replica.alive]
         if not live:
             raise EngineStopped(self.failure)
-        return merged_stats(await asyncio.gather(*(replica.stats() for replica in live)))
+        for index, stats in zip(live, await asyncio.gather(*(self.replicas[index].stats() for index in live))):
+            self._last_stats[index] = stats
+        stopped = [s for index, s in enumerate(self._last_stats) if index not in live and s is not None]
+        return merged_stats([self._last_stats[index] for index in live], stopped)
 
     def stop(self) -> None:
         for replica in self.replicas:
@@ -94,7 +99,12 @@ def replica_args(args: EngineArgs, index: int) -> tuple[EngineArgs, dict[str, st
     tensor_parallel_size GPUs of its own (of those this process sees), as CUDA_VISIBLE_DEVICES."""
     one = args.model_copy(update={"data_parallel_size": 1})
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    processes = args.data_parallel_size * args.tensor_parallel_size
     if not on_gpu:
+        if processes > (os.cpu_count() or 1):
+            raise ValueError(f"data_parallel_size={args.data_parallel_size} x tensor_parallel_size="
+                             f"{args.tensor_parallel_size} makes {processes} engine processes on the CPU, more than "
+                             f"its {os.cpu_count()} cores")
         return one, {}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(gpu) for gpu in range(torch.cuda.device_count())]
