@@ -130,7 +130,7 @@ def test_a_replica_that_dies_fails_only_its_requests_and_is_reported(tiny_model_
         codes = sorted(answer.status_code for answer in long_answers)
         assert codes == [200, 503]  # the dead replica's request failed, with why; the other finished
         failed = next(answer for answer in long_answers if answer.status_code == 503)
-        assert "killed by SIGKILL" in failed.json()["error"]["message"]
+        assert "replica 1: the engine process exited (killed by SIGKILL)" in failed.json()["error"]["message"]
     assert exited(victim)
 
 

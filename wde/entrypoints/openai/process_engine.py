@@ -36,8 +36,10 @@ READ_POLL_MS = 200  # how often the output reader checks whether it should stop
 
 class ProcessEngine(ServedEngine):
     def __init__(self, args: EngineArgs, name: str, start_timeout_s: float = 1800.0,
-                 environment: dict[str, str] | None = None):
-        """`environment`: variables the engine's process starts with (a data-parallel replica's GPUs)."""
+                 environment: dict[str, str] | None = None, replica: int | None = None):
+        """`environment`: variables the engine's process starts with (a data-parallel replica's GPUs);
+        `replica`: its index among the replicas of its model, which its requests' errors name."""
+        self._replica = replica
         self._folder = tempfile.mkdtemp(prefix="wde-engine-")  # mode 0700: only this user reaches the sockets
         self._context = zmq.Context()
         self._commands, self._outputs = self._context.socket(zmq.PUSH), self._context.socket(zmq.PULL)
@@ -194,7 +196,7 @@ class ProcessEngine(ServedEngine):
                 return
             self.failure = reason
             logger.error("engine %s stopped: %s; its open requests fail", self.name, reason)
-            error = EngineStopped(reason)
+            error = EngineStopped(reason if self._replica is None else f"replica {self._replica}: {reason}")
             self.fail_all(error)
             for future, _ in self._pending.values():
                 future.get_loop().call_soon_threadsafe(settle, future, error)
@@ -219,8 +221,8 @@ def start_engines(served: dict[str, EngineArgs]) -> dict[str, ServedEngine]:
     replicas = {name: [replica_args(args, index) for index in range(args.data_parallel_size)]
                 for name, args in served.items()}
     with ThreadPoolExecutor(sum(map(len, replicas.values()))) as pool:
-        starting = {(name, index): pool.submit(ProcessEngine, args, name if len(ones) == 1 else f"{name}-{index}",
-                                               environment=environment)
+        starting = {(name, index): pool.submit(ProcessEngine, args, name if len(ones) == 1 else f"{name}/{index}",
+                                               environment=environment, replica=None if len(ones) == 1 else index)
                     for name, ones in replicas.items() for index, (args, environment) in enumerate(ones)}
     started, errors = {}, []
     for key, future in starting.items():
