@@ -108,10 +108,9 @@ def replica_args(args: EngineArgs, index: int) -> tuple[EngineArgs, dict[str, st
         return one, {}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(gpu) for gpu in range(torch.cuda.device_count())]
-    needed = args.data_parallel_size * args.tensor_parallel_size
-    if needed > len(gpus):
+    if processes > len(gpus):
         raise ValueError(f"data_parallel_size={args.data_parallel_size} x tensor_parallel_size="
-                         f"{args.tensor_parallel_size} needs {needed} GPUs; {len(gpus)} are visible")
+                         f"{args.tensor_parallel_size} needs {processes} GPUs; {len(gpus)} are visible")
     size = args.tensor_parallel_size
     devices = gpus[index * size:(index + 1) * size]
     return one.model_copy(update={"device": "cuda"}), {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
