@@ -50,9 +50,13 @@ class CudaGraphCapture:
 
     def __init__(self):
         self.pool = None
+        self.warm_up_seconds = self.capture_seconds = 0.0  # where start-up's capture time goes (logged)
 
     def __call__(self, forward: Callable[[int], Any], size: int) -> Callable[[], Any]:
+        start = time.perf_counter()
         forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+        torch.cuda.synchronize()
+        warmed_up = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a finished tensor-parallel group's NCCL teardown, for one)
         # must not invalidate this capture
@@ -60,6 +64,8 @@ class CudaGraphCapture:
             out = forward(size)
         torch.cuda.synchronize()
         self.pool = graph.pool()
+        self.warm_up_seconds += warmed_up - start
+        self.capture_seconds += time.perf_counter() - warmed_up
 
         def replay() -> Any:
             graph.replay()
@@ -98,7 +104,11 @@ class StepCudaGraphs:
         # size -> replay(), which runs the captured step again and returns its outputs (static tensors)
         self.decode_replays: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self.prefill_replays: dict[int, Callable[[], torch.Tensor]] = {}
-        self._capture_all(capture or CudaGraphCapture())
+        capture = capture or CudaGraphCapture()
+        self._capture_all(capture)
+        if isinstance(capture, CudaGraphCapture):
+            logger.info("capture time: %.2f s in warm-up forward passes, %.2f s capturing", capture.warm_up_seconds,
+                        capture.capture_seconds)
 
     def _decode_metadata(self, size: int) -> PagedAttentionMetadata:
         # the host-side lengths only steer the backend's launch choices; the kernels read the device tensors
