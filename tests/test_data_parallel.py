@@ -69,8 +69,83 @@ def test_stopped_replicas_keep_their_counters_in_the_sum_but_not_their_gauges():
 
 def test_an_engine_in_process_is_one_replica(tiny_model_dir):
     from wde import LLMEngine
-    with pytest.raises(ValueError, match="data_parallel_size=2: replicas run behind `wde serve"):
+    with pytest.raises(ValueError, match="data_parallel_size=2: replicas run behind LLM"):
         LLMEngine.from_engine_args(model=tiny_model_dir("qwen3"), data_parallel_size=2)
+
+
+def offline(model: str, replicas: int, **kwargs):
+    from wde import LLM
+    return LLM(model=model, num_kv_blocks=64, max_model_len=1024, data_parallel_size=replicas, **kwargs)
+
+
+def test_llm_over_two_replicas_gives_the_tokens_of_one_in_input_order(tiny_model_dir):
+    from wde import SamplingParams
+    model = tiny_model_dir("qwen3")
+    # eight prompts of two shared starts: affinity keeps each start on one replica, load spreads the starts
+    prompts = [[5 + i % 2] * 20 + [7 + i, 8] for i in range(8)] + ["a text prompt, tokenized by its replica"]
+    params = [SamplingParams(temperature=0, max_tokens=6 + i, ignore_eos=True) for i in range(len(prompts))]
+    one = offline(model, 1)
+    expected = [list(output.outputs[0].token_ids) for output in one.generate(prompts, params, use_tqdm=False)]
+    one.close()
+    llm = offline(model, 2)
+    try:
+        assert llm.engine is None and len(llm.replicas.engine.replicas) == 2
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert [list(output.outputs[0].token_ids) for output in outputs] == expected
+        assert [len(output.outputs[0].token_ids) for output in outputs] == [6 + i for i in range(len(prompts))]
+        assert all(replica.latency.count > 0 for replica in llm.replicas.engine.replicas), "a replica idled"
+        stats = llm.get_stats()
+        assert stats.num_generation_tokens == sum(6 + i for i in range(len(prompts)))
+        assert llm.get_tokenizer().encode("a text prompt") == one.get_tokenizer().encode("a text prompt")
+        # a refused prompt names its place in the call, and none of the call runs
+        with pytest.raises(ValueError, match="prompt 5: prompt token 0 is 1000000, outside the vocabulary"):
+            llm.generate(prompts[:5] + [[10**6]], SamplingParams(max_tokens=2), use_tqdm=False)
+        with pytest.raises(TypeError, match="prompt 2: prompt token 0 is"):
+            llm.generate(prompts[:2] + [[[1]]], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert all(replica.num_open_requests == 0 for replica in llm.replicas.engine.replicas)
+        with pytest.raises(ValueError, match="served for 'generate'"):
+            llm.embed("not an encoder")
+    finally:
+        pids = [replica.pid for replica in llm.replicas.engine.replicas]
+        llm.close()
+    assert all(exited(pid) for pid in pids)
+
+
+def test_llm_replica_that_dies_fails_only_its_prompts_and_the_next_call_uses_the_others(tiny_model_dir):
+    from wde import SamplingParams
+    llm = offline(tiny_model_dir("qwen3"), 2)
+    replicas = llm.replicas.engine.replicas
+    try:
+        victim = replicas[1]
+        killer = threading.Thread(target=lambda: wait_until(lambda: victim.num_open_requests > 0, 60)
+                                  and os.kill(victim.pid, signal.SIGKILL))
+        killer.start()
+        params = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
+        outputs = llm.generate([[5 + i, 6, 7] for i in range(4)], params, use_tqdm=False)
+        killer.join()
+        failed = [output for output in outputs if output.error]
+        assert 0 < len(failed) < len(outputs), "the dead replica's prompts fail, the other's finish"
+        assert all("replica 1: the engine process exited (killed by SIGKILL)" in output.error
+                   and output.internal_error and output.outputs[0].finish_reason == "error" for output in failed)
+        assert all(len(output.outputs[0].token_ids) == 900 for output in outputs if not output.error)
+        later = llm.generate([[11, 12], [13, 14], [15, 16]], SamplingParams(max_tokens=3, ignore_eos=True),
+                             use_tqdm=False)
+        assert [len(output.outputs[0].token_ids) for output in later] == [3, 3, 3]
+    finally:
+        llm.close()
+
+
+def test_llm_embeds_over_two_replicas_as_over_one(tmp_path):
+    from tests.encoder_models import write_encoder
+    from wde import LLM
+    folder = str(write_encoder(tmp_path / "bert", "bert"))
+    texts = [f"text number {i} about replicas" for i in range(7)]
+    vectors = []
+    for replicas in (1, 2):
+        llm = LLM(model=folder, task="embed", data_parallel_size=replicas)
+        vectors.append(torch.stack([output.outputs.data for output in llm.embed(texts, use_tqdm=False)]))
+        llm.close()
+    torch.testing.assert_close(vectors[1], vectors[0], rtol=1e-4, atol=1e-5)
 
 
 def engine_args(model: str, replicas: int) -> EngineArgs:

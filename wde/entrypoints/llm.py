@@ -4,15 +4,18 @@ import gc
 import itertools
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from wde.core.config import EngineArgs
 from wde.core.engine.llm_engine import LLMEngine
+from wde.core.engine.stats import EngineStats
 from wde.core.inputs import coerce_params
 from wde.core.outputs import PoolingRequestOutput, RequestOutput
 from wde.core.pooling_params import PoolingParams
 from wde.core.sampling.sampling_params import RequestOutputKind, SamplingParams
+from wde.entrypoints.openai.served_engine import Refused, add_all
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +27,36 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any):
+        """With data_parallel_size=N, N engine processes (each on tensor_parallel_size GPUs of its own) share
+        every call's prompts (llm_replicas.py); `engine` is then None and `replicas` holds them."""
         engine_args.setdefault("disable_log_stats", True)  # the progress bar shows the rates
-        self.engine = LLMEngine.from_engine_args(model=model, **engine_args)
+        self.engine: LLMEngine | None = None
+        self.replicas = None
+        args = EngineArgs(model=model, **engine_args)
+        if args.data_parallel_size > 1:
+            try:
+                from wde.entrypoints.llm_replicas import LLMReplicas
+            except ImportError as e:
+                raise ImportError(f"data_parallel_size > 1 runs engine processes that ZeroMQ and msgspec talk to: "
+                                  f"pip install 'wde[serve]' ({e})") from e
+            self.replicas = LLMReplicas(args)
+            self._task, self._workflow_name = self.replicas.task, self.replicas.workflow_name
+        else:
+            self.engine = LLMEngine.from_engine_args(args)
+            self._task, self._workflow_name = self.engine.workflow.task, self.engine.workflow.__name__
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return (self.engine or self.replicas).tokenizer
+
+    def get_stats(self) -> EngineStats:
+        """The engine's counters (of all replicas added up, with data_parallel_size > 1)."""
+        return (self.engine or self.replicas).get_stats()
 
     def close(self) -> None:
-        """Stop tensor-parallel worker processes now (otherwise when the LLM is garbage-collected)."""
-        self.engine.close()
+        """Stop tensor-parallel workers and data-parallel replicas now (otherwise when the LLM is
+        garbage-collected, or at exit)."""
+        (self.engine or self.replicas).close()
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -89,9 +112,8 @@ class LLM:
                          use_tqdm)
 
     def _require_task(self, task: str) -> None:
-        workflow = self.engine.workflow
-        if workflow.task != task:
-            raise ValueError(f"this engine's model is served for {workflow.task!r} ({workflow.__name__}), not "
+        if self._task != task:
+            raise ValueError(f"this engine's model is served for {self._task!r} ({self._workflow_name}), not "
                              f"{task!r}: load a model made for it, or pass task={task!r} if the model can do it")
 
     def _run(self, prompts: list, params: list, kind: type, use_tqdm: bool) -> list:
@@ -99,46 +121,70 @@ class LLM:
             return self._submit_and_run(prompts, params, kind, use_tqdm)
 
     def _submit_and_run(self, prompts: list, params: list, kind: type, use_tqdm: bool) -> list:
-        request_ids = []
-        try:
-            for prompt, prompt_params in zip(prompts, params):
-                request_id = str(next(self._request_counter))
+        requests = []
+        for prompt, prompt_params in zip(prompts, params):
+            try:
                 prompt_params = coerce_params(prompt_params, kind)
-                if isinstance(prompt_params, SamplingParams):  # only the final output of each is wanted
-                    prompt_params = prompt_params.model_copy(update={"output_kind": RequestOutputKind.FINAL_ONLY})
-                self.engine.add_request(request_id, prompt, prompt_params)
-                request_ids.append(request_id)
-        except (ValueError, TypeError) as e:
-            for request_id in request_ids:
-                self.engine.abort_request(request_id)
-            # as a plain ValueError / TypeError: not every exception type can be made from a message
-            # (pydantic's ValidationError cannot)
-            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {len(request_ids)}: {e}") from e
-        finished = self._run_engine(len(request_ids), use_tqdm)
-        return [finished[request_id] for request_id in request_ids]
+            except (ValueError, TypeError) as e:
+                raise refusal(Refused(len(requests), e)) from e
+            if isinstance(prompt_params, SamplingParams):  # only the final output of each is wanted
+                prompt_params = prompt_params.model_copy(update={"output_kind": RequestOutputKind.FINAL_ONLY})
+            requests.append((str(next(self._request_counter)), prompt, prompt_params))
+        progress = Progress(len(requests), use_tqdm)
+        try:
+            finished = self._run_requests(requests, progress.finished)
+        except Refused as e:
+            raise refusal(e) from e
+        finally:
+            progress.close()
+        return [finished[request_id] for request_id, _, _ in requests]
 
-    def _run_engine(self, num_requests: int, use_tqdm: bool) -> dict:
+    def _run_requests(self, requests: list, on_finished: Callable[[Any], None]) -> dict:
+        if self.replicas is not None:
+            return self.replicas.run(requests, on_finished)
+        refused = add_all(self.engine, requests)
+        if refused is not None:
+            raise refused
         finished = {}
-        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        start, prompt_tokens, output_tokens = time.perf_counter(), 0, 0
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
-                if not output.finished:
-                    continue
-                finished[output.request_id] = output
-                if output.error:
-                    logger.warning("request %s failed: %s", output.request_id, output.error)
-                prompt_tokens += len(output.prompt_token_ids)
-                if isinstance(output, RequestOutput):
-                    output_tokens += sum(len(c.token_ids) for c in output.outputs)
-                elapsed = time.perf_counter() - start
-                rates = f"input: {prompt_tokens / elapsed:.0f} tok/s"
-                if output_tokens:
-                    rates += f", output: {output_tokens / elapsed:.0f} tok/s"
-                bar.set_postfix_str(rates, refresh=False)
-                bar.update(1)
-        bar.close()
+                if output.finished:
+                    finished[output.request_id] = output
+                    on_finished(output)
         return finished
+
+
+class Progress:
+    """The progress bar of a call: prompts finished, and the input (and output) token rates so far."""
+
+    def __init__(self, total: int, shown: bool):
+        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not shown)
+        self.start, self.prompt_tokens, self.output_tokens = time.perf_counter(), 0, 0
+
+    def finished(self, output: Any) -> None:
+        if output.error:
+            logger.warning("request %s failed: %s", output.request_id, output.error)
+        self.prompt_tokens += len(output.prompt_token_ids)
+        if isinstance(output, RequestOutput):
+            self.output_tokens += sum(len(c.token_ids) for c in output.outputs)
+        elapsed = time.perf_counter() - self.start
+        rates = f"input: {self.prompt_tokens / elapsed:.0f} tok/s"
+        if self.output_tokens:
+            rates += f", output: {self.output_tokens / elapsed:.0f} tok/s"
+        self.bar.set_postfix_str(rates, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def refusal(refused: Refused) -> Exception:
+    """A refused prompt as the caller's error, naming which (a plain ValueError / TypeError: not every exception
+    type can be made from a message; pydantic's ValidationError cannot); an error of the engine's as it is."""
+    error = refused.error
+    if isinstance(error, (ValueError, TypeError)):
+        return (TypeError if isinstance(error, TypeError) else ValueError)(f"prompt {refused.index}: {error}")
+    return error
 
 
 @contextlib.contextmanager

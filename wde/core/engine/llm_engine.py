@@ -60,8 +60,9 @@ class LLMEngine:
         args = engine_args.model_copy(update=kwargs) if engine_args else EngineArgs(**kwargs)
         args = EngineArgs.model_validate(args.model_dump())
         if args.data_parallel_size > 1:
-            raise ValueError(f"data_parallel_size={args.data_parallel_size}: replicas run behind `wde serve "
-                             "--data-parallel-size N`; one LLMEngine (or LLM) is one replica")
+            raise ValueError(f"data_parallel_size={args.data_parallel_size}: replicas run behind LLM("
+                             "data_parallel_size=N) or `wde serve --data-parallel-size N`; one LLMEngine is one "
+                             "replica")
         if args.workflow:
             workflow = import_workflow(workflow_path(args.workflow))
             if args.task == "auto":

@@ -14,7 +14,7 @@ from wde.core.config import EngineArgs
 from wde.core.engine.stats import EngineStats, merged_stats
 from wde.entrypoints.openai.metrics import LatencyHistogram
 from wde.entrypoints.openai.routing import ReplicaRouter, prompt_start
-from wde.entrypoints.openai.served_engine import EngineStopped, ServedEngine
+from wde.entrypoints.openai.served_engine import EngineStopped, Refused, ServedEngine
 from wde.entrypoints.openai.streaming import Outputs
 
 _ENVIRONMENT = threading.Lock()  # replicas start from threads: one at a time sets the environment it inherits
@@ -71,6 +71,32 @@ class DataParallelEngine(ServedEngine):
             return await self.replicas[index].add_requests(requests)
         finally:
             self._routing[index] -= len(requests)
+
+    async def add_spread(self, requests: list[tuple[str, Any, Any]]) -> list[tuple[list[int], Outputs]]:
+        """Add independent requests (an offline batch), each to the replica the router picks for it, counting
+        those placed before it: one batch per replica, all or none (a refusal aborts the other replicas' shares
+        and says which request it was). Each share's positions in `requests`, with its outputs box."""
+        loads = [self.load(index) for index in range(len(self.replicas))]
+        if all(load is None for load in loads):
+            raise EngineStopped(self.failure)
+        shares: dict[int, list[int]] = {}
+        for position, (_, prompt, _) in enumerate(requests):
+            index = self.router.choose(loads, prompt_start(prompt))
+            loads[index] += 1
+            shares.setdefault(index, []).append(position)
+        for index, positions in shares.items():
+            self._routing[index] += len(positions)
+        try:
+            boxes = await asyncio.gather(*(self.replicas[index].add_requests([requests[p] for p in positions])
+                                           for index, positions in shares.items()), return_exceptions=True)
+        finally:
+            for index, positions in shares.items():
+                self._routing[index] -= len(positions)
+        for positions, box in zip(shares.values(), boxes):
+            if isinstance(box, BaseException):
+                self.abort([request_id for request_id, _, _ in requests])
+                raise Refused(positions[box.index], box.error) if isinstance(box, Refused) else box
+        return list(zip(shares.values(), boxes))
 
     def abort(self, request_ids: list[str]) -> None:
         # to every replica: one that never had them ignores the ids, and one still taking their batch gets the

@@ -23,6 +23,7 @@ class EngineInfo:
     max_model_len: int
     tokenizer: Any  # the engine's Tokenizer component (a ProcessEngine gets a copy from its process)
     labels: list[str] | None = None  # a classifier's class names, by class index
+    workflow: str = ""  # the Workflow class's name, for messages
 
     @classmethod
     def of(cls, engine) -> "EngineInfo":
@@ -30,7 +31,8 @@ class EngineInfo:
         if engine.workflow.task == "classify":
             names = getattr(engine.config.model.hf_config, "id2label", None) or {}
             labels = [str(names.get(i, i)) for i in range(len(names))] or None
-        return cls(engine.workflow.task, engine.config.model.max_model_len, engine.tokenizer, labels)
+        return cls(engine.workflow.task, engine.config.model.max_model_len, engine.tokenizer, labels,
+                   engine.workflow.__name__)
 
 
 @dataclass
@@ -128,10 +130,13 @@ class Refused(Exception):
         self.index, self.error = index, error
 
     def __reduce__(self):
-        """Sent from the engine's process: the error as a ValueError when it was the client's, a RuntimeError
-        otherwise (the error's own class may not survive pickling: pydantic's ValidationError does not)."""
-        client = isinstance(self.error, (ValueError, TypeError))
-        error = ValueError(str(self.error)) if client else RuntimeError(f"{type(self.error).__name__}: {self.error}")
+        """Sent from the engine's process: the error as a TypeError or ValueError when it was the client's, a
+        RuntimeError otherwise (the error's own class may not survive pickling: pydantic's ValidationError does
+        not)."""
+        if isinstance(self.error, (ValueError, TypeError)):
+            error = (TypeError if isinstance(self.error, TypeError) else ValueError)(str(self.error))
+        else:
+            error = RuntimeError(f"{type(self.error).__name__}: {self.error}")
         return Refused, (self.index, error)
 
 
