@@ -23,18 +23,19 @@ from wde.core.layers.linear import time_in_graph
 from wde.core.layers.moe import Routing, route
 
 logger = logging.getLogger("benchmarks")
-TOKENS = (1, 16, 64, 256, 1024, 4096)
+TOKENS = (1, 2, 4, 16, 64, 256, 1024, 4096)
 
 
-def candidates(rows_per_expert: float, stages: tuple[int, ...]):
-    """block_m up to twice the rows an expert gets (past that a block is mostly padding), with every block_n
-    (narrow ones give a step of few tokens more programs to stream the weights with), block_k, warps and
-    pipeline depth tried."""
-    for block_m in (16, 32, 64, 128):
-        if block_m > 16 and block_m > 2 * rows_per_expert:
+def candidates(num_pairs: int, num_experts: int, stages: tuple[int, ...]):
+    """block_m up to twice the rows an expert gets (past that a block is mostly padding), and blocks of one pair
+    (no sort) where there is at most a pair an expert, with every block_n (narrow ones give a step of few tokens
+    more programs to stream the weights with), block_k, warps and pipeline depth tried."""
+    rows_per_expert = num_pairs / num_experts
+    for block_m in (1, 16, 32, 64, 128):
+        if (block_m == 1 and rows_per_expert > 1) or (block_m > 16 and block_m > 2 * rows_per_expert):
             continue
-        for block_n in (32, 64, 128):
-            for block_k in (64, 128):
+        for block_n in (16, 32, 64) if block_m == 1 else (32, 64, 128):
+            for block_k in (128, 256) if block_m == 1 else (64, 128):
                 for num_warps in (4, 8):
                     for num_stages in stages:
                         yield block_m, MatmulTiles(block_n, block_k, num_warps, num_stages)
@@ -53,8 +54,8 @@ def tune_layer(experts: int, hidden: int, intermediate: int, top_k: int, tokens:
 
     def seconds(tiles: tuple[int, MatmulTiles]) -> float:
         return time_in_graph(lambda: fused_experts(x, w13, w2, weights, ids, tiles=tiles))
-    default = default_tiles(tokens * top_k / experts)
-    timed = [(seconds(tiles), tiles) for tiles in candidates(tokens * top_k / experts, stages)]
+    default = default_tiles(tokens * top_k, experts)
+    timed = [(seconds(tiles), tiles) for tiles in candidates(tokens * top_k, experts, stages)]
     best_s, (block_m, tiles) = min(timed, key=lambda pair: pair[0])
     default_s = seconds(default)
     row = {"layer": layer_key(experts, hidden, intermediate, top_k), "tokens": tokens, "experts_touched": touched,

@@ -31,10 +31,16 @@ def test_sort_by_expert_gives_each_block_rows_of_its_expert_only(tokens, experts
     assert used == sum(-(-int((flat == e).sum()) // block_m) for e in range(experts))
 
 
+# the grouped matmuls over the sort, and the path without it (a block of one pair) that steps of a token or two take
+PATHS = {"grouped": (16, MatmulTiles(64, 128, 4, 3)), "pairwise": (1, MatmulTiles(32, 128, 4, 3))}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,intermediate", [
-    (0, 8, 2, 64, 32), (1, 8, 2, 64, 32), (19, 8, 2, 64, 48), (70, 4, 2, 32, 64), (6, 16, 8, 64, 32)])
-def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hidden, intermediate):
+    (0, 8, 2, 64, 32), (1, 8, 2, 64, 32), (19, 8, 2, 64, 48), (70, 4, 2, 32, 64), (6, 16, 8, 64, 32),
+    (1, 16, 8, 200, 40)])
+def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hidden, intermediate, path):
     generator = torch.Generator().manual_seed(tokens * experts + 1)
     x = torch.randn(tokens, hidden, generator=generator).to(DEVICE, dtype)
     w13 = (torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden ** 0.5).to(DEVICE, dtype)
@@ -44,11 +50,16 @@ def test_fused_experts_equal_the_torch_experts(dtype, tokens, experts, top_k, hi
     expected = experts_reference(x, w13, w2, weights, ids)
     # float32 dots run in TF32 on the GPU (10-bit mantissas), exactly in the interpreter
     tolerance = {torch.float32: 1e-4 if DEVICE == "cpu" else 5e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
-    torch.testing.assert_close(fused_experts(x, w13, w2, weights, ids), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(fused_experts(x, w13, w2, weights, ids, tiles=PATHS[path]), expected, rtol=tolerance,
+                               atol=tolerance)
+
+
+def fused_pairwise(*args):
+    return fused_experts(*args, tiles=PATHS["pairwise"])
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("run", [fused_experts, experts_reference], ids=["fused", "torch"])
+@pytest.mark.parametrize("run", [fused_experts, fused_pairwise, experts_reference], ids=["fused", "pairwise", "torch"])
 def test_experts_shared_by_ranks_sum_to_all_of_them(run, ranks):
     """Expert parallelism: each rank computes the choices of its own experts only (the others' add zeros, even
     where they are all a block holds), and the ranks' sums add up to the whole layer's."""
@@ -89,5 +100,6 @@ def test_tuned_tiles_are_those_of_the_nearest_tokens_tuned_for_the_layer_shape(m
     w13 = torch.empty(8, 64, 64)
     assert fused_moe.choose_tiles(w13, 4, top_k=2) == (16, MatmulTiles(64, 128, 4, 3))
     assert fused_moe.choose_tiles(w13, 100, top_k=2) == (64, MatmulTiles(128, 64, 8, 4))
-    assert fused_moe.choose_tiles(w13, 100, top_k=4) == fused_moe.default_tiles(100 * 4 / 8)
-    assert fused_moe.choose_tiles(torch.empty(4, 64, 64), 100, top_k=2) == fused_moe.default_tiles(100 * 2 / 4)
+    assert fused_moe.choose_tiles(w13, 100, top_k=4) == fused_moe.default_tiles(100 * 4, 8)
+    assert fused_moe.choose_tiles(torch.empty(4, 64, 64), 100, top_k=2) == fused_moe.default_tiles(100 * 2, 4)
+    assert fused_moe.choose_tiles(torch.empty(4, 64, 64), 2, top_k=8)[0] == 1  # 16 pairs: no sort
