@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tests.test_parity_random import random_prompts
-from wde import LLM, LLMEngine, PoolingParams
+from wde import LLM, PoolingParams
 from wde.tasks.rerank.pooler import YesNoPooler
 from wde.tasks.rerank.workflow import DecoderRerankWorkflow
 
@@ -43,11 +43,8 @@ def test_last_token_embeddings_match_transformers(tiny_model_dir, shape, overrid
 
 
 def rerank_engine(folder: str, **args) -> LLM:
-    llm = LLM.__new__(LLM)  # an LLM over an engine with the tiny models' workflow
-    llm.engine = LLMEngine.from_workflow(TinyRerankWorkflow, model=folder, task="score", disable_log_stats=True,
-                                         **args)
-    llm._request_counter = iter(range(10**9))
-    return llm
+    """An LLM over the tiny models' workflow, named by its dotted path."""
+    return LLM(model=folder, workflow=f"{__name__}:TinyRerankWorkflow", task="score", **args)
 
 
 def test_yes_no_scores_match_transformers(tiny_model_dir):
