@@ -227,3 +227,91 @@ def test_an_encoder_over_two_replicas_gives_the_embeddings_of_one(tmp_path):
                 assert all(replica.latency.count > 0 for replica in engines["enc"].replicas)
     for other in embeddings[1:]:
         torch.testing.assert_close(torch.tensor(other), torch.tensor(embeddings[0]), rtol=1e-4, atol=1e-5)
+
+
+SCRIPT_WITHOUT_CLOSE = """
+import sys
+from wde import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], num_kv_blocks=64, max_model_len=1024, data_parallel_size=2)
+    print([r.pid for r in llm.replicas.engine.replicas], flush=True)
+    llm.generate([[5, 6], [7, 8]], SamplingParams(max_tokens=2), use_tqdm=False)
+    if sys.argv[2] == "raise":
+        llm.generate([[5, 6], [10**6]], SamplingParams(max_tokens=2), use_tqdm=False)
+"""
+
+
+@pytest.mark.parametrize("ending", ["end", "raise"])
+def test_a_script_that_never_closes_its_llm_still_exits_and_stops_its_replicas(tiny_model_dir, tmp_path, ending):
+    import subprocess
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT_WITHOUT_CLOSE)
+    done = subprocess.run([sys.executable, str(script), tiny_model_dir("qwen3"), ending], capture_output=True,
+                          text=True, timeout=120, cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == (1 if ending == "raise" else 0), done.stderr[-2000:]
+    if ending == "raise":
+        assert "prompt 1: prompt token 0 is 1000000" in done.stderr
+    pids = eval(done.stdout.strip().splitlines()[-1])
+    assert wait_until(lambda: all(exited(pid) for pid in pids), 10)
+
+
+def test_llm_replicas_stop_when_the_llm_is_collected_and_a_closed_one_says_so(tiny_model_dir):
+    import gc
+    llm = offline(tiny_model_dir("qwen3"), 2)
+    pids = [replica.pid for replica in llm.replicas.engine.replicas]
+    del llm
+    gc.collect()
+    assert wait_until(lambda: all(exited(pid) for pid in pids), 30)
+    closed = offline(tiny_model_dir("qwen3"), 2)
+    closed.close()
+    with pytest.raises(RuntimeError, match="this LLM was closed"):
+        closed.generate([[5, 6]], use_tqdm=False)
+
+
+def test_llm_names_the_first_refused_prompt_and_one_that_cannot_reach_a_replica(tiny_model_dir):
+    from wde import SamplingParams
+    llm = offline(tiny_model_dir("qwen3"), 2)
+    try:
+        prompts = [[5, 6], [7, 8], [9, 10], "", [10**6], [11, 12]]  # 3 and 4 go to different replicas
+        with pytest.raises(ValueError, match="prompt 3: the prompt is empty"):
+            llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+        with pytest.raises(TypeError, match="prompt 2: a prompt must be a str or a list of token ids, not generator"):
+            llm.generate([[5, 6], [7, 8], (i for i in range(3))], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert all(replica.num_open_requests == 0 for replica in llm.replicas.engine.replicas)
+    finally:
+        llm.close()
+
+
+def test_a_replica_killed_just_before_a_call_fails_only_the_prompts_sent_to_it(tiny_model_dir):
+    from wde import SamplingParams
+    llm = offline(tiny_model_dir("qwen3"), 2)
+    try:
+        os.kill(llm.replicas.engine.replicas[1].pid, signal.SIGKILL)
+        outputs = llm.generate([[5 + i, 6] for i in range(6)], SamplingParams(max_tokens=3, ignore_eos=True),
+                               use_tqdm=False)
+        assert all("replica 1" in output.error for output in outputs if output.error)
+        assert all(len(output.outputs[0].token_ids) == 3 for output in outputs if not output.error)
+        assert wait_until(lambda: not llm.replicas.engine.replicas[1].alive, 30)
+        later = llm.generate([[9, 9]] * 3, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+        assert [len(output.outputs[0].token_ids) for output in later] == [3, 3, 3]  # all on the live one
+    finally:
+        llm.close()
+
+
+def test_an_add_aborted_before_the_engine_answers_leaves_no_open_request(tiny_model_dir):
+    import asyncio
+    from wde import SamplingParams
+    engine = start_engines({"tiny": engine_args(tiny_model_dir("qwen3"), 1)})["tiny"]
+
+    async def add_then_abort():
+        requests = [(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True)) for i in range(50)]
+        adding = asyncio.ensure_future(engine.add_requests(requests))
+        await asyncio.sleep(0)  # the add is sent; its answer has not come back
+        engine.abort([request_id for request_id, _, _ in requests])
+        await adding
+    try:
+        asyncio.run(add_then_abort())
+        assert wait_until(lambda: engine.num_open_requests == 0, 5), engine.num_open_requests
+    finally:
+        engine.stop()

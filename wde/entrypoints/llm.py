@@ -157,13 +157,17 @@ class LLM:
 class Progress:
     """The progress bar of a call: prompts finished, and the input (and output) token rates so far."""
 
+    LOGGED_FAILURES = 5  # failed requests logged one by one; the rest are counted (a dead replica fails many)
+
     def __init__(self, total: int, shown: bool):
         self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not shown)
-        self.start, self.prompt_tokens, self.output_tokens = time.perf_counter(), 0, 0
+        self.start, self.prompt_tokens, self.output_tokens, self.failures = time.perf_counter(), 0, 0, 0
 
     def finished(self, output: Any) -> None:
         if output.error:
-            logger.warning("request %s failed: %s", output.request_id, output.error)
+            self.failures += 1
+            if self.failures <= self.LOGGED_FAILURES:
+                logger.warning("request %s failed: %s", output.request_id, output.error)
         self.prompt_tokens += len(output.prompt_token_ids)
         if isinstance(output, RequestOutput):
             self.output_tokens += sum(len(c.token_ids) for c in output.outputs)
@@ -176,6 +180,9 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+        if self.failures > self.LOGGED_FAILURES:
+            logger.warning("%d more requests failed (the outputs' `error` says why)",
+                           self.failures - self.LOGGED_FAILURES)
 
 
 def refusal(refused: Refused) -> Exception:

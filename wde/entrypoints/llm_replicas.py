@@ -7,14 +7,17 @@ it); the next calls go to the others.
 The replicas' client side is asyncio (it is the server's); here it runs on an event loop in a thread of its
 own, and the LLM's calls wait on it."""
 import asyncio
+import atexit
+import pickle
 import threading
+import weakref
 from typing import Any, Callable
 
 from wde.core.config import EngineArgs
 from wde.core.engine.stats import EngineStats
 from wde.core.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from wde.entrypoints.openai.process_engine import start_engines
-from wde.entrypoints.openai.served_engine import EngineStopped
+from wde.entrypoints.openai.served_engine import EngineStopped, Refused
 from wde.entrypoints.openai.streaming import Outputs
 
 Request = tuple[str, Any, Any]  # (request id, prompt, params)
@@ -28,9 +31,13 @@ class LLMReplicas:
         try:
             self.engine = start_engines({"llm": args})["llm"]  # a DataParallelEngine
         except BaseException:
-            self._stop_loop()
+            stop(None, self._loop, self._thread)
             raise
         self.task, self.workflow_name = self.engine.task, self.engine.info.workflow
+        # the replicas stop with close(), when this is collected, or at exit: before multiprocessing's exit
+        # handler, which would wait forever for processes that wait for this one to end
+        self._close = weakref.finalize(self, stop, self.engine, self._loop, self._thread)
+        atexit.register(self._close)
 
     @property
     def tokenizer(self) -> Any:
@@ -39,6 +46,13 @@ class LLMReplicas:
     def run(self, requests: list[Request], on_finished: Callable[[Any], None]) -> dict[str, Any]:
         """Every request's final output by request id; `on_finished` sees each as it comes. Raises Refused
         (nothing runs) when a replica refuses one, EngineStopped when no replica is left."""
+        self._check_open()
+        for index, (_, prompt, _) in enumerate(requests):
+            try:
+                pickle.dumps(prompt)  # it must reach a replica's process
+            except Exception as e:  # noqa: BLE001 - pickling raises many kinds
+                raise Refused(index, TypeError(f"a prompt must be a str or a list of token ids, not "
+                                               f"{type(prompt).__name__} ({e})")) from e
         future = asyncio.run_coroutine_threadsafe(self._run(requests, on_finished), self._loop)
         try:
             return future.result()
@@ -48,17 +62,16 @@ class LLMReplicas:
             raise
 
     def get_stats(self) -> EngineStats:
+        self._check_open()
         return asyncio.run_coroutine_threadsafe(self.engine.stats(), self._loop).result()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self.engine.stop()
-            self._stop_loop()
+        self._close()
+        atexit.unregister(self._close)
 
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+    def _check_open(self) -> None:
+        if not self._close.alive:
+            raise RuntimeError("this LLM was closed: its engine replicas have stopped")
 
     async def _run(self, requests: list[Request], on_finished: Callable[[Any], None]) -> dict[str, Any]:
         shares = await self.engine.add_spread(requests)
@@ -83,6 +96,15 @@ class LLMReplicas:
                     waiting.discard(item.request_id)
                     finished[item.request_id] = item
                     on_finished(item)
+
+
+def stop(engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """The replicas' processes, then the event loop and its thread."""
+    if engine is not None:
+        engine.stop()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 def stopped_output(task: str, request_id: str, prompt: Any, reason: str) -> RequestOutput | PoolingRequestOutput:

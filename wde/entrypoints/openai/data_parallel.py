@@ -75,7 +75,9 @@ class DataParallelEngine(ServedEngine):
     async def add_spread(self, requests: list[tuple[str, Any, Any]]) -> list[tuple[list[int], Outputs]]:
         """Add independent requests (an offline batch), each to the replica the router picks for it, counting
         those placed before it: one batch per replica, all or none (a refusal aborts the other replicas' shares
-        and says which request it was). Each share's positions in `requests`, with its outputs box."""
+        and names the first request refused). Each share's positions in `requests`, with its outputs box; the
+        box of a share whose replica stopped meanwhile holds only the EngineStopped (its requests fail, the
+        others run)."""
         loads = [self.load(index) for index in range(len(self.replicas))]
         if all(load is None for load in loads):
             raise EngineStopped(self.failure)
@@ -92,11 +94,15 @@ class DataParallelEngine(ServedEngine):
         finally:
             for index, positions in shares.items():
                 self._routing[index] -= len(positions)
-        for positions, box in zip(shares.values(), boxes):
-            if isinstance(box, BaseException):
-                self.abort([request_id for request_id, _, _ in requests])
-                raise Refused(positions[box.index], box.error) if isinstance(box, Refused) else box
-        return list(zip(shares.values(), boxes))
+        refusals = [Refused(positions[box.index], box.error) for positions, box in zip(shares.values(), boxes)
+                    if isinstance(box, Refused)]
+        failed = next((box for box in boxes if isinstance(box, BaseException)
+                       and not isinstance(box, (Refused, EngineStopped))), None)
+        if refusals or failed:
+            self.abort([request_id for request_id, _, _ in requests])
+            raise min(refusals, key=lambda refused: refused.index) if refusals else failed
+        return [(positions, box if isinstance(box, Outputs) else stopped_box(box))
+                for positions, box in zip(shares.values(), boxes)]
 
     def abort(self, request_ids: list[str]) -> None:
         # to every replica: one that never had them ignores the ids, and one still taking their batch gets the
@@ -118,6 +124,12 @@ class DataParallelEngine(ServedEngine):
     def stop(self) -> None:
         for replica in self.replicas:
             replica.stop()
+
+
+def stopped_box(error: EngineStopped) -> Outputs:
+    box = Outputs()
+    box.put(error)
+    return box
 
 
 def replica_args(args: EngineArgs, index: int) -> tuple[EngineArgs, dict[str, str]]:

@@ -66,6 +66,7 @@ class ProcessEngine(ServedEngine):
         self._pending: dict[int, tuple[asyncio.Future, Any]] = {}  # token -> (future, what it waits for)
         self._tokens = itertools.count()
         self._lock = threading.Lock()  # the commands socket, _pending and the dying engine's hand-over
+        self._aborted_while_adding: set[str] = set()  # aborted before the engine answered their add
         self._reader = threading.Thread(target=self._read, name=f"wde-outputs-{name}", daemon=True)
         self._reader.start()
         threading.Thread(target=self._watch, name=f"wde-watch-{name}", daemon=True).start()
@@ -84,9 +85,13 @@ class ProcessEngine(ServedEngine):
         return streams[0].outputs
 
     def abort(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self._streams.pop(request_id, None)
         with self._lock:
+            for request_id in request_ids:
+                self._streams.pop(request_id, None)
+            # those of an add the engine has not answered yet: its answer must not open their streams again
+            adding = {request_id for _, (requests, streams) in self._pending.values() if streams is not None
+                      for request_id, _, _ in requests}
+            self._aborted_while_adding.update(adding.intersection(request_ids))
             if self.failure is None:
                 self._send(("abort", None, request_ids))
 
@@ -150,7 +155,9 @@ class ProcessEngine(ServedEngine):
                     return pickle.loads(payload)
                 raise ValueError(f"the engine could not start: {pickle.loads(payload)}")
             if not self._process.is_alive():
-                raise RuntimeError(f"the engine process exited while starting ({exit_reason(self._process)})")
+                raise RuntimeError(f"the engine process exited while starting ({exit_reason(self._process)}; its "
+                                   "error is in the log above: a script that starts engine processes needs its code "
+                                   "under `if __name__ == \"__main__\":`, as every spawned process imports it)")
         raise TimeoutError(f"the engine process was not ready after {timeout_s:.0f} s")
 
     def _read(self) -> None:
@@ -177,8 +184,10 @@ class ProcessEngine(ServedEngine):
     def _answer(self, token: int, value: Any) -> None:
         future, (requests, streams) = self._pending.pop(token)
         if streams is not None and value is None:  # an add the engine took: its outputs follow in this message
-            self._streams.update((request_id, stream) for (request_id, _, _), stream in zip(requests, streams))
+            self._streams.update((request_id, stream) for (request_id, _, _), stream in zip(requests, streams)
+                                 if request_id not in self._aborted_while_adding)
         if streams is not None:
+            self._aborted_while_adding.difference_update(request_id for request_id, _, _ in requests)
             future.get_loop().call_soon_threadsafe(settle, future, value)
         else:
             future.get_loop().call_soon_threadsafe(set_result, future, value)
