@@ -8,11 +8,11 @@ step: in a decode step of a few hundred tokens most experts are. The sort is mad
 (no count comes back to the host), so a step with MoE layers can be captured in a CUDA graph: the grid covers
 the most blocks the sort can produce, and the programs past the used blocks return at once.
 
-A step of a token or two takes another path (block_m = 1 in the tiles): no sort, one program per (token,
-choice) pair and tile of output columns, each streaming its expert's rows as a matrix-vector product on the CUDA
-cores. At batch 1 the grouped matmul gives each of the 8 chosen experts one padded block, too few programs to
-stream its weights (23% of the H200's bandwidth over Qwen3-30B-A3B's experts), and the sort costs a dozen
-small kernels a layer.
+A second path (block_m = 1 in the tiles), for steps of a token or two where tune_moe.py finds it faster: no
+sort, one program per (token, choice) pair and tile of output columns, each streaming its expert's rows as a
+matrix-vector product on the CUDA cores. At batch 1 the grouped matmul gives each of the 8 chosen experts one
+padded block, too few programs to stream its weights (23% of the H200's bandwidth over Qwen3-30B-A3B's
+experts), and the sort costs a dozen small kernels a layer.
 """
 import json
 import math
@@ -163,15 +163,10 @@ def pair_matmul(a: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, top_k:
 TUNED_TILES = Path(__file__).with_name("fused_moe_tiles.json")
 
 
-PAIRWISE_MAX_PAIRS = 16  # (token, choice) pairs up to which a shape not tuned takes the path without the sort
-
-
 def default_tiles(num_pairs: int, num_experts: int) -> tuple[int, MatmulTiles]:
-    """(block_m, tiles) for shapes not tuned: a block of one pair (no sort) for a step of a token or two; else
-    block_m about the rows an expert gets, so decode steps of few tokens pad little (tensor-core tiles need >= 16
-    rows) and long prefills reuse each weight tile over more rows."""
-    if num_pairs <= PAIRWISE_MAX_PAIRS:
-        return 1, MatmulTiles(block_n=32, block_k=128, num_warps=4, num_stages=3)
+    """(block_m, tiles) for shapes not tuned: block_m about the rows an expert gets, so decode steps of few tokens
+    pad little (tensor-core tiles need >= 16 rows) and long prefills reuse each weight tile over more rows. The
+    path without the sort is taken only where benchmarks/tune_moe.py measured it faster (not yet on any GPU)."""
     rows_per_expert = num_pairs / num_experts
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
     return block_m, MatmulTiles(block_n=64, block_k=128 if block_m <= 16 else 64, num_warps=4, num_stages=3)
