@@ -104,3 +104,5 @@ def test_tuned_tiles_are_those_of_the_nearest_tokens_tuned_for_the_layer_shape(m
     assert fused_moe.choose_tiles(torch.empty(4, 64, 64), 100, top_k=2) == fused_moe.default_tiles(100 * 2, 4)
     table["8x64x32/2"]["2"] = [1, 32, 128, 4, 3]  # tuned to the path without the sort
     assert fused_moe.choose_tiles(w13, 2, top_k=2) == (1, MatmulTiles(32, 128, 4, 3))
+    table["8x64x32/2"] = {"2": [1, 32, 128, 4, 3]}  # the only entry: never past a pair an expert
+    assert fused_moe.choose_tiles(w13, 100, top_k=2) == fused_moe.default_tiles(100 * 2, 8)

@@ -166,7 +166,7 @@ TUNED_TILES = Path(__file__).with_name("fused_moe_tiles.json")
 def default_tiles(num_pairs: int, num_experts: int) -> tuple[int, MatmulTiles]:
     """(block_m, tiles) for shapes not tuned: block_m about the rows an expert gets, so decode steps of few tokens
     pad little (tensor-core tiles need >= 16 rows) and long prefills reuse each weight tile over more rows. The
-    path without the sort is taken only where benchmarks/tune_moe.py measured it faster (not yet on any GPU)."""
+    path without the sort is taken only where benchmarks/tune_moe.py measured it faster."""
     rows_per_expert = num_pairs / num_experts
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
     return block_m, MatmulTiles(block_n=64, block_k=128 if block_m <= 16 else 64, num_warps=4, num_stages=3)
@@ -184,10 +184,13 @@ def tuned_tables(device_name: str) -> dict[str, dict[str, list[int]]]:
 
 def choose_tiles(w13: torch.Tensor, tokens: int, top_k: int) -> tuple[int, MatmulTiles]:
     """The tuned tiles of this device and layer shape for the nearest number of tokens tuned (by ratio), else
-    default_tiles."""
+    default_tiles. The path without the sort only as far as the tuning tries it (at most a pair an expert):
+    past that it reads an expert's weights once per pair."""
     num_experts, two_intermediate, hidden = w13.shape
     name = torch.cuda.get_device_name(w13.device) if w13.is_cuda else "cpu"
-    table = tuned_tables(name).get(layer_key(num_experts, hidden, two_intermediate // 2, top_k))
+    table = tuned_tables(name).get(layer_key(num_experts, hidden, two_intermediate // 2, top_k), {})
+    if tokens * top_k > num_experts:
+        table = {tuned: tiles for tuned, tiles in table.items() if tiles[0] != 1}
     if not table:
         return default_tiles(tokens * top_k, num_experts)
     nearest = min(table, key=lambda tuned: abs(math.log(int(tuned) / max(tokens, 1))))
