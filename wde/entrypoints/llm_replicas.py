@@ -8,7 +8,6 @@ The replicas' client side is asyncio (it is the server's); here it runs on an ev
 own, and the LLM's calls wait on it."""
 import asyncio
 import atexit
-import pickle
 import threading
 import weakref
 from typing import Any, Callable
@@ -17,7 +16,7 @@ from wde.core.config import EngineArgs
 from wde.core.engine.stats import EngineStats
 from wde.core.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from wde.entrypoints.openai.process_engine import start_engines
-from wde.entrypoints.openai.served_engine import EngineStopped, Refused
+from wde.entrypoints.openai.served_engine import EngineStopped
 from wde.entrypoints.openai.streaming import Outputs
 
 Request = tuple[str, Any, Any]  # (request id, prompt, params)
@@ -47,12 +46,6 @@ class LLMReplicas:
         """Every request's final output by request id; `on_finished` sees each as it comes. Raises Refused
         (nothing runs) when a replica refuses one, EngineStopped when no replica is left."""
         self._check_open()
-        for index, (_, prompt, _) in enumerate(requests):
-            try:
-                pickle.dumps(prompt)  # it must reach a replica's process
-            except Exception as e:  # noqa: BLE001 - pickling raises many kinds
-                raise Refused(index, TypeError(f"a prompt must be a str or a list of token ids, not "
-                                               f"{type(prompt).__name__} ({e})")) from e
         future = asyncio.run_coroutine_threadsafe(self._run(requests, on_finished), self._loop)
         try:
             return future.result()

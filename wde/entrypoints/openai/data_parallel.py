@@ -61,10 +61,15 @@ class DataParallelEngine(ServedEngine):
         replica = self.replicas[index]
         return replica.num_open_requests + self._routing[index] if replica.alive else None
 
-    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
+    def loads(self) -> list[int | None]:
+        """Every replica's load; EngineStopped when none is left."""
         loads = [self.load(index) for index in range(len(self.replicas))]
         if all(load is None for load in loads):
             raise EngineStopped(self.failure)
+        return loads
+
+    async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
+        loads = self.loads()
         index = self.router.choose(loads, prompt_start(requests[0][1]))
         self._routing[index] += len(requests)
         try:
@@ -78,9 +83,7 @@ class DataParallelEngine(ServedEngine):
         and names the first request refused). Each share's positions in `requests`, with its outputs box; the
         box of a share whose replica stopped meanwhile holds only the EngineStopped (its requests fail, the
         others run)."""
-        loads = [self.load(index) for index in range(len(self.replicas))]
-        if all(load is None for load in loads):
-            raise EngineStopped(self.failure)
+        loads = self.loads()
         shares: dict[int, list[int]] = {}
         for position, (_, prompt, _) in enumerate(requests):
             index = self.router.choose(loads, prompt_start(prompt))

@@ -27,7 +27,7 @@ from wde.core.engine.stats import EngineStats
 from wde.core.outputs import RequestOutput
 from wde.entrypoints.openai.data_parallel import DataParallelEngine, child_environment, replica_args
 from wde.entrypoints.openai.engine_process import run_engine_process
-from wde.entrypoints.openai.served_engine import EngineInfo, EngineStopped, ServedEngine, settle
+from wde.entrypoints.openai.served_engine import EngineInfo, EngineStopped, Refused, ServedEngine, settle
 from wde.entrypoints.openai.streaming import Outputs
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,10 @@ class ProcessEngine(ServedEngine):
 
     async def add_requests(self, requests: list[tuple[str, Any, Any]]) -> Outputs:
         streams = self.new_streams(len(requests))
-        await self._call("add", requests, streams)
+        try:
+            await self._call("add", requests, streams)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # the batch could not be sent: which one
+            raise unpicklable(requests, e) from e
         return streams[0].outputs
 
     def abort(self, request_ids: list[str]) -> None:
@@ -210,6 +213,18 @@ class ProcessEngine(ServedEngine):
             for future, _ in self._pending.values():
                 future.get_loop().call_soon_threadsafe(settle, future, error)
             self._pending.clear()
+
+
+def unpicklable(requests: list[tuple[str, Any, Any]], error: Exception) -> Exception:
+    """The first request of a batch that cannot be pickled for the engine's process, refused (else `error`):
+    looked for only once the batch's pickling failed."""
+    for index, (_, prompt, _) in enumerate(requests):
+        try:
+            pickle.dumps(prompt)
+        except Exception as e:  # noqa: BLE001 - pickling raises many kinds
+            return Refused(index, TypeError(f"a prompt must be a str or a list of token ids, not "
+                                            f"{type(prompt).__name__} ({e})"))
+    return error
 
 
 def exit_reason(process: multiprocessing.Process) -> str:
